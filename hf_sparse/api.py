@@ -1,0 +1,91 @@
+"""``prune``: the verb behind every entry point (prune on load, the CLI, scripts)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .calibration import load_calibration
+from .config import SparsityConfig, describe_calibration
+from .engine import LayerwiseEngine
+from .methods import build_method
+from .record import SparsityRecord, overall_sparsity, write_record
+
+logger = logging.getLogger(__name__)
+
+
+def _load_tokenizer(model: nn.Module):
+    from transformers import AutoTokenizer
+
+    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not source:
+        raise ValueError("text calibration needs a tokenizer and the model has no name_or_path: pass tokenizer=...")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_progress: bool = True) -> SparsityRecord:
+    """Prune ``model`` in place as ``config`` says and record the result in ``model.config.sparsity_config``.
+
+    The tokenizer is used for text calibration; by default it is ``config.tokenizer`` or loaded from the model's id.
+
+    >>> cfg = hf_sparse.SparsityConfig(method="wanda", sparsity=0.5, calibration="calibration.txt",
+    ...                                num_samples=32, sequence_length=256)  # doctest: +SKIP
+    >>> record = hf_sparse.prune(model, cfg, tokenizer=tokenizer)  # doctest: +SKIP
+    >>> record.overall_sparsity  # doctest: +SKIP
+    0.5
+    """
+    if isinstance(config, dict):
+        config = SparsityConfig.from_dict(config)
+    if not isinstance(config, SparsityConfig):
+        raise ValueError(f"config must be a hf_sparse.SparsityConfig or a dict, got {type(config).__name__}")
+    method = build_method(config.method, config.method_options)
+    calibration_ids = None
+    if method.needs_calibration:
+        if config.calibration is None:
+            raise ValueError(
+                f"method {config.method!r} needs calibration data: set SparsityConfig(calibration=...) to a dataset "
+                "name, a text file or folder, a list of strings, or token ids"
+            )
+        is_tokens = isinstance(config.calibration, torch.Tensor) or (
+            isinstance(config.calibration, (list, tuple)) and config.calibration
+            and isinstance(config.calibration[0], (list, tuple))
+        )
+        if not is_tokens:
+            tokenizer = tokenizer or config.tokenizer or _load_tokenizer(model)
+        calibration_ids = load_calibration(
+            config.calibration, tokenizer, config.num_samples, config.sequence_length, config.seed,
+            split=config.calibration_split, column=config.calibration_column, subset=config.calibration_subset,
+        )
+
+    engine = LayerwiseEngine(
+        method, config.parsed_pattern, lambda _name: config.sparsity, include=config.include, exclude=config.exclude,
+        device=config.device, parallel=config.parallel, num_workers=config.num_workers, show_progress=show_progress,
+    )
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False
+    torch.manual_seed(config.seed)
+    try:
+        result = engine.run(model, calibration_ids, batch_size=config.batch_size)
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+    calibration = describe_calibration(config.calibration) or config.calibration_descriptor
+    if calibration is not None and method.needs_calibration:
+        calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
+                       "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
+    record = SparsityRecord(
+        method=config.method, pattern=config.pattern, target_sparsity=config.sparsity,
+        modules={name: round(value, 6) for name, value in result.achieved.items()},
+        method_options=method.options.to_dict(), calibration=calibration if method.needs_calibration else None,
+        overall_sparsity=round(overall_sparsity(model, result.achieved), 6),
+    )
+    write_record(model, record)
+    logger.info("pruned %d modules with %s (%s): overall sparsity %.4f", len(record.modules), config.method,
+                config.pattern, record.overall_sparsity)
+    return record

@@ -1,0 +1,69 @@
+"""Perplexity on held-out text, measured the way the pruning papers report it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def token_windows(token_ids: torch.Tensor, sequence_length: int, stride: int | None = None,
+                  max_windows: int | None = None) -> list[tuple[int, int, int]]:
+    """``(begin, end, scored_from)`` spans covering a 1-D token stream.
+
+    With ``stride == sequence_length`` (the default) the windows do not overlap and every token is scored once,
+    as in the Wanda/SparseGPT evaluation; a smaller stride gives each window ``sequence_length - stride`` tokens
+    of context that are not scored again. A trailing partial window is dropped, as those papers do.
+    """
+    stride = stride or sequence_length
+    if not 0 < stride <= sequence_length:
+        raise ValueError(f"stride must be in [1, sequence_length={sequence_length}], got {stride}")
+    spans, begin, total = [], 0, token_ids.numel()
+    while begin + sequence_length <= total:
+        scored_from = 0 if not spans else sequence_length - stride
+        spans.append((begin, begin + sequence_length, scored_from))
+        begin += stride
+        if max_windows is not None and len(spans) >= max_windows:
+            break
+    if not spans:
+        raise ValueError(f"the evaluation text has {total} tokens, fewer than one window of {sequence_length}")
+    return spans
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, texts: str | Sequence[str], sequence_length: int = 2048,
+               stride: int | None = None, batch_size: int = 8, max_windows: int | None = None,
+               show_progress: bool = True) -> float:
+    """Perplexity of ``model`` on ``texts`` (joined by blank lines and tokenized as one stream).
+
+    >>> perplexity(model, tokenizer, open("wikitext2-test.txt").read(), sequence_length=256)  # doctest: +SKIP
+    53.06
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    stream = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
+    spans = token_windows(stream, sequence_length, stride, max_windows)
+    device = model.get_input_embeddings().weight.device
+    if device.type == "meta":
+        device = torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(spans), batch_size), desc="perplexity", unit="batch", disable=not show_progress):
+            chunk = spans[start : start + batch_size]
+            ids = torch.stack([stream[b:e] for b, e, _ in chunk]).to(device)  # (batch, seq)
+            logits = model(input_ids=ids, use_cache=False).logits.float()  # (batch, seq, vocab)
+            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll = -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
+            for row, (_b, _e, scored_from) in enumerate(chunk):
+                # Token t is predicted at position t-1; a token counts when it lies in the scored part.
+                scored = nll[row, max(scored_from, 1) - 1 :]
+                total_nll += scored.double().sum().item()
+                total_tokens += scored.numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens)

@@ -1,0 +1,7 @@
+"""Pruning methods. One file per method; importing it registers it (one line below per method)."""
+
+from .base import METHODS, LinearStatistics, MethodOptions, PruningMethod, build_method, get_method_class, register_method
+from . import magnitude, sparsegpt, wanda  # noqa: F401  (registration)
+
+__all__ = ["METHODS", "LinearStatistics", "MethodOptions", "PruningMethod", "build_method", "get_method_class",
+           "register_method"]

@@ -1,0 +1,127 @@
+"""The interface every pruning method implements, and the registry that names them.
+
+A method only decides *what a pruned weight matrix is*, given that matrix and the calibration statistics it asked
+for. Everything else (calibration data, walking the decoder blocks, hooks, devices, the sparsity record) is the
+engine's job and is written once in :mod:`hf_sparse.engine`.
+
+Adding a method is one new file in this folder with a class decorated by :func:`register_method`, plus one import
+line in ``methods/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..masks import SparsityPattern
+
+# Statistics a method can ask the engine for; see LinearStatistics for their meaning.
+STATISTICS = frozenset({"sq_norm", "hessian", "cross"})
+
+
+@dataclass
+class LinearStatistics:
+    """Calibration statistics of one linear operator's input, summed over all calibration tokens.
+
+    ``X`` is the operator's input in the dense model, ``X̂`` its input in the model being pruned (they coincide
+    unless the method asks for dense propagation, see :attr:`PruningMethod.propagate_dense`). Columns are tokens.
+    """
+
+    n_tokens: int
+    sq_norm: torch.Tensor | None = None  # (in,)      Σ_t x̂_t²  (per input feature)
+    hessian: torch.Tensor | None = None  # (in, in)   X̂ X̂ᵀ
+    cross: torch.Tensor | None = None  # (in, in)     X X̂ᵀ
+
+
+@dataclass
+class MethodOptions:
+    """Base class of a method's options: a dataclass whose fields carry help text in ``metadata["help"]``."""
+
+    @classmethod
+    def from_dict(cls, method: str, values: dict[str, Any] | None) -> MethodOptions:
+        values = dict(values or {})
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {method!r}; allowed: {sorted(allowed) or 'none'}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class PruningMethod(ABC):
+    """One pruning method. Subclasses set the class attributes and implement :meth:`prune_weight`."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type[MethodOptions]] = MethodOptions
+    #: statistics the engine collects for every pruned linear (subset of STATISTICS); empty means no calibration
+    statistics: ClassVar[frozenset[str]] = frozenset()
+    #: feed every block the *dense* model's activations (blocks become independent and can be pruned in parallel)
+    #: instead of the outputs of the already-pruned blocks
+    propagate_dense: ClassVar[bool] = False
+    #: pattern kinds the method can produce
+    supports_patterns: ClassVar[tuple[str, ...]] = ("unstructured", "n:m")
+
+    def __init__(self, options: MethodOptions | None = None):
+        self.options = options if options is not None else self.options_class()
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.statistics)
+
+    @property
+    def sequential_within_block(self) -> bool:
+        """Prune a block's operators group by group, each group's statistics taken after the previous groups were
+        pruned (intra-block error correction). ``False`` takes all statistics from the unpruned block at once."""
+        return False
+
+
+    @abstractmethod
+    def prune_weight(
+        self,
+        weight: torch.Tensor,
+        stats: LinearStatistics | None,
+        pattern: SparsityPattern,
+        sparsity: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(new_weight, keep_mask)`` for a float32 ``weight`` of shape ``(out, in)``.
+
+        ``new_weight`` may differ from ``weight`` on kept entries (reconstruction methods update them); the engine
+        multiplies it by ``keep_mask`` so pruned entries are exact zeros whatever the method returns.
+        """
+
+
+METHODS: dict[str, type[PruningMethod]] = {}
+
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator adding a :class:`PruningMethod` subclass to the registry under ``cls.name``."""
+    if not issubclass(cls, PruningMethod):
+        raise TypeError(f"{cls!r} must subclass hf_sparse.methods.PruningMethod")
+    unknown = set(cls.statistics) - STATISTICS
+    if unknown:
+        raise ValueError(f"{cls.__name__} asks for unknown statistics {sorted(unknown)}; allowed: {sorted(STATISTICS)}")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"a pruning method named {cls.name!r} is already registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[PruningMethod]:
+    """The registered class for ``name``; raises ``ValueError`` listing the registered names otherwise."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; registered methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_method(name: str, options: dict[str, Any] | None = None) -> PruningMethod:
+    """Instantiate method ``name`` with validated ``options``."""
+    cls = get_method_class(name)
+    return cls(cls.options_class.from_dict(name, options))

@@ -1,0 +1,23 @@
+"""Wanda (Sun et al., 2023): score each weight by |W_ij| · ‖X_j‖₂ and prune per output row."""
+
+from __future__ import annotations
+
+import torch
+
+from ..masks import SparsityPattern, select_mask
+from .base import LinearStatistics, PruningMethod, register_method
+
+
+@register_method
+class WandaPruning(PruningMethod):
+    """Pruning by weights and activations: no weight update, one forward pass of statistics per block."""
+
+    name = "wanda"
+    statistics = frozenset({"sq_norm"})
+
+    def prune_weight(self, weight: torch.Tensor, stats: LinearStatistics | None, pattern: SparsityPattern,
+                     sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+        input_norm = stats.sq_norm.sqrt()  # (in,)  ‖X_j‖₂ over all calibration tokens
+        scores = weight.abs() * input_norm.unsqueeze(0)  # (out, in)
+        # The paper compares weights within each output row: rows keep the same number of inputs.
+        return weight, select_mask(scores, pattern, sparsity, per_row=True)

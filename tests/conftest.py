@@ -1,0 +1,71 @@
+"""Shared fixtures: paths to the real assets, tiny random models, and the pretrained model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# The real model and texts live beside the repo (../shared); HF_SPARSE_SHARED points elsewhere.
+SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
+MODEL_DIR = SHARED / "models" / "llama-7m-books"
+CALIBRATION_TXT = SHARED / "data" / "calibration.txt"
+TEST_TXT = SHARED / "data" / "wikitext2-test.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_shared = pytest.mark.skip(reason=f"real-model assets not found at {SHARED} (set HF_SPARSE_SHARED)")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not MODEL_DIR.exists():
+            item.add_marker(skip_shared)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def calibration_text() -> str:
+    return CALIBRATION_TXT.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def heldout_text() -> str:
+    # The first part of the WikiText-2 test split: enough windows to order methods, quick on 2 cores.
+    return TEST_TXT.read_text(encoding="utf-8")
+
+
+def load_pretrained():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A tiny random Llama (GQA, SwiGLU) for fast architecture-level tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    values = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    values.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**values)).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
