@@ -11,7 +11,7 @@ from .calibration import load_calibration
 from .config import SparsityConfig, describe_calibration
 from .engine import LayerwiseEngine
 from .methods import build_method
-from .record import SparsityRecord, overall_sparsity, write_record
+from .record import SparsityRecord, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         method=config.method, pattern=config.pattern, target_sparsity=config.sparsity,
         modules={name: round(value, 6) for name, value in result.achieved.items()},
         method_options=method.options.to_dict(), calibration=calibration if method.needs_calibration else None,
-        overall_sparsity=round(overall_sparsity(model, result.achieved), 6),
+        overall_sparsity=round(result.overall_sparsity, 6),
     )
     write_record(model, record)
     logger.info("pruned %d modules with %s (%s): overall sparsity %.4f", len(record.modules), config.method,

@@ -78,9 +78,20 @@ class PruningTarget:
 
 @dataclass
 class EngineResult:
-    """What the engine did: achieved sparsity per pruned module, in pruning order."""
+    """What the engine did: zero count and size of every pruned module, in pruning order."""
 
-    achieved: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (zeros, numel)
+
+    @property
+    def achieved(self) -> dict[str, float]:
+        """Achieved sparsity per pruned module."""
+        return {name: zeros / numel for name, (zeros, numel) in self.counts.items()}
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Zeros over all pruned weights together."""
+        zeros = sum(z for z, _ in self.counts.values())
+        return zeros / max(1, sum(n for _, n in self.counts.values()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,7 +350,8 @@ class LayerwiseEngine:
             )
 
     # -- per operator -------------------------------------------------------------------------------------------
-    def _prune_target(self, target: PruningTarget, stats: LinearStatistics | None, device: torch.device) -> float:
+    def _prune_target(self, target: PruningTarget, stats: LinearStatistics | None,
+                      device: torch.device) -> tuple[int, int]:
         with readable_weight(target.module, device) as weight:
             original_dtype = weight.dtype
             new_weight, mask = self.method.prune_weight(
@@ -347,12 +359,13 @@ class LayerwiseEngine:
             )
             final = (new_weight * mask).to(original_dtype)
             write_weight(target.module, final)
-        return (final == 0).sum().item() / final.numel()
+        return int((final == 0).sum().item()), final.numel()
 
     # -- per block ----------------------------------------------------------------------------------------------
     def prune_block(self, block: nn.Module, groups: list[list[PruningTarget]], inputs: BlockInputs | None,
-                    device: torch.device, dense_weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """Prune one block in place; returns achieved sparsity per operator. ``dense_weights`` (the block's
+                    device: torch.device, dense_weights: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, tuple[int, int]]:
+        """Prune one block in place; returns ``(zeros, numel)`` per operator. ``dense_weights`` (the block's
         unpruned target weights) is needed by methods that collect the ``cross`` statistic."""
         achieved = {}
         needs = self.method.statistics
@@ -402,7 +415,7 @@ class LayerwiseEngine:
             for block, targets, groups in plan:
                 device = execution_device(block, self.device)
                 with block_on_device(block, device):
-                    result.achieved.update(self.prune_block(block, groups, None, device))
+                    result.counts.update(self.prune_block(block, groups, None, device))
                 progress.update()
             progress.close()
             return result
@@ -413,21 +426,21 @@ class LayerwiseEngine:
         with block_on_device(blocks[0], first_device):
             inputs = capture_block_inputs(model, blocks[0], calibration_ids, batch_size, first_device)
         if self.parallel:
-            result.achieved.update(self._run_parallel(plan, inputs, progress))
+            result.counts.update(self._run_parallel(plan, inputs, progress))
         else:
             for block, targets, groups in plan:
                 device = execution_device(block, self.device)
                 inputs = inputs.to(device)
                 with block_on_device(block, device):
                     dense = self._dense_weights(block, targets) if self._keeps_dense_weights else None
-                    result.achieved.update(self.prune_block(block, groups, inputs, device, dense))
+                    result.counts.update(self.prune_block(block, groups, inputs, device, dense))
                     propagate = dense if self.method.propagate_dense else None
                     inputs = inputs.with_hidden_states(run_block(block, inputs, weights=propagate))
                 progress.update()
         progress.close()
         return result
 
-    def _run_parallel(self, plan, inputs: BlockInputs, progress) -> dict[str, float]:
+    def _run_parallel(self, plan, inputs: BlockInputs, progress) -> dict[str, tuple[int, int]]:
         """Blocks fed dense inputs are independent: cache every block's dense inputs with one dense pass, then prune
         the blocks concurrently in worker threads (torch kernels release the GIL). Same results as in order."""
         per_block_inputs = []
@@ -447,7 +460,7 @@ class LayerwiseEngine:
             progress.update()
             return achieved
 
-        achieved: dict[str, float] = {}
+        achieved: dict[str, tuple[int, int]] = {}
         with ThreadPoolExecutor(max_workers=self.num_workers or min(len(plan), torch.get_num_threads())) as pool:
             for part in pool.map(work, zip(plan, per_block_inputs)):
                 achieved.update(part)
