@@ -11,10 +11,21 @@ from .config import SparsityConfig
 from .masks import SparsityPattern
 from .methods import METHODS, PruningMethod, register_method
 from .record import SparsityRecord, get_masks, read_record
+from .integrations.transformers import (
+    AutoSparseModelForCausalLM,
+    install_from_pretrained_hook,
+    uninstall_from_pretrained_hook,
+)
+from .integrations import hub, peft  # hf_sparse.peft.get_sparse_peft_model, hf_sparse.hub.save_with_model_card
+from . import training
+
+# `from_pretrained(..., sparsity_config=cfg)` works once hf_sparse is imported; uninstall_from_pretrained_hook() undoes it.
+install_from_pretrained_hook()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoSparseModelForCausalLM",
     "METHODS",
     "PruningMethod",
     "SparsityConfig",
@@ -22,7 +33,12 @@ __all__ = [
     "SparsityRecord",
     "evaluate",
     "get_masks",
+    "hub",
+    "install_from_pretrained_hook",
+    "peft",
     "prune",
     "read_record",
     "register_method",
+    "training",
+    "uninstall_from_pretrained_hook",
 ]

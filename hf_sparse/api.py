@@ -84,6 +84,7 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         modules={name: round(value, 6) for name, value in result.achieved.items()},
         method_options=method.options.to_dict(), calibration=calibration if method.needs_calibration else None,
         overall_sparsity=round(result.overall_sparsity, 6),
+        base_model=getattr(model, "name_or_path", None) or None,
     )
     write_record(model, record)
     logger.info("pruned %d modules with %s (%s): overall sparsity %.4f", len(record.modules), config.method,

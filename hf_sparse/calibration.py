@@ -37,9 +37,16 @@ def read_texts(source: str, split: str = "train", column: str = "text", subset: 
                max_documents: int | None = None, seed: int = 0) -> list[str]:
     """Texts of a local file or folder, or of a Hugging Face dataset (``split``/``column``/``subset``)."""
     path = Path(source).expanduser()
-    if path.is_file():
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except OSError:  # e.g. "file name too long": the user passed raw text, not a path
+        raise ValueError(
+            f"calibration string {source[:40]!r}... is neither an existing path nor a dataset name; pass raw text "
+            "as a list of strings: calibration=[text]"
+        ) from None
+    if is_file:
         return _read_text_file(path, column)
-    if path.is_dir():
+    if is_dir:
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES and p.is_file())
         if not files:
             raise ValueError(f"calibration folder {source!r} has no {TEXT_SUFFIXES + JSON_SUFFIXES} files")

@@ -223,12 +223,16 @@ def run_block(block: nn.Module, inputs: BlockInputs, weights: dict[str, torch.Te
     return outputs
 
 
+# Statistics that need the operator's input in the dense block, i.e. an extra pass with the dense weights.
+_DENSE_PASS_STATISTICS = frozenset({"cross", "dense_hessian"})
+
+
 class _StatisticsCollector:
     """Forward hooks on a group of linears that accumulate the statistics a method asked for.
 
-    With ``cross`` requested, every batch runs twice: first with the block's dense weights (the hooks keep each
-    operator's dense input X), then as currently pruned (the hooks take X̂ and add X X̂ᵀ). Each pass stops as soon
-    as the last operator of the group has seen its input.
+    With ``cross`` or ``dense_hessian`` requested, every batch runs twice: first with the block's dense weights
+    (the hooks keep each operator's dense input X), then as currently pruned (the hooks take X̂ and add X X̂ᵀ and/or
+    X Xᵀ). Each pass stops as soon as the last operator of the group has seen its input.
     """
 
     def __init__(self, targets: list[PruningTarget], needs: frozenset[str], device: torch.device):
@@ -243,6 +247,7 @@ class _StatisticsCollector:
                 sq_norm=torch.zeros(n_in, device=device) if "sq_norm" in needs else None,
                 hessian=torch.zeros(n_in, n_in, device=device) if needs & {"hessian", "cross"} else None,
                 cross=torch.zeros(n_in, n_in, device=device) if "cross" in needs else None,
+                dense_hessian=torch.zeros(n_in, n_in, device=device) if "dense_hessian" in needs else None,
             )
         self.dense_phase = False
         self.stop_early = False
@@ -261,8 +266,11 @@ class _StatisticsCollector:
                     stats.sq_norm += x.pow(2).sum(0)
                 if stats.hessian is not None:
                     stats.hessian += x.T @ x
+                dense_x = self._dense_inputs.pop(name, None)
                 if stats.cross is not None:
-                    stats.cross += self._dense_inputs.pop(name).T @ x  # X X̂ᵀ: (in, T) @ (T, in)
+                    stats.cross += dense_x.T @ x  # X X̂ᵀ: (in, T) @ (T, in)
+                if stats.dense_hessian is not None:
+                    stats.dense_hessian += dense_x.T @ dense_x  # X Xᵀ
             self._seen.add(name)
             if self.stop_early and len(self._seen) == len(self.targets):
                 raise _StopForward
@@ -283,7 +291,7 @@ class _StatisticsCollector:
         with self.hooks():
             for i in range(len(inputs.hidden_states)):
                 one = BlockInputs(inputs.hidden_states[i : i + 1], inputs.extra_args[i : i + 1], inputs.kwargs[i : i + 1])
-                if "cross" in self.needs:
+                if self.needs & _DENSE_PASS_STATISTICS:
                     self.dense_phase, self._seen = True, set()
                     run_block(block, one, weights=dense_weights)
                 self.dense_phase, self._seen = False, set()
@@ -322,6 +330,19 @@ def group_targets(targets: list[PruningTarget], block_name: str, adapter: Archit
         # Operators the adapter does not place (e.g. extra adapters) are pruned last, after everything they may read.
         groups.append(list(by_rel.values()))
     return groups
+
+
+def check_pattern_fits(targets: list[PruningTarget], pattern: SparsityPattern) -> None:
+    """Raise before anything is pruned if an N:M ``pattern`` cannot tile a target's input dimension."""
+    if not pattern.is_n_m:
+        return
+    for target in targets:
+        if target.module.in_features % pattern.m:
+            raise ValueError(
+                f"pattern {str(pattern)!r} needs in_features to be a multiple of {pattern.m}, but module "
+                f"{target.name!r} has in_features={target.module.in_features}; leave it out with "
+                f"exclude=[{target.name!r}] or use a pattern whose M divides {target.module.in_features}"
+            )
 
 
 class LayerwiseEngine:
@@ -366,7 +387,7 @@ class LayerwiseEngine:
                     device: torch.device, dense_weights: dict[str, torch.Tensor] | None = None
                     ) -> dict[str, tuple[int, int]]:
         """Prune one block in place; returns ``(zeros, numel)`` per operator. ``dense_weights`` (the block's
-        unpruned target weights) is needed by methods that collect the ``cross`` statistic."""
+        unpruned target weights) is needed by methods that collect the ``cross`` or ``dense_hessian`` statistic."""
         achieved = {}
         needs = self.method.statistics
         for group in groups:
@@ -382,7 +403,7 @@ class LayerwiseEngine:
 
     @property
     def _keeps_dense_weights(self) -> bool:
-        return self.method.propagate_dense or "cross" in self.method.statistics
+        return self.method.propagate_dense or bool(self.method.statistics & _DENSE_PASS_STATISTICS)
 
     @staticmethod
     def _dense_weights(block: nn.Module, targets: list[PruningTarget]) -> dict[str, torch.Tensor]:
@@ -408,6 +429,7 @@ class LayerwiseEngine:
             raise ValueError(
                 f"no linear module matched include={self.include!r} exclude={self.exclude!r} inside the decoder blocks"
             )
+        check_pattern_fits([t for _, targets, _ in plan for t in targets], self.pattern)
         result = EngineResult()
         progress = tqdm(total=len(plan), desc=f"pruning ({self.method.name}, {self.pattern})", unit="block",
                         disable=not self.show_progress)

@@ -15,7 +15,9 @@ Shape (``format_version`` 1)::
       "modules": {"model.layers.0.mlp.up_proj": 0.5, ...},   # achieved sparsity per pruned module
       "method_options": {...},
       "calibration": {"kind": "name_or_path", "name": "...", "num_samples": 128, "sequence_length": 2048, "seed": 0},
-      "evaluation": {"dense_perplexity": 53.1, "pruned_perplexity": 56.4, ...}   # optional, for model cards
+      "evaluation": {"dense_perplexity": 53.1, "pruned_perplexity": 56.4, ...},  # optional, for model cards
+      "base_model": "org/name",                    # optional: what was pruned (model cards)
+      "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...}   # optional: after recovery
     }
 
 Masks are the exact zeros of the listed modules' weights: :func:`get_masks` restores them without calibration.
@@ -51,6 +53,8 @@ class SparsityRecord:
     calibration: dict[str, Any] | None = None
     overall_sparsity: float | None = None
     evaluation: dict[str, float] = field(default_factory=dict)
+    base_model: str | None = None
+    recovery: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +68,9 @@ class SparsityRecord:
             "method_options": dict(self.method_options),
             "calibration": self.calibration,
             "evaluation": dict(self.evaluation),
+            # Optional keys are written only when set, so records of plain pruning keep their exact shape.
+            **({"base_model": self.base_model} if self.base_model is not None else {}),
+            **({"recovery": dict(self.recovery)} if self.recovery is not None else {}),
         }
 
     @classmethod
@@ -95,10 +102,15 @@ class SparsityRecord:
         if not isinstance(options, dict) or not (calibration is None or isinstance(calibration, dict)) \
                 or not isinstance(evaluation, dict):
             raise ValueError(f"{RECORD_KEY}: method_options, calibration and evaluation must be objects")
+        base_model, recovery = data.get("base_model"), data.get("recovery")
+        if not (base_model is None or isinstance(base_model, str)) or not (recovery is None or isinstance(recovery, dict)):
+            raise ValueError(f"{RECORD_KEY}: base_model must be a string and recovery an object, got {base_model!r}, "
+                             f"{recovery!r}")
         return cls(
             method=data["method"], pattern=pattern, target_sparsity=float(target),
             modules={k: float(v) for k, v in modules.items()}, method_options=options, calibration=calibration,
-            overall_sparsity=data.get("overall_sparsity"), evaluation=evaluation,
+            overall_sparsity=data.get("overall_sparsity"), evaluation=evaluation, base_model=base_model,
+            recovery=recovery,
         )
 
 

@@ -20,7 +20,7 @@ import torch
 from ..masks import SparsityPattern
 
 # Statistics a method can ask the engine for; see LinearStatistics for their meaning.
-STATISTICS = frozenset({"sq_norm", "hessian", "cross"})
+STATISTICS = frozenset({"sq_norm", "hessian", "cross", "dense_hessian"})
 
 
 @dataclass
@@ -35,6 +35,7 @@ class LinearStatistics:
     sq_norm: torch.Tensor | None = None  # (in,)      Σ_t x̂_t²  (per input feature)
     hessian: torch.Tensor | None = None  # (in, in)   X̂ X̂ᵀ
     cross: torch.Tensor | None = None  # (in, in)     X X̂ᵀ
+    dense_hessian: torch.Tensor | None = None  # (in, in)  X Xᵀ  (the dense model's own input Gram matrix)
 
 
 @dataclass

@@ -1,0 +1,322 @@
+"""Hub-ready checkpoints: a model card (``README.md``) generated from the sparsity record, and save/push helpers.
+
+``model.save_pretrained`` already writes ``config.json`` with ``"sparsity_config"`` (the record); what it does not
+write is a card saying what the checkpoint is. :func:`save_with_model_card` writes weights, config, tokenizer and a
+card rendered from ``model_cards/sparse_model_card.md`` (a Jinja template, rendered by ``huggingface_hub.ModelCard``):
+base model, method, pattern, achieved sparsity overall and per module type, calibration data, recovery, the
+evaluation table (dense / pruned / recovered perplexity, when known), how to load it with and without hf_sparse, and
+a YAML header with ``base_model``, ``license``, ``tags``, ``library_name`` and ``pipeline_tag``.
+
+transformers' own ``push_to_hub`` replaces ``README.md`` with its generic card unless the repository already has
+one, so push with :func:`push_to_hub` here (one commit with every file); later ``model.push_to_hub`` calls keep the
+card that is already on the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from torch import nn
+
+from ..masks import SparsityPattern
+from ..record import RECORD_KEY, SparsityRecord, read_record, write_record
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+# Looked up from the source tree (the template is a file to edit, not code); pass template_path= to use another.
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "sparse_model_card.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "fista": "FISTAPruner"}
+_STAGES = ("dense", "pruned", "recovered")
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can be a Hub model id (``org/name``, not a local path), else ``None``.
+
+    >>> hub_model_id("meta-llama/Llama-3.1-8B"), hub_model_id("/models/llama"), hub_model_id("pruned-dir")
+    ('meta-llama/Llama-3.1-8B', None, None)
+    """
+    if not name or not _HUB_ID.match(name) or Path(name).expanduser().exists():
+        return None
+    return name
+
+
+def _short_name(name: str) -> str:
+    """A Hub id as is; a local path by its last component (a card must not publish someone's file system)."""
+    return name if hub_model_id(name) else Path(str(name).rstrip("/")).name or str(name)
+
+
+def sparsity_by_module_type(model: nn.Module, record: SparsityRecord | None = None) -> list[dict[str, Any]]:
+    """Achieved sparsity of the pruned modules grouped by the last part of their name (``q_proj``, ``down_proj``...),
+    measured from the weights' zeros, in model order.
+
+    >>> sparsity_by_module_type(model)[0]  # doctest: +SKIP
+    {'name': 'q_proj', 'sparsity': 0.5, 'weights': 393216, 'modules': 6}
+    """
+    record = record or read_record(model)
+    if record is None:
+        raise ValueError(f"the model has no {RECORD_KEY!r} record: prune it with hf_sparse first")
+    modules = dict(model.named_modules())
+    groups: OrderedDict[str, list[int]] = OrderedDict()
+    for name in record.modules:
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"{RECORD_KEY} names module {name!r}, which this model does not have")
+        weight = module.weight
+        zeros, total, count = groups.setdefault(name.rsplit(".", 1)[-1], [0, 0, 0])
+        groups[name.rsplit(".", 1)[-1]] = [zeros + int((weight == 0).sum()), total + weight.numel(), count + 1]
+    return [{"name": key, "sparsity": zeros / total, "weights": total, "modules": count}
+            for key, (zeros, total, count) in groups.items()]
+
+
+def _calibration_text(calibration: dict[str, Any] | None) -> str:
+    if not calibration:
+        return "none (data-free method)"
+    kind = calibration.get("kind")
+    source = (_short_name(calibration["name"]) if kind == "name_or_path" and calibration.get("name")
+              else f"{calibration.get('count', '?')} {'texts' if kind == 'texts' else 'token sequences'}"
+                   f" (sha256 {str(calibration.get('sha256', ''))[:12]})")
+    size = ""
+    if calibration.get("num_samples") and calibration.get("sequence_length"):
+        n, length = calibration["num_samples"], calibration["sequence_length"]
+        size = f", {n} sequences × {length} tokens ({n * length:,} tokens), seed {calibration.get('seed', 0)}"
+    return f"`{source}`{size}"
+
+
+def _recovery_text(recovery: dict[str, Any] | None) -> str:
+    if not recovery:
+        return ""
+    method = str(recovery.get("method", "lora"))
+    parts = [{"lora": "LoRA", "hira": "HiRA", "full": "full fine-tuning"}.get(method, method)]
+    if recovery.get("mode"):
+        parts.append(f"mode `{recovery['mode']}` (sparsity kept)")
+    for key, label in (("rank", "rank"), ("alpha", "alpha"), ("steps", "steps"), ("batch_size", "batch"),
+                       ("sequence_length", "tokens/seq"), ("learning_rate", "lr")):
+        if recovery.get(key) is not None:
+            parts.append(f"{label} {recovery[key]}")
+    if recovery.get("data"):
+        parts.append(f"on `{_short_name(str(recovery['data']))}`")
+    return ", ".join(parts)
+
+
+def _evaluation_table(evaluation: dict[str, Any], labels: dict[str, str]) -> tuple[list[str], list[dict], str]:
+    """Columns, rows and a note from keys ``<stage>_<metric>`` (stage: dense/pruned/recovered); other keys describe
+    the setup (``eval_data``, ``eval_sequence_length``, ``eval_windows``)."""
+    metrics: list[str] = []
+    values: dict[str, dict[str, Any]] = {}
+    for key, value in evaluation.items():
+        stage, _, metric = key.partition("_")
+        if stage in _STAGES and metric and isinstance(value, (int, float)):
+            if metric not in metrics:
+                metrics.append(metric)
+            values.setdefault(stage, {})[metric] = value
+    rows = [{"label": labels[stage], "values": [_fmt(values[stage].get(m)) for m in metrics]}
+            for stage in _STAGES if stage in values]
+    columns = [m.replace("_", " ") + (" ↓" if m == "perplexity" else "") for m in metrics]
+    setup = []
+    if evaluation.get("eval_data"):
+        setup.append(f"on `{_short_name(str(evaluation['eval_data']))}`")
+    if evaluation.get("eval_sequence_length"):
+        setup.append(f"non-overlapping windows of {int(evaluation['eval_sequence_length'])} tokens")
+    if evaluation.get("eval_windows"):
+        setup.append(f"{int(evaluation['eval_windows'])} windows")
+    note = ("Measured " + ", ".join(setup) + ".") if setup else ""
+    return columns, rows, note
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = None, base_model: str | None = None,
+                      repo_id: str | None = None, license: str | None = None, tags: list[str] | None = None,
+                      model_name: str | None = None, template_path: str | os.PathLike | None = None) -> ModelCard:
+    """The model card of a pruned (or recovered) model, as a ``huggingface_hub.ModelCard``.
+
+    ``evaluation`` adds to (and overrides) ``record.evaluation``: keys ``dense_perplexity``, ``pruned_perplexity``,
+    ``recovered_perplexity`` (any ``<stage>_<metric>``), and ``eval_data``/``eval_sequence_length``/``eval_windows``
+    describing the measurement. ``base_model`` defaults to the record's, then to the model's ``name_or_path``; it
+    goes into the YAML header only when it is a Hub id.
+
+    >>> card = render_model_card(model, evaluation={"dense_perplexity": 53.06, "pruned_perplexity": 62.1})  # doctest: +SKIP
+    >>> card.data.tags  # doctest: +SKIP
+    ['hf_sparse', 'sparse', 'pruned', 'wanda', '2:4-sparsity', 'text-generation']
+    """
+    record = read_record(model)
+    if record is None:
+        raise ValueError(f"the model has no {RECORD_KEY!r} record: prune it with hf_sparse first")
+    evaluation = {**record.evaluation, **(evaluation or {})}
+    base = base_model or record.base_model or getattr(model, "name_or_path", None) or None
+    pattern = SparsityPattern.parse(record.pattern)
+    method = _METHOD_NAMES.get(record.method, record.method)
+    pattern_tag = f"{pattern}-sparsity" if pattern.is_n_m else "unstructured-sparsity"
+    card_tags = ["hf_sparse", "sparse", "pruned", record.method, pattern_tag]
+    if record.recovery:
+        card_tags.append("lora-recovery")
+    card_tags += [t for t in (tags or []) if t not in card_tags]
+    data = ModelCardData(
+        base_model=hub_model_id(base), license=license, library_name="transformers", pipeline_tag="text-generation",
+        tags=card_tags,
+    )
+    if license is None:
+        logger.warning("the model card has no license: pass license=... (the base model's license usually applies)")
+    rows = sparsity_by_module_type(model, record)
+    pruned_parameters = sum(row["weights"] for row in rows)
+    overall = sum(row["sparsity"] * row["weights"] for row in rows) / pruned_parameters
+    stage_labels = {
+        "dense": f"dense ({_short_name(base)})" if base else "dense (base model)",
+        "pruned": f"pruned ({method}, {pattern})",
+        "recovered": f"recovered ({_recovery_text(record.recovery).split(',')[0] or 'fine-tuned'}, sparsity kept)",
+    }
+    columns, evaluation_rows, note = _evaluation_table(evaluation, stage_labels)
+    from .. import __version__
+
+    name = model_name or (repo_id.split("/")[-1] if repo_id else None) or (
+        f"{_short_name(base)} pruned to {pattern if pattern.is_n_m else f'{record.target_sparsity:.0%}'} with {method}"
+        if base else f"{method} {pattern} pruned model")
+    recovered = " and recovered with sparsity-keeping LoRA" if record.recovery else ""
+    summary = (f"{_short_name(base) if base else 'A causal language model'} pruned with {method} to "
+               f"{'the ' + str(pattern) + ' pattern' if pattern.is_n_m else f'{record.target_sparsity:.0%} unstructured sparsity'}"
+               f"{recovered}, using hf_sparse.")
+    card = ModelCard.from_template(
+        data, template_path=str(template_path or DEFAULT_TEMPLATE),
+        model_name=name, summary=summary,
+        base_model_display=f"[{base}](https://huggingface.co/{base})" if hub_model_id(base) else
+        (f"`{_short_name(base)}`" if base else "unknown"),
+        method_display=f"{method} (`{record.method}`" + (f", options {json.dumps(record.method_options)})"
+                                                        if record.method_options else ")"),
+        pattern_display=f"{pattern} (N:M semi-structured)" if pattern.is_n_m else "unstructured",
+        pattern_is_n_m=pattern.is_n_m, pattern_n=pattern.n, pattern_m=pattern.m,
+        target_sparsity=record.target_sparsity, overall_sparsity=overall,
+        pruned_parameters=f"{pruned_parameters:,}", num_modules=len(record.modules),
+        calibration_display=_calibration_text(record.calibration), recovery_display=_recovery_text(record.recovery),
+        hf_sparse_version=__version__, sparsity_rows=[{**row, "weights": f"{row['weights']:,}"} for row in rows],
+        evaluation_rows=evaluation_rows, evaluation_columns=columns, evaluation_note=note,
+        architecture=(getattr(model.config, "architectures", None) or [type(model).__name__])[0],
+        repo_id=repo_id or "path/to/this-checkpoint",
+        record_json=json.dumps({**record.to_dict(), "modules": f"<{len(record.modules)} modules>",
+                                "evaluation": evaluation}, indent=2, default=str),
+    )
+    return card
+
+
+def save_with_model_card(model: nn.Module, tokenizer, output_dir: str | os.PathLike, push_to_hub: bool = False,
+                         repo_id: str | None = None, evaluation: dict[str, Any] | None = None, *,
+                         base_model: str | None = None, license: str | None = None, tags: list[str] | None = None,
+                         private: bool | None = None, token: str | bool | None = None,
+                         commit_message: str | None = None, template_path: str | os.PathLike | None = None) -> Path:
+    """Save ``model`` (and ``tokenizer``, if given) to ``output_dir`` with a generated ``README.md``; optionally push.
+
+    ``evaluation`` is merged into the record first, so ``config.json`` carries the numbers the card shows; a missing
+    ``record.base_model`` is filled from the model's ``name_or_path``. With ``push_to_hub`` the folder is uploaded
+    to ``repo_id`` in one commit. Returns the path of the written card.
+
+    >>> save_with_model_card(model, tokenizer, "llama-2of4", evaluation={"pruned_perplexity": 62.1})  # doctest: +SKIP
+    PosixPath('llama-2of4/README.md')
+    """
+    record = read_record(model)
+    if record is None:
+        raise ValueError(f"the model has no {RECORD_KEY!r} record: prune it with hf_sparse first")
+    if push_to_hub and not repo_id:
+        raise ValueError("push_to_hub=True needs repo_id='org/name'")
+    if evaluation:
+        record.evaluation = {**record.evaluation, **evaluation}
+    if record.base_model is None:
+        source = base_model or getattr(model, "name_or_path", None)
+        record.base_model = _short_name(source) if source else None
+    write_record(model, record)
+    output = Path(output_dir)
+    model.save_pretrained(output)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
+    card = render_model_card(model, base_model=base_model, repo_id=repo_id, license=license, tags=tags,
+                             template_path=template_path)
+    card_path = output / CARD_NAME
+    card.save(card_path)
+    logger.info("saved %s with its model card to %s", type(model).__name__, output)
+    if push_to_hub:
+        upload_folder(output, repo_id, private=private, token=token, commit_message=commit_message)
+    return card_path
+
+
+def upload_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
+                  token: str | bool | None = None, commit_message: str | None = None):
+    """Create ``repo_id`` if needed and upload every file of ``folder`` in one ``HfApi.create_commit``.
+
+    One explicit commit (rather than ``HfApi.upload_folder``, which may split large folders into several) keeps the
+    card, the config and the weights in step on the Hub.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    folder = Path(folder)
+    api = HfApi(library_name="hf_sparse")
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    operations = [CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+                  for path in sorted(folder.rglob("*")) if path.is_file() and ".git" not in path.parts]
+    return api.create_commit(repo_id=repo_id, operations=operations, token=token,
+                             commit_message=commit_message or "Upload sparse model (hf_sparse)")
+
+
+def push_to_hub(model: nn.Module, repo_id: str, tokenizer=None, evaluation: dict[str, Any] | None = None,
+                **kwargs: Any):
+    """Push ``model`` (+ ``tokenizer``) with its generated card to ``repo_id``: :func:`save_with_model_card` into a
+    temporary folder, then one commit. Keyword arguments as for :func:`save_with_model_card`.
+
+    >>> hf_sparse.hub.push_to_hub(merged, "me/llama-2of4-recovered", tokenizer, license="llama3.1")  # doctest: +SKIP
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        save_with_model_card(model, tokenizer, tmp, push_to_hub=True, repo_id=repo_id, evaluation=evaluation,
+                             **kwargs)
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """The CLI's ``--push-to-hub`` / ``--model-card`` options (shared by ``prune`` and ``recover``)."""
+    group = parser.add_argument_group("model card and Hub")
+    group.add_argument("--model-card", action=argparse.BooleanOptionalAction, default=True,
+                       help="write README.md, a model card generated from the sparsity record (default: on)")
+    group.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                       help="also upload the output folder to this Hub repository (org/name)")
+    group.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    group.add_argument("--license", default=None, help="license for the card's metadata, e.g. apache-2.0")
+    group.add_argument("--base-model", default=None,
+                       help="Hub id of the model that was pruned, for the card (default: the model path given)")
+
+
+def save_from_args(model: nn.Module, tokenizer, output_dir: str | os.PathLike, args: argparse.Namespace,
+                   evaluation: dict[str, Any] | None = None) -> None:
+    """Save as the options of :func:`add_hub_arguments` say (the CLI calls this after prune/recover)."""
+    push = getattr(args, "push_to_hub", None)
+    if getattr(args, "model_card", True) or push:
+        save_with_model_card(model, tokenizer, output_dir, push_to_hub=bool(push), repo_id=push,
+                             evaluation=evaluation, base_model=getattr(args, "base_model", None),
+                             license=getattr(args, "license", None), private=getattr(args, "private", None) or None)
+    else:
+        if evaluation:
+            record = read_record(model)
+            record.evaluation = {**record.evaluation, **evaluation}
+            write_record(model, record)
+        model.save_pretrained(output_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+
+
+__all__ = [
+    "add_hub_arguments",
+    "hub_model_id",
+    "push_to_hub",
+    "render_model_card",
+    "save_from_args",
+    "save_with_model_card",
+    "sparsity_by_module_type",
+    "upload_folder",
+]

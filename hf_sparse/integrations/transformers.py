@@ -1,0 +1,282 @@
+"""Prune on load: hf_sparse as a transformers quantizer, plus the ``sparsity_config=`` keyword on ``from_pretrained``.
+
+Three entry points, all ending in :func:`hf_sparse.prune` after the weights are loaded:
+
+* ``AutoModelForCausalLM.from_pretrained(path, sparsity_config=cfg)`` - needs the small hook that ``import hf_sparse``
+  installs (:func:`install_from_pretrained_hook`); without it transformers would hand the unknown keyword to the
+  model's ``__init__`` (``TypeError``), or a ``"sparsity_config"`` key in a pruned checkpoint's ``config.json`` would
+  silently swallow it.
+* ``AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)`` - transformers' own quantizer registry
+  (``"hf_sparse"`` is registered below); no hook involved.
+* ``hf_sparse.AutoSparseModelForCausalLM.from_pretrained(path, sparsity_config=cfg)`` - hook-free.
+
+Pruning is not quantization: once the weights are pruned, the quantizer removes every trace of itself
+(``model.hf_quantizer``, ``config.quantization_config``, ``config._is_quantized``, ``model.is_quantized``,
+``model.quantization_method``) so the model is a plain model for ``save_pretrained``, PEFT, ``Trainer`` and serving
+engines. What was done is recorded in ``config.sparsity_config`` (see :mod:`hf_sparse.record`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from ..api import prune
+from ..architectures import get_architecture
+from ..calibration import JSON_SUFFIXES, TEXT_SUFFIXES
+from ..config import QUANT_METHOD, SparsityConfig
+from ..engine import check_pattern_fits, select_targets
+
+logger = logging.getLogger(__name__)
+
+SPARSITY_KWARG = "sparsity_config"
+
+
+class HfSparseQuantizer(HfQuantizer):
+    """Prunes a model right after ``from_pretrained`` has loaded its weights, then leaves a plain model behind.
+
+    transformers builds it from a :class:`~hf_sparse.SparsityConfig` passed as ``quantization_config``:
+
+    >>> cfg = hf_sparse.SparsityConfig(method="magnitude", sparsity=0.5)  # doctest: +SKIP
+    >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)  # doctest: +SKIP
+    >>> model.config.sparsity_config["overall_sparsity"], hasattr(model, "hf_quantizer")  # doctest: +SKIP
+    (0.5, False)
+    """
+
+    # Pruning reads dense weights; a checkpoint need not be "pre-quantized" for it.
+    requires_calibration = False
+
+    # The checks below run before any weight is read, so a typo does not cost a multi-gigabyte load.
+    def validate_environment(self, *args, **kwargs) -> None:
+        if self.pre_quantized:
+            return
+        config = self.quantization_config
+        if config.needs_calibration and config.calibration is None:
+            raise ValueError(
+                f"method {config.method!r} needs calibration data: set SparsityConfig(calibration=...) to a dataset "
+                "name, a text file or folder, a list of strings, or token ids"
+            )
+        source = config.calibration
+        if isinstance(source, str) and not Path(source).expanduser().exists() and (
+            source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)
+        ):
+            raise ValueError(f"calibration path {source!r} does not exist")
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
+        if self.pre_quantized:
+            return model
+        # The model is still an empty (meta) skeleton: its layout and shapes are known, its weights are not loaded.
+        config = self.quantization_config
+        adapter = get_architecture(model)  # names how to add an adapter for an unsupported model type
+        prefix = adapter.block_prefix(model)
+        targets = [
+            target
+            for index, block in enumerate(adapter.blocks(model))
+            for target in select_targets(block, f"{prefix}.{index}", config.include, config.exclude, lambda _: 0.0)
+        ]
+        if not targets:
+            raise ValueError(
+                f"no linear module matched include={config.include!r} exclude={config.exclude!r} inside the decoder "
+                "blocks"
+            )
+        check_pattern_fits(targets, config.parsed_pattern)
+        return model
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
+        config = self.quantization_config
+        if self.pre_quantized:
+            # The checkpoint's own config.json carries an hf_sparse quantization_config (written by something other
+            # than hf_sparse, which never writes one): its weights are already pruned, so pruning again would be wrong.
+            logger.warning(
+                "%s has quantization_config.quant_method=%r: treating its weights as already pruned and dropping that "
+                "quantization_config (hf_sparse keeps its record in config.sparsity_config)",
+                getattr(model, "name_or_path", type(model).__name__), QUANT_METHOD,
+            )
+        else:
+            # prune() loads AutoTokenizer.from_pretrained(model.name_or_path) itself when text calibration needs one.
+            prune(model, config, tokenizer=config.tokenizer)
+        remove_quantization_state(model)
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        # The pruned weights are ordinary dense tensors with zeros in them.
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+
+def remove_quantization_state(model: PreTrainedModel) -> None:
+    """Undo what ``from_pretrained`` and ``HfQuantizer.preprocess_model/postprocess_model`` attached (transformers 5.x).
+
+    ``from_pretrained`` sets ``model.hf_quantizer``; ``preprocess_model`` sets ``model.is_quantized`` and
+    ``model.quantization_method``; ``postprocess_model`` sets ``config.quantization_config`` and, on the config of every
+    ``PreTrainedModel`` submodule, ``config._is_quantized`` (which some modeling code tests with ``hasattr``). All are
+    removed rather than set to falsy values, so the model looks exactly like one loaded without a quantizer.
+    """
+    for attribute in ("hf_quantizer", "is_quantized", "quantization_method"):
+        if attribute in vars(model):
+            delattr(model, attribute)
+    for module in model.modules():
+        config = getattr(module, "config", None) if isinstance(module, PreTrainedModel) else None
+        if config is None:
+            continue
+        configs = [config]
+        if hasattr(config, "get_text_config"):
+            configs.append(config.get_text_config(decoder=True))
+        for cfg in configs:
+            for attribute in ("quantization_config", "_is_quantized"):
+                if attribute in vars(cfg):
+                    delattr(cfg, attribute)
+
+
+def _register() -> None:
+    """Register the config and the quantizer under ``"hf_sparse"``; a second import (or a reload) is a no-op."""
+    for mapping, cls, register in (
+        (AUTO_QUANTIZATION_CONFIG_MAPPING, SparsityConfig, register_quantization_config),
+        (AUTO_QUANTIZER_MAPPING, HfSparseQuantizer, register_quantizer),
+    ):
+        existing = mapping.get(QUANT_METHOD)
+        if existing is None:
+            register(QUANT_METHOD)(cls)
+        elif existing is not cls:
+            if (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(
+                    f"transformers already has {existing.__module__}.{existing.__qualname__} registered under "
+                    f"{QUANT_METHOD!r}; hf_sparse needs that name for {cls.__qualname__}"
+                )
+            mapping[QUANT_METHOD] = cls  # the same class from a reloaded module: use the fresh one
+
+
+_register()
+
+
+def _as_sparsity_config(value: Any) -> SparsityConfig:
+    if isinstance(value, SparsityConfig):
+        return value
+    if isinstance(value, dict):
+        return SparsityConfig.from_dict(value)
+    raise ValueError(
+        f"{SPARSITY_KWARG} must be a hf_sparse.SparsityConfig or a dict of its fields, got {type(value).__name__}"
+    )
+
+
+def _move_sparsity_kwarg(kwargs: dict[str, Any], sparsity_config: Any = None) -> dict[str, Any]:
+    """Pop ``sparsity_config`` from ``kwargs`` and pass it on as ``quantization_config`` (which nothing absorbs)."""
+    if SPARSITY_KWARG in kwargs:
+        sparsity_config = kwargs.pop(SPARSITY_KWARG)
+    if sparsity_config is None:
+        return kwargs
+    sparsity_config = _as_sparsity_config(sparsity_config)
+    other = kwargs.get("quantization_config")
+    if other is not None and other is not sparsity_config:
+        quant_method = other.get("quant_method") if isinstance(other, dict) else getattr(other, "quant_method", None)
+        quant_method = getattr(quant_method, "value", quant_method)  # transformers' enum -> its string
+        raise ValueError(
+            f"from_pretrained got sparsity_config (method={sparsity_config.method!r}, pattern="
+            f"{sparsity_config.pattern!r}) and a different quantization_config ({type(other).__name__}, "
+            f"quant_method={quant_method!r}); pass only one: prune on load with sparsity_config, save, then "
+            "re-load the pruned model with quantization_config to quantize it"
+        )
+    kwargs["quantization_config"] = sparsity_config
+    return kwargs
+
+
+# The classmethod objects as found in each class's __dict__, so uninstalling restores exactly these.
+_ORIGINALS: dict[type, classmethod] = {}
+
+
+def _hook_targets() -> list[type]:
+    """``PreTrainedModel`` and every ``AutoModel*`` class that holds its own ``from_pretrained``.
+
+    ``_BaseAutoModelClass`` alone is not enough: transformers' ``auto_class_update`` gives every ``AutoModel*`` class
+    its own *copy* of ``_BaseAutoModelClass.from_pretrained`` when the class is created, so each copy is wrapped.
+    """
+    targets, pending = [PreTrainedModel], [_BaseAutoModelClass]
+    while pending:
+        cls = pending.pop()
+        if isinstance(cls.__dict__.get("from_pretrained"), classmethod):
+            targets.append(cls)
+        pending.extend(cls.__subclasses__())
+    return list(dict.fromkeys(targets))
+
+
+def _wrap(original: classmethod) -> classmethod:
+    function = original.__func__
+
+    @functools.wraps(function)
+    def from_pretrained(cls, *args, **kwargs):
+        return function(cls, *args, **_move_sparsity_kwarg(kwargs))
+
+    from_pretrained._hf_sparse_hook = True
+    return classmethod(from_pretrained)
+
+
+def install_from_pretrained_hook() -> None:
+    """Teach every ``from_pretrained`` of transformers models the ``sparsity_config=`` keyword (idempotent).
+
+    ``import hf_sparse`` calls this. It wraps ``PreTrainedModel.from_pretrained`` and the ``from_pretrained`` of
+    every ``AutoModel*`` class (they read the config with the keyword arguments before the model class sees them);
+    :func:`uninstall_from_pretrained_hook` puts the originals back. Each wrapper only moves the keyword to
+    ``quantization_config``; everything else goes through untouched.
+
+    >>> install_from_pretrained_hook()
+    >>> is_from_pretrained_hook_installed()
+    True
+    """
+    for target in _hook_targets():
+        original = target.__dict__["from_pretrained"]
+        if target in _ORIGINALS or getattr(original.__func__, "_hf_sparse_hook", False):
+            continue
+        _ORIGINALS[target] = original
+        setattr(target, "from_pretrained", _wrap(original))
+    logger.debug("hf_sparse from_pretrained hook installed")
+
+
+def uninstall_from_pretrained_hook() -> None:
+    """Restore the original ``from_pretrained`` functions (idempotent).
+
+    ``quantization_config=SparsityConfig(...)`` and :class:`AutoSparseModelForCausalLM` keep working without the hook.
+
+    >>> uninstall_from_pretrained_hook(); is_from_pretrained_hook_installed()
+    False
+    >>> install_from_pretrained_hook()
+    """
+    for target in list(_ORIGINALS):
+        setattr(target, "from_pretrained", _ORIGINALS.pop(target))
+    logger.debug("hf_sparse from_pretrained hook removed")
+
+
+def is_from_pretrained_hook_installed() -> bool:
+    """Whether :func:`install_from_pretrained_hook` is in effect."""
+    return bool(_ORIGINALS)
+
+
+class AutoSparseModelForCausalLM:
+    """``AutoModelForCausalLM`` with a ``sparsity_config`` argument; needs no hook.
+
+    >>> cfg = hf_sparse.SparsityConfig(method="wanda", pattern="2:4", calibration="calibration.txt",
+    ...                                num_samples=32, sequence_length=256)  # doctest: +SKIP
+    >>> model = hf_sparse.AutoSparseModelForCausalLM.from_pretrained(path, sparsity_config=cfg)  # doctest: +SKIP
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args,
+                        sparsity_config: SparsityConfig | dict | None = None, **kwargs) -> PreTrainedModel:
+        """Load ``pretrained_model_name_or_path`` and, given a ``sparsity_config``, prune it as it loads."""
+        kwargs = _move_sparsity_kwarg(kwargs, sparsity_config)
+        # Call the unwrapped function: the keyword is already converted, and this must not depend on the hook.
+        original = _ORIGINALS.get(AutoModelForCausalLM, AutoModelForCausalLM.__dict__["from_pretrained"]).__func__
+        return original(AutoModelForCausalLM, pretrained_model_name_or_path, *model_args, **kwargs)

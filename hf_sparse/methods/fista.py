@@ -1,0 +1,338 @@
+"""FISTAPruner (Zhao et al., 2024, arXiv 2408.03728): layer-wise pruning as an ℓ1-regularised convex problem.
+
+For every linear operator with dense weight ``W`` (out, in) the method solves
+
+    min_Ŵ  ½‖Ŵ X̂ − W X‖²_F + λ‖Ŵ‖₁
+
+where ``X`` is the operator's input in the dense block and ``X̂`` its input after the block's earlier operators were
+pruned (*intra-layer error correction*: later operators repair what earlier ones lost). Everything reduces to two
+matrices computed once per operator, ``G = X̂X̂ᵀ`` and ``C = W·XX̂ᵀ`` (so the gradient is ``ŴG − C``), and is solved by
+FISTA: a gradient step of size ``1/L`` (``L = λ_max(G)``), soft-thresholding, Nesterov momentum, and a momentum restart
+whenever the objective would rise (so the objective never increases). A hard threshold then keeps exactly the target
+number of weights (unstructured or N:M, through :mod:`hf_sparse.masks`), and the kept weights are refit by a few
+projected-gradient (FISTA, λ = 0) iterations on the fixed mask.
+
+``λ`` is tuned per operator by bisection over a few rounds: if the hard threshold adds more than ``xi`` of the total
+reconstruction error the FISTA solution was too dense (raise λ), otherwise lower it. The best solution (smallest
+reconstruction error after the hard threshold) is kept, and each round warm-starts from the best one so far.
+
+Every block is fed the dense model's activations (``propagate_dense``), so blocks are independent and can be pruned
+in parallel (``SparsityConfig(parallel=True)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..masks import SparsityPattern, select_mask
+from .base import LinearStatistics, MethodOptions, PruningMethod, register_method
+from .sparsegpt import sparsegpt_prune
+from .wanda import WandaPruning
+
+logger = logging.getLogger(__name__)
+
+INITS = ("sparsegpt", "wanda", "dense")
+
+
+@dataclass
+class FistaOptions(MethodOptions):
+    init: str = field(
+        default="sparsegpt",
+        metadata={"help": "Warm start of the first round: 'sparsegpt' (SparseGPT on the least-squares target "
+                          "C·G⁻¹, i.e. with the intra-block correction), 'wanda' (W masked by the Wanda score) or "
+                          "'dense' (W itself)."},
+    )
+    error_correction: bool = field(
+        default=True,
+        metadata={"help": "Intra-block error correction: prune a block's operators in execution order, each fitted "
+                          "on inputs through the already-pruned ones (X̂). False takes every input from the dense "
+                          "block (X̂ = X), the paper's ablation."},
+    )
+    iterations: int = field(default=20, metadata={"help": "Maximum FISTA iterations per λ round."})
+    rounds: int = field(default=6, metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each)."})
+    tolerance: float = field(
+        default=1e-4, metadata={"help": "Stop a FISTA solve when ‖Ŵ_k+1 − Ŵ_k‖_F / ‖Ŵ_k‖_F falls below this."}
+    )
+    xi: float = field(
+        default=0.3,
+        metadata={"help": "Target share of the reconstruction error that the hard threshold may add; above it λ is "
+                          "raised, below it lowered."},
+    )
+    lambda_init: float = field(
+        default=1.0,
+        metadata={"help": "First λ, relative to the λ at which a diagonal G would give exactly the target sparsity "
+                          "(the sparsity-quantile of |W|·diag G)."},
+    )
+    lambda_factor: float = field(
+        default=4.0, metadata={"help": "λ is multiplied or divided by this until the bisection has a bracket."}
+    )
+    restart: bool = field(
+        default=True,
+        metadata={"help": "Restart the momentum (and reject the step) whenever the objective would rise, which makes "
+                          "the objective monotone."},
+    )
+    refit_iterations: int = field(
+        default=30,
+        metadata={"help": "Projected-gradient (FISTA, λ = 0) iterations refitting the kept weights on the final "
+                          "mask; 0 disables the refit."},
+    )
+    per_row: bool = field(
+        default=False,
+        metadata={"help": "Unstructured only: hard-threshold inside each output row instead of the whole matrix."},
+    )
+    dampening: float = field(
+        default=0.01,
+        metadata={"help": "Diagonal dampening (fraction of mean diag G) for the SparseGPT warm start and the "
+                          "least-squares target C·G⁻¹."},
+    )
+    power_iterations: int = field(default=50, metadata={"help": "Power-iteration steps estimating L = λ_max(G)."})
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"fista init must be one of {INITS}, got {self.init!r}")
+        for name in ("error_correction", "restart", "per_row"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"fista {name} must be True or False, got {getattr(self, name)!r}")
+        for name, minimum in (("iterations", 1), ("rounds", 1), ("refit_iterations", 0), ("power_iterations", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"fista {name} must be an integer >= {minimum}, got {value!r}")
+        if not _is_number(self.tolerance) or not 0 <= self.tolerance < 1:
+            raise ValueError(f"fista tolerance must be in [0, 1), got {self.tolerance!r}")
+        if not _is_number(self.xi) or not 0 < self.xi < 1:
+            raise ValueError(f"fista xi must be in (0, 1), got {self.xi!r}")
+        if not _is_number(self.lambda_init) or not self.lambda_init > 0:
+            raise ValueError(f"fista lambda_init must be a positive number, got {self.lambda_init!r}")
+        if not _is_number(self.lambda_factor) or not self.lambda_factor > 1:
+            raise ValueError(f"fista lambda_factor must be a number > 1, got {self.lambda_factor!r}")
+        if not _is_number(self.dampening) or not 0 < self.dampening < 1:
+            raise ValueError(f"fista dampening must be in (0, 1), got {self.dampening!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The convex problem and its solver
+
+
+def soft_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Proximal operator of ``threshold·‖·‖₁``: shrink every entry towards zero by ``threshold``.
+
+    >>> soft_threshold(torch.tensor([-3.0, 0.5, 2.0]), 1.0).tolist()
+    [-2.0, 0.0, 1.0]
+    """
+    return torch.sign(x) * torch.clamp(x.abs() - threshold, min=0.0)
+
+
+def largest_eigenvalue(gram: torch.Tensor, iterations: int = 50) -> float:
+    """λ_max of a symmetric PSD matrix by power iteration from the all-ones vector (deterministic).
+
+    Power iteration approaches λ_max from below; a step ``1/L`` slightly too long is caught by the monotone
+    restart, and a 1% margin makes it rare.
+
+    >>> round(largest_eigenvalue(torch.diag(torch.tensor([1.0, 3.0, 2.0]))), 3)
+    3.03
+    """
+    vector = torch.ones(gram.shape[0], dtype=torch.float64, device=gram.device)
+    g = gram.to(torch.float64)
+    value = 0.0
+    for _ in range(iterations):
+        product = g @ vector
+        norm = product.norm()
+        if norm == 0:
+            return 1.0  # G = 0: any step works, nothing can be fitted
+        value = float(vector @ product / (vector @ vector))
+        vector = product / norm
+    value = max(value, float(vector @ (g @ vector)))
+    return 1.01 * value
+
+
+@dataclass
+class Problem:
+    """``½‖ŴX̂ − WX‖²`` in Gram form: ``½ tr(ŴGŴᵀ) − tr(ŴCᵀ) + ½ const``; float32 tensors, (out, in) and (in, in)."""
+
+    gram: torch.Tensor  # G = X̂X̂ᵀ               (in, in)
+    target: torch.Tensor  # C = W·XX̂ᵀ            (out, in)
+    const: float  # tr(W·XXᵀ·Wᵀ) = ‖WX‖²
+    lipschitz: float  # L ≥ λ_max(G)
+
+    def error(self, weight: torch.Tensor, product: torch.Tensor | None = None) -> float:
+        """``‖ŴX̂ − WX‖²_F``. Accumulated in float64: it is a small difference of large terms."""
+        if product is None:
+            product = weight @ self.gram
+        w = weight.to(torch.float64)
+        value = (w * product.to(torch.float64)).sum() - 2 * (w * self.target.to(torch.float64)).sum() + self.const
+        return float(value)
+
+
+def fista(problem: Problem, start: torch.Tensor, lam: float, iterations: int, tolerance: float = 0.0,
+          restart: bool = True, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """FISTA on ``½‖ŴX̂ − WX‖² + lam·‖Ŵ‖₁`` from ``start``; returns ``(Ŵ, objective per iterate)``.
+
+    With ``mask`` (bool, True = free) entries outside it are held at zero (projected gradient; use ``lam=0`` for a
+    least-squares refit on a fixed support). One ``(out,in)@(in,in)`` product per iteration: ``ŶG`` is a linear
+    combination of the last two iterates' products, which also give the objective. With ``restart`` a step that
+    would raise the objective is rejected and the momentum reset, so the returned objectives never increase.
+
+    >>> g = torch.eye(3); c = torch.tensor([[2.0, -0.5, 1.0]])  # G = I: the minimiser is soft-threshold(C, lam)
+    >>> w, _ = fista(Problem(g, c, 0.0, 1.0), torch.zeros(1, 3), lam=1.0, iterations=5)
+    >>> w.tolist() == [[1.0, 0.0, 0.0]]
+    True
+    """
+    step = 1.0 / problem.lipschitz
+    current = start.clone() if mask is None else start * mask
+    current_product = current @ problem.gram
+    previous, previous_product = current, current_product
+    current_l1 = float(current.abs().sum(dtype=torch.float64))
+    history = [0.5 * problem.error(current, current_product) + lam * current_l1]
+    t = 1.0
+    for _ in range(iterations):
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        beta = (t - 1.0) / t_next
+        point = current + beta * (current - previous)  # Nesterov extrapolation Ŷ
+        gradient = current_product + beta * (current_product - previous_product) - problem.target  # ŶG − C
+        candidate = point - step * gradient
+        candidate = soft_threshold(candidate, lam * step) if lam > 0 else candidate
+        if mask is not None:
+            candidate = candidate * mask
+        candidate_product = candidate @ problem.gram
+        # Exact change of the quadratic part, free of the cancellation between its large terms (float32 is enough):
+        # f(Z') − f(Z) = ⟨Z' − Z, ½(Z'G + ZG) − C⟩ because G is symmetric.
+        difference = candidate - current
+        candidate_l1 = float(candidate.abs().sum(dtype=torch.float64))
+        delta = float((difference * (0.5 * (candidate_product + current_product) - problem.target)).sum(
+            dtype=torch.float64)) + lam * (candidate_l1 - current_l1)
+        if restart and delta > 0:
+            if t == 1.0:
+                break  # a plain proximal step from `current` did not help: converged to float precision
+            # Reject the step and restart the momentum: the next step is a plain proximal-gradient step from the
+            # current iterate, which cannot raise the objective (step ≤ 1/λ_max).
+            previous, previous_product, t = current, current_product, 1.0
+            continue
+        change = difference.norm() / current.norm().clamp_min(1e-30)
+        previous, previous_product = current, current_product
+        current, current_product, current_l1, t = candidate, candidate_product, candidate_l1, t_next
+        history.append(history[-1] + delta)
+        if change < tolerance:
+            break
+    return current, history
+
+
+def hard_threshold(weight: torch.Tensor, pattern: SparsityPattern, sparsity: float, per_row: bool = False
+                   ) -> torch.Tensor:
+    """Keep-mask with exactly the target count: smallest magnitudes zeroed (unstructured) or the ``N`` largest of
+    every ``M`` inputs kept (N:M).
+
+    >>> hard_threshold(torch.tensor([[0.1, -3.0, 2.0, 0.0]]), SparsityPattern.parse("2:4"), 0.5).tolist()
+    [[False, True, True, False]]
+    """
+    return select_mask(weight.abs(), pattern, sparsity, per_row=per_row)
+
+
+def _least_squares_target(weight: torch.Tensor, gram: torch.Tensor, cross_target: torch.Tensor,
+                          dampening: float) -> torch.Tensor:
+    """``W* = C (G + δI)⁻¹``, the dense minimiser of ``‖ŴX̂ − WX‖²`` (damped), so that
+    ``‖ŴX̂ − WX‖² = ‖(Ŵ − W*)X̂‖² + const``: pruning W* against G is pruning W against the corrected objective.
+    Solved in float64 because G is often badly conditioned (rarely firing features, outlier channels)."""
+    g = gram.to(torch.float64).clone()
+    diag = torch.diagonal(g)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += dampening * diag.mean()
+    factor = torch.linalg.cholesky(g)
+    solution = torch.cholesky_solve(cross_target.to(torch.float64).T, factor).T  # (out, in)
+    solution[:, dead] = 0
+    return solution.to(weight.dtype)
+
+
+def _warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern, sparsity: float,
+                options: FistaOptions) -> torch.Tensor:
+    if options.init == "dense":
+        return weight.clone()
+    if options.init == "wanda":
+        stats = LinearStatistics(n_tokens=0, sq_norm=torch.diagonal(problem.gram).clone())
+        _, mask = WandaPruning().prune_weight(weight, stats, pattern, sparsity)
+        return weight * mask
+    target = _least_squares_target(weight, problem.gram, problem.target, options.dampening)
+    pruned, _ = sparsegpt_prune(target, problem.gram, pattern, sparsity, dampening=options.dampening)
+    return pruned
+
+
+def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, dense_hessian: torch.Tensor,
+                pattern: SparsityPattern, sparsity: float, options: FistaOptions | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``weight`` (out, in) with FISTAPruner; returns ``(new_weight, keep_mask)``.
+
+    ``hessian`` is X̂X̂ᵀ, ``cross`` is XX̂ᵀ and ``dense_hessian`` is XXᵀ (all (in, in), summed over tokens).
+
+    >>> x = torch.randn(16, 200); w = torch.randn(8, 16)
+    >>> new, mask = fista_prune(w, x @ x.T, x @ x.T, x @ x.T, SparsityPattern.parse("2:4"), 0.5)
+    >>> mask.sum().item()
+    64
+    """
+    options = options or FistaOptions()
+    weight = weight.to(torch.float32)
+    gram = hessian.to(torch.float32)
+    target = weight @ cross.to(torch.float32)  # C = W·XX̂ᵀ, (out, in)
+    const = float((weight.to(torch.float64) @ dense_hessian.to(torch.float64) * weight.to(torch.float64)).sum())
+    problem = Problem(gram, target, const, largest_eigenvalue(gram, options.power_iterations))
+
+    def rounded(candidate):
+        mask = hard_threshold(candidate, pattern, sparsity, options.per_row)
+        kept = candidate * mask
+        return kept, mask, problem.error(kept)
+
+    start = _warm_start(weight, problem, pattern, sparsity, options)
+    best_weight, best_mask, best_error = rounded(start)
+    best_start = start
+    # λ scale: with G diagonal the solution is soft-threshold(W*, λ/G_jj); this λ gives the target sparsity there.
+    scores = (weight * torch.diagonal(gram).unsqueeze(0)).abs().reshape(-1)
+    k = min(scores.numel() - 1, max(0, int(round(sparsity * scores.numel()))))
+    lam = options.lambda_init * float(torch.kthvalue(scores.cpu(), k + 1).values.clamp_min(1e-12))
+    low = high = None  # λ bracket: low adds too much at the threshold (too dense), high is too sparse
+    for round_index in range(options.rounds):
+        solution, _ = fista(problem, best_start, lam, options.iterations, options.tolerance, options.restart)
+        kept, mask, error = rounded(solution)
+        fit_error = problem.error(solution)
+        ratio = (error - fit_error) / max(error, 1e-30)  # share of the error the hard threshold added
+        logger.debug("fista round %d: lambda=%.4g fit=%.5g rounded=%.5g ratio=%.3f", round_index, lam, fit_error,
+                     error, ratio)
+        if error < best_error:
+            best_weight, best_mask, best_error, best_start = kept, mask, error, solution
+        if ratio > options.xi:
+            low = lam
+        else:
+            high = lam
+        if low is not None and high is not None:
+            lam = math.sqrt(low * high)
+        else:
+            lam = lam * options.lambda_factor if high is None else lam / options.lambda_factor
+    if options.refit_iterations:
+        best_weight, _ = fista(problem, best_weight, 0.0, options.refit_iterations, options.tolerance,
+                               options.restart, mask=best_mask)
+    return best_weight * best_mask, best_mask
+
+
+@register_method
+class FistaPruning(PruningMethod):
+    """FISTAPruner: ℓ1-regularised layer-wise reconstruction with intra-block error correction, solved by FISTA."""
+
+    name = "fista"
+    options_class = FistaOptions
+    statistics = frozenset({"hessian", "cross", "dense_hessian"})
+    propagate_dense = True
+
+    @property
+    def sequential_within_block(self) -> bool:
+        return self.options.error_correction
+
+    def prune_weight(self, weight: torch.Tensor, stats: LinearStatistics | None, pattern: SparsityPattern,
+                     sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return fista_prune(weight, stats.hessian, stats.cross, stats.dense_hessian, pattern, sparsity,
+                           self.options)

@@ -1,0 +1,194 @@
+"""Every bad input raises ``ValueError`` naming the bad value and what is allowed, and as early as it can be known.
+
+Errors that need the model (architecture, shapes) are checked both through :func:`hf_sparse.prune` and through prune
+on load, where they must fire before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+import hf_sparse
+from conftest import tiny_llama
+from hf_sparse import SparsityConfig
+
+
+def _ids(samples: int = 4, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, 128, (samples, length), generator=torch.Generator().manual_seed(0))
+
+
+def _raises(match: str, **fields) -> str:
+    with pytest.raises(ValueError, match=match) as error:
+        SparsityConfig(**fields)
+    return str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SparsityConfig fields
+
+
+def test_unknown_method():
+    message = _raises(r"unknown pruning method 'lottery'", method="lottery")
+    assert "'magnitude'" in message and "'sparsegpt'" in message and "'wanda'" in message
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1])
+def test_sparsity_out_of_range(sparsity):
+    _raises(rf"sparsity must be in \[0, 1\), got {re.escape(repr(sparsity))}$", method="magnitude", sparsity=sparsity)
+
+
+def test_sparsity_not_a_number():
+    _raises(r"sparsity must be a number in \[0, 1\), got 'half'", method="magnitude", sparsity="half")
+
+
+def test_pattern_with_n_not_below_m():
+    _raises(r"pattern '3:2' is not valid: N:M needs 0 < N < M", pattern="3:2")
+
+
+@pytest.mark.parametrize("pattern", ["2-4", "blocky"])
+def test_pattern_not_recognised(pattern):
+    _raises(rf"pattern '{pattern}' is not valid: use 'unstructured' or 'N:M' such as '2:4'", pattern=pattern)
+
+
+def test_sparsity_contradicting_n_m():
+    _raises(r"sparsity 0.7 contradicts pattern '2:4', which fixes sparsity at 0.5", sparsity=0.7, pattern="2:4")
+
+
+def test_bad_include_regex():
+    _raises(r"include entry '\(bad' is not a valid regular expression", include=["(bad"])
+
+
+def test_num_samples_zero():
+    _raises(r"num_samples must be a positive integer, got 0", num_samples=0)
+
+
+def test_unknown_method_option():
+    message = _raises(r"unknown option\(s\) \['blocksize'\] for method 'sparsegpt'", method="sparsegpt",
+                      method_options={"blocksize": 128})
+    assert "'block_size'" in message  # the allowed keys are listed
+
+
+@pytest.mark.parametrize("block_size", [0, -8, "big"])
+def test_bad_sparsegpt_block_size(block_size):
+    _raises(rf"sparsegpt block_size must be a positive integer, got {re.escape(repr(block_size))}",
+            method="sparsegpt", method_options={"block_size": block_size})
+
+
+def test_parallel_with_a_sequential_method():
+    _raises(r"parallel=True needs a method whose blocks are independent .*'wanda'", method="wanda", parallel=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors that need the model or the data: through prune() and through prune on load (before the weights load)
+
+
+def _refuse_weight_loading(monkeypatch) -> None:
+    """Make reading a checkpoint's weights fail loudly: an error raised first was raised before the load."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were being loaded: the configuration error should have come first")
+
+    monkeypatch.setattr(PreTrainedModel, "_load_pretrained_model", staticmethod(refuse))
+
+
+def test_unsupported_architecture(tmp_path, monkeypatch):
+    from transformers import BertConfig, BertLMHeadModel
+
+    model = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, is_decoder=True))
+    expected = r"does not know the layout of model_type 'bert' \(BertLMHeadModel\).*'llama'.*register_architecture"
+    with pytest.raises(ValueError, match=expected):
+        hf_sparse.prune(model, SparsityConfig(method="magnitude"), show_progress=False)
+    model.save_pretrained(tmp_path)
+    _refuse_weight_loading(monkeypatch)
+    with pytest.raises(ValueError, match=expected):
+        AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=SparsityConfig(method="magnitude"))
+
+
+def test_missing_calibration_for_wanda(tmp_path, monkeypatch):
+    expected = r"method 'wanda' needs calibration data: set SparsityConfig\(calibration=...\)"
+    with pytest.raises(ValueError, match=expected):
+        hf_sparse.prune(tiny_llama(), SparsityConfig(method="wanda"), show_progress=False)
+    tiny_llama().save_pretrained(tmp_path)
+    _refuse_weight_loading(monkeypatch)
+    with pytest.raises(ValueError, match=expected):
+        AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=SparsityConfig(method="wanda"))
+
+
+def test_n_m_pattern_that_does_not_tile_in_features(tmp_path, monkeypatch):
+    # intermediate_size 132 is not a multiple of 8: only down_proj, pruned last in each block, cannot take 4:8.
+    model = tiny_llama(intermediate_size=132)
+    cfg = SparsityConfig(method="wanda", pattern="4:8", calibration=_ids(), num_samples=4, sequence_length=16)
+    expected = (r"pattern '4:8' needs in_features to be a multiple of 8, but module "
+                r"'model.layers.0.mlp.down_proj' has in_features=132; leave it out with exclude=")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=expected):
+        hf_sparse.prune(model, cfg, show_progress=False)
+    # Checked before anything is pruned: the attention projections pruned earlier in the pass are untouched.
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    model.save_pretrained(tmp_path)
+    _refuse_weight_loading(monkeypatch)
+    with pytest.raises(ValueError, match=expected):
+        AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=cfg)
+
+
+def test_calibration_path_that_does_not_exist(tmp_path, monkeypatch):
+    missing = str(tmp_path / "no-such-calibration.txt")
+    cfg = SparsityConfig(method="wanda", calibration=missing, num_samples=4, sequence_length=16)
+    expected = rf"calibration path '{re.escape(missing)}' does not exist"
+    with pytest.raises(ValueError, match=expected):
+        hf_sparse.prune(tiny_llama(), cfg, tokenizer=object(), show_progress=False)  # fails before tokenizing
+    tiny_llama().save_pretrained(tmp_path / "model")
+    _refuse_weight_loading(monkeypatch)
+    with pytest.raises(ValueError, match=expected):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
+
+
+def test_include_matching_nothing(tmp_path, monkeypatch):
+    cfg = SparsityConfig(method="magnitude", include=["no_such_module"])
+    expected = r"no linear module matched include=\['no_such_module'\]"
+    with pytest.raises(ValueError, match=expected):
+        hf_sparse.prune(tiny_llama(), cfg, show_progress=False)
+    tiny_llama().save_pretrained(tmp_path)
+    _refuse_weight_loading(monkeypatch)
+    with pytest.raises(ValueError, match=expected):
+        AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON round trip
+
+
+def test_json_round_trip_keeps_options_and_drops_data():
+    texts = ["secret calibration text number one", "and a second secret one"]
+    cfg = SparsityConfig(method="sparsegpt", pattern="4:8", include=[r"mlp\."], exclude=["down_proj"],
+                         calibration=texts, num_samples=16, sequence_length=64, batch_size=2, seed=3,
+                         method_options={"block_size": 64}, tokenizer=object())
+    data = cfg.to_dict()
+    text = json.dumps(data)  # JSON-safe
+    assert "secret" not in text and "tokenizer" not in data
+    assert data["calibration"]["kind"] == "texts" and data["calibration"]["count"] == 2
+    back = SparsityConfig.from_dict(json.loads(text))
+    assert back.to_dict() == data
+    for field in ("method", "pattern", "sparsity", "include", "exclude", "num_samples", "sequence_length",
+                  "batch_size", "seed", "method_options"):
+        assert getattr(back, field) == getattr(cfg, field), field
+    assert back.calibration is None and back.tokenizer is None  # the data itself is not in JSON
+
+
+def test_json_round_trip_of_a_named_calibration_source():
+    cfg = SparsityConfig(method="wanda", calibration="wikitext", calibration_subset="wikitext-2-raw-v1")
+    back = SparsityConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.to_dict() == cfg.to_dict()
+    assert back.calibration == "wikitext" and back.calibration_subset == "wikitext-2-raw-v1"  # can calibrate again
+
+
+def test_from_dict_rejects_unknown_fields():
+    expected = r"unknown SparsityConfig field\(s\) \['sparsity_level'\]; allowed: .*'sparsity'"
+    with pytest.raises(ValueError, match=expected):
+        SparsityConfig.from_dict({"method": "magnitude", "sparsity_level": 0.5})

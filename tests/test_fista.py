@@ -1,0 +1,279 @@
+"""FISTAPruner: the solver's math on small exact problems, the statistics the engine hands it, parallel == sequential,
+and quality against SparseGPT and Wanda on the real pretrained model (../shared)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import hf_sparse
+from conftest import CALIBRATION_TXT, load_pretrained, tiny_llama
+from hf_sparse.calibration import load_calibration
+from hf_sparse.masks import SparsityPattern, is_valid_n_m, prune_counts
+from hf_sparse.methods import METHODS, build_method
+from hf_sparse.methods.base import register_method
+from hf_sparse.methods.fista import (FistaOptions, FistaPruning, Problem, fista, fista_prune, largest_eigenvalue,
+                                     soft_threshold)
+
+
+def _problem(out=12, n_in=24, tokens=400, seed=0, correction=True):
+    """A random layer problem with correlated features (a badly conditioned G, as real activations give)."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(n_in, n_in, generator=gen) * 0.3 + torch.eye(n_in)
+    x = mixing @ torch.randn(n_in, tokens, generator=gen) + 0.5  # (in, T), dense inputs
+    x_hat = x + 0.1 * torch.randn(n_in, tokens, generator=gen) if correction else x  # inputs through pruned ops
+    weight = torch.randn(out, n_in, generator=gen)
+    return weight, x, x_hat
+
+
+def _stats(x, x_hat):
+    return x_hat @ x_hat.T, x @ x_hat.T, x @ x.T  # hessian X̂X̂ᵀ, cross XX̂ᵀ, dense_hessian XXᵀ
+
+
+def _layer_problem(weight, x, x_hat):
+    hessian, cross, dense_hessian = _stats(x, x_hat)
+    const = float((weight.double() @ dense_hessian.double() * weight.double()).sum())
+    return Problem(hessian, weight @ cross, const, largest_eigenvalue(hessian))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Solver math
+
+
+@pytest.mark.parametrize("lam", [0.0, 5.0, 50.0])
+def test_objective_never_increases_and_matches_direct_evaluation(lam):
+    weight, x, x_hat = _problem()
+    problem = _layer_problem(weight, x, x_hat)
+    start = torch.zeros_like(weight)
+    solution, history = fista(problem, start, lam, iterations=80, tolerance=0.0)
+    assert len(history) > 20
+    assert all(b <= a + 1e-9 * abs(a) for a, b in zip(history, history[1:])), history
+    # The tracked objective is the real one: ½‖ŴX̂ − WX‖² + λ‖Ŵ‖₁ evaluated from explicit products.
+    direct = 0.5 * (solution.double() @ x_hat.double() - weight.double() @ x.double()).pow(2).sum() \
+        + lam * solution.double().abs().sum()
+    assert history[-1] == pytest.approx(float(direct), rel=1e-4)
+    assert history[-1] < 0.5 * history[0]
+
+
+def test_identity_gram_gives_soft_threshold_of_c():
+    gen = torch.Generator().manual_seed(1)
+    target = torch.randn(6, 10, generator=gen) * 3
+    problem = Problem(torch.eye(10), target, 0.0, largest_eigenvalue(torch.eye(10)))
+    for lam in (0.5, 1.7):
+        solution, _ = fista(problem, torch.randn(6, 10, generator=gen), lam, iterations=50, tolerance=0.0)
+        torch.testing.assert_close(solution, soft_threshold(target, lam), rtol=0, atol=1e-5)
+
+
+def test_soft_threshold_and_power_iteration():
+    assert soft_threshold(torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0]), 1.0).tolist() == [-2.0, 0.0, 0.0, 0.0, 2.0]
+    weight, x, x_hat = _problem()
+    gram = x_hat @ x_hat.T
+    exact = torch.linalg.eigvalsh(gram.double()).max().item()
+    # A slight overestimate (1% margin) is what keeps the step 1/L safe.
+    assert exact <= largest_eigenvalue(gram) <= 1.02 * exact
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
+def test_n_m_output_is_valid_in_every_group(pattern):
+    parsed = SparsityPattern.parse(pattern)
+    weight, x, x_hat = _problem(out=10, n_in=32)
+    new_weight, mask = fista_prune(weight, *_stats(x, x_hat), parsed, parsed.implied_sparsity)
+    groups = mask.reshape(10, -1, parsed.m).sum(-1)
+    assert torch.equal(groups, torch.full_like(groups, parsed.n))  # exactly N kept in every group
+    assert is_valid_n_m(new_weight, parsed.n, parsed.m)
+    assert torch.equal(new_weight * ~mask, torch.zeros_like(new_weight))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+@pytest.mark.parametrize("shape", [(8, 20), (7, 13)])  # 160 weights: exact counts; 91 weights: 45.5 and 63.7
+@pytest.mark.parametrize("per_row", [False, True])
+def test_exact_unstructured_sparsity(sparsity, shape, per_row):
+    out, n_in = shape
+    weight, x, x_hat = _problem(out=out, n_in=n_in)
+    options = FistaOptions(per_row=per_row)
+    new_weight, mask = fista_prune(weight, *_stats(x, x_hat), SparsityPattern("unstructured"), sparsity, options)
+    expected = prune_counts([n_in] * out, sparsity) if per_row else prune_counts([out * n_in], sparsity)
+    assert int((~mask).sum()) == sum(expected)
+    if per_row:
+        assert (~mask).sum(1).tolist() == expected
+    assert int((new_weight == 0).sum()) == sum(expected)
+
+
+def test_fista_improves_its_warm_start_on_the_layer_objective():
+    weight, x, x_hat = _problem(out=16, n_in=32, tokens=600)
+    problem = _layer_problem(weight, x, x_hat)
+    pattern = SparsityPattern.parse("2:4")
+    errors = {}
+    for init in ("sparsegpt", "wanda", "dense"):
+        new_weight, _ = fista_prune(weight, *_stats(x, x_hat), pattern, 0.5, FistaOptions(init=init))
+        errors[init] = problem.error(new_weight)
+    from hf_sparse.methods.sparsegpt import sparsegpt_prune
+    sparsegpt_weight, _ = sparsegpt_prune(weight, x_hat @ x_hat.T, pattern, 0.5)
+    assert max(errors.values()) < problem.error(sparsegpt_weight)
+
+
+def test_options_are_validated():
+    for bad, match in [({"init": "magnitude"}, "init must be one of"), ({"xi": 1.5}, "xi must be in"),
+                       ({"iterations": 0}, "iterations must be an integer >= 1"),
+                       ({"error_correction": "yes"}, "error_correction must be True or False"),
+                       ({"lambda_factor": 1.0}, "lambda_factor must be a number > 1"),
+                       ({"tolerance": -1}, "tolerance must be in")]:
+        with pytest.raises(ValueError, match=match):
+            FistaOptions(**bad)
+        with pytest.raises(ValueError, match=match):
+            hf_sparse.SparsityConfig(method="fista", method_options=bad)
+    assert build_method("fista").sequential_within_block is True
+    assert build_method("fista", {"error_correction": False}).sequential_within_block is False
+    assert FistaPruning.propagate_dense
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine hands FISTA the statistics the paper needs
+
+
+# Fewer solver steps where a test checks the engine's plumbing, not the solution's quality.
+QUICK = {"rounds": 2, "iterations": 10, "refit_iterations": 5}
+
+
+class RecordingFista(FistaPruning):
+    """FISTA that keeps a copy of every statistics object the engine hands it."""
+
+    name = "test_recording_fista"
+    calls: list = []
+
+    def prune_weight(self, weight, stats, pattern, sparsity):
+        type(self).calls.append((weight.shape, copy.deepcopy(stats)))
+        return super().prune_weight(weight, stats, pattern, sparsity)
+
+
+@pytest.fixture
+def recording():
+    register_method(RecordingFista)
+    RecordingFista.calls = []
+    yield RecordingFista
+    METHODS.pop(RecordingFista.name)
+
+
+def _inputs_of(model, module, ids):
+    seen = []
+    handle = module.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1]).detach()))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return torch.cat(seen).T  # (in, tokens)
+
+
+@pytest.mark.parametrize("error_correction", [True, False])
+def test_engine_statistics_equal_explicit_forward_passes(recording, error_correction):
+    """For block 1 (after block 0 was pruned): X is the dense model's input of each operator, X̂ its input with the
+    block's earlier operator groups pruned as the engine left them (and block 0 dense: dense propagation)."""
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    dense = tiny_llama()
+    model = copy.deepcopy(dense)
+    hf_sparse.prune(model, hf_sparse.SparsityConfig(method=recording.name, pattern="2:4", calibration=ids,
+                                                    num_samples=4, sequence_length=16, batch_size=2,
+                                                    method_options={"error_correction": error_correction, **QUICK}),
+                    show_progress=False)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    assert len(recording.calls) == 2 * len(names)
+    block_calls = dict(zip(names, recording.calls[len(names):]))  # block 1, in the engine's execution order
+
+    pruned_block = model.model.layers[1]
+    for index, name in enumerate(names):
+        shape, stats = block_calls[name]
+        module_dense = dense.model.layers[1].get_submodule(name)
+        assert shape == module_dense.weight.shape
+        x = _inputs_of(dense, module_dense, ids)
+        # X̂: the dense model with only block 1's operators of earlier groups replaced by their pruned weights.
+        hybrid = copy.deepcopy(dense)
+        group_of = {n: g for g, group in enumerate([[0, 1, 2], [3], [4, 5], [6]]) for n in group}
+        for other_index, other in enumerate(names):
+            if error_correction and group_of[other_index] < group_of[index]:
+                hybrid.model.layers[1].get_submodule(other).weight.data.copy_(pruned_block.get_submodule(other).weight)
+        x_hat = _inputs_of(hybrid, hybrid.model.layers[1].get_submodule(name), ids)
+        if error_correction and group_of[index] > 0:
+            assert not torch.allclose(x, x_hat)  # the correction is really there
+        assert stats.n_tokens == 64
+        torch.testing.assert_close(stats.hessian, x_hat @ x_hat.T, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats.cross, x @ x_hat.T, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats.dense_hessian, x @ x.T, rtol=1e-4, atol=1e-4)
+
+
+def test_parallel_equals_sequential_on_tiny_model():
+    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(2))
+    results = []
+    for parallel in (False, True):
+        model = tiny_llama(num_hidden_layers=4)
+        cfg = hf_sparse.SparsityConfig(method="fista", sparsity=0.6, calibration=ids, num_samples=6,
+                                       sequence_length=16, batch_size=3, parallel=parallel, num_workers=2,
+                                       method_options=QUICK)
+        record = hf_sparse.prune(model, cfg, show_progress=False)
+        assert record.overall_sparsity == pytest.approx(0.6, abs=1e-3)
+        results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for key, value in results[0].items():
+        assert torch.equal(value, results[1][key]), key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real model
+
+
+WINDOWS = 100  # first 100 non-overlapping 256-token windows of the WikiText-2 test split
+SETTINGS = [("unstructured", 0.5), ("2:4", None), ("unstructured", 0.7)]
+
+
+@pytest.fixture(scope="module")
+def real_setup(tokenizer, heldout_text):
+    calibration = load_calibration(str(CALIBRATION_TXT), tokenizer, num_samples=32, sequence_length=256, seed=0)
+    dense = load_pretrained()
+
+    def evaluate(model):
+        return hf_sparse.evaluate.perplexity(model, tokenizer, heldout_text, sequence_length=256, batch_size=25,
+                                             max_windows=WINDOWS, show_progress=False)
+
+    cache = {}
+
+    def pruned(method, pattern, sparsity, **config):
+        key = (method, pattern, sparsity, tuple(sorted(config.items(), key=str)))
+        if key not in cache:
+            model = copy.deepcopy(dense)
+            cfg = hf_sparse.SparsityConfig(method=method, pattern=pattern, sparsity=sparsity, calibration=calibration,
+                                           num_samples=32, sequence_length=256, **config)
+            record = hf_sparse.prune(model, cfg, show_progress=False)
+            assert record.overall_sparsity == pytest.approx(cfg.sparsity, abs=1e-6)
+            cache[key] = (model, evaluate(model))
+        return cache[key]
+
+    return dense, evaluate, pruned
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern,sparsity", SETTINGS, ids=["50%", "2:4", "70%"])
+def test_fista_beats_sparsegpt_and_wanda(real_setup, pattern, sparsity):
+    dense, evaluate, pruned = real_setup
+    dense_ppl = evaluate(dense)
+    _, fista_ppl = pruned("fista", pattern, sparsity)
+    _, sparsegpt_ppl = pruned("sparsegpt", pattern, sparsity)
+    _, wanda_ppl = pruned("wanda", pattern, sparsity)
+    assert math.isfinite(fista_ppl) and dense_ppl < fista_ppl
+    assert fista_ppl < sparsegpt_ppl and fista_ppl < wanda_ppl, (dense_ppl, fista_ppl, sparsegpt_ppl, wanda_ppl)
+
+
+@pytest.mark.slow
+def test_parallel_equals_sequential_on_real_model(real_setup, tokenizer):
+    dense, _, _ = real_setup
+    calibration = load_calibration(str(CALIBRATION_TXT), tokenizer, num_samples=8, sequence_length=128, seed=1)
+    weights = []
+    for parallel in (False, True):
+        model = copy.deepcopy(dense)
+        cfg = hf_sparse.SparsityConfig(method="fista", pattern="2:4", calibration=calibration, num_samples=8,
+                                       sequence_length=128, parallel=parallel, num_workers=2,
+                                       method_options=QUICK)
+        hf_sparse.prune(model, cfg, show_progress=False)
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
