@@ -130,5 +130,5 @@ def load_calibration(source: Any, tokenizer=None, num_samples: int = 128, sequen
         )
     if tokenizer is None:
         raise ValueError("text calibration needs a tokenizer: pass tokenizer=... (or SparsityConfig(tokenizer=...))")
-    stream = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    stream = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
     return sample_windows(stream, num_samples, sequence_length, seed)

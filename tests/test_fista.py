@@ -244,7 +244,8 @@ def real_setup(tokenizer, heldout_text):
             cfg = hf_sparse.SparsityConfig(method=method, pattern=pattern, sparsity=sparsity, calibration=calibration,
                                            num_samples=32, sequence_length=256, **config)
             record = hf_sparse.prune(model, cfg, show_progress=False)
-            assert record.overall_sparsity == pytest.approx(cfg.sparsity, abs=1e-6)
+            # Each module prunes exactly round(sparsity · numel): at 70% that is 9.6 weights more than 0.7 overall.
+            assert record.overall_sparsity == pytest.approx(cfg.sparsity, abs=5e-6)
             cache[key] = (model, evaluate(model))
         return cache[key]
 
