@@ -287,6 +287,7 @@ def test_warns_about_kbit_preparation_of_an_unquantized_model(caplog):
     assert "prepare_model_for_kbit_training" in caplog.text
 
 
+@pytest.mark.slow  # the real tokenizer and texts in ../shared
 def test_recover_command_end_to_end(tmp_path, tokenizer):
     """``hf-sparse recover`` on a tiny model with the real tokenizer: saves a sparse checkpoint with its card."""
     import json
