@@ -53,7 +53,7 @@ class FistaOptions(MethodOptions):
                           "block (X̂ = X), the paper's ablation."},
     )
     iterations: int = field(default=20, metadata={"help": "Maximum FISTA iterations per λ round."})
-    rounds: int = field(default=6, metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each)."})
+    rounds: int = field(default=3, metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each)."})
     tolerance: float = field(
         default=1e-4, metadata={"help": "Stop a FISTA solve when ‖Ŵ_k+1 − Ŵ_k‖_F / ‖Ŵ_k‖_F falls below this."}
     )
