@@ -345,6 +345,24 @@ def check_pattern_fits(targets: list[PruningTarget], pattern: SparsityPattern) -
             )
 
 
+def plan_targets(model: nn.Module, include: list[str] | None, exclude: list[str] | None, pattern: SparsityPattern,
+                 sparsity_for: Callable[[str], float]) -> tuple[ArchitectureAdapter, list]:
+    """The model's adapter and ``(block, block_name, targets)`` for every decoder block, checked up front: raises if
+    nothing matches ``include``/``exclude`` or the pattern cannot tile a target. Works on a meta-device skeleton, so
+    it can run before any weight is loaded."""
+    adapter = get_architecture(model)
+    prefix = adapter.block_prefix(model)
+    per_block = []
+    for index, block in enumerate(adapter.blocks(model)):
+        block_name = f"{prefix}.{index}"
+        per_block.append((block, block_name, select_targets(block, block_name, include, exclude, sparsity_for)))
+    all_targets = [t for _, _, targets in per_block for t in targets]
+    if not all_targets:
+        raise ValueError(f"no linear module matched include={include!r} exclude={exclude!r} inside the decoder blocks")
+    check_pattern_fits(all_targets, pattern)
+    return adapter, per_block
+
+
 class LayerwiseEngine:
     """Prunes a model block by block with one :class:`PruningMethod`.
 
@@ -417,19 +435,12 @@ class LayerwiseEngine:
     # -- whole model --------------------------------------------------------------------------------------------
     def run(self, model: nn.Module, calibration_ids: torch.Tensor | None, batch_size: int = 8) -> EngineResult:
         """Prune ``model`` in place. ``calibration_ids`` (samples, seq) may be ``None`` for data-free methods."""
-        adapter = get_architecture(model)
+        adapter, per_block = plan_targets(model, self.include, self.exclude, self.pattern, self.sparsity_for)
         blocks = adapter.blocks(model)
-        prefix = adapter.block_prefix(model)
-        plan = []
-        for index, block in enumerate(blocks):
-            block_name = f"{prefix}.{index}"
-            targets = select_targets(block, block_name, self.include, self.exclude, self.sparsity_for)
-            plan.append((block, targets, group_targets(targets, block_name, adapter, self.method.sequential_within_block)))
-        if not any(targets for _, targets, _ in plan):
-            raise ValueError(
-                f"no linear module matched include={self.include!r} exclude={self.exclude!r} inside the decoder blocks"
-            )
-        check_pattern_fits([t for _, targets, _ in plan for t in targets], self.pattern)
+        plan = [
+            (block, targets, group_targets(targets, block_name, adapter, self.method.sequential_within_block))
+            for block, block_name, targets in per_block
+        ]
         result = EngineResult()
         progress = tqdm(total=len(plan), desc=f"pruning ({self.method.name}, {self.pattern})", unit="block",
                         disable=not self.show_progress)

@@ -29,10 +29,9 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..api import prune
-from ..architectures import get_architecture
 from ..calibration import JSON_SUFFIXES, TEXT_SUFFIXES
 from ..config import QUANT_METHOD, SparsityConfig
-from ..engine import check_pattern_fits, select_targets
+from ..engine import plan_targets
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +73,8 @@ class HfSparseQuantizer(HfQuantizer):
             return model
         # The model is still an empty (meta) skeleton: its layout and shapes are known, its weights are not loaded.
         config = self.quantization_config
-        adapter = get_architecture(model)  # names how to add an adapter for an unsupported model type
-        prefix = adapter.block_prefix(model)
-        targets = [
-            target
-            for index, block in enumerate(adapter.blocks(model))
-            for target in select_targets(block, f"{prefix}.{index}", config.include, config.exclude, lambda _: 0.0)
-        ]
-        if not targets:
-            raise ValueError(
-                f"no linear module matched include={config.include!r} exclude={config.exclude!r} inside the decoder "
-                "blocks"
-            )
-        check_pattern_fits(targets, config.parsed_pattern)
+        # Unsupported architecture, include/exclude matching nothing, N:M not tiling a layer: all raise here.
+        plan_targets(model, config.include, config.exclude, config.parsed_pattern, lambda _: config.sparsity)
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
