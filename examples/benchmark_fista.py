@@ -87,6 +87,9 @@ def main() -> None:
     print("|---|" + "---|" * len(SETTINGS))
     for name, values in seconds.items():
         print(f"| {name} | " + " | ".join(f"{values[label]:.2f}" for label, _, _ in SETTINGS) + " |")
+    if {"FISTA", "SparseGPT"} <= seconds.keys():
+        ratios = [seconds["FISTA"][label] / seconds["SparseGPT"][label] for label, _, _ in SETTINGS]
+        print("| FISTA / SparseGPT | " + " | ".join(f"{ratio:.2f}×" for ratio in ratios) + " |")
 
 
 if __name__ == "__main__":

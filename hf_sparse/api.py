@@ -67,9 +67,11 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     model.eval()
     if use_cache is not None:
         model.config.use_cache = False
-    torch.manual_seed(config.seed)
     try:
-        result = engine.run(model, calibration_ids, batch_size=config.batch_size)
+        # Seeded for reproducibility, in a forked RNG state so the caller's random stream is left as it was.
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(config.seed)
+            result = engine.run(model, calibration_ids, batch_size=config.batch_size)
     finally:
         model.train(was_training)
         if use_cache is not None:

@@ -117,7 +117,10 @@ def load_calibration(source: Any, tokenizer=None, num_samples: int = 128, sequen
         if tokens.shape[0] < num_samples:
             logger.warning("calibration token ids have %d rows, fewer than num_samples=%d: using all of them",
                            tokens.shape[0], num_samples)
-        return tokens[:num_samples]
+        if tokens.shape[1] < sequence_length:
+            logger.warning("calibration token ids have %d columns, fewer than sequence_length=%d: using all of them",
+                           tokens.shape[1], sequence_length)
+        return tokens[:num_samples, :sequence_length]
     if isinstance(source, str):
         # Enough documents for the windows, with margin; a whole web-scale dataset is never tokenized.
         texts = read_texts(source, split, column, subset, max_documents=max(1000, 4 * num_samples), seed=seed)

@@ -197,7 +197,8 @@ def add_prune_command(subparsers) -> argparse.ArgumentParser:
     run = parser.add_argument_group("execution")
     run.add_argument("--device", default=None, help="device blocks are pruned on (default: first GPU, else in place)")
     run.add_argument("--parallel", action="store_true",
-                     help="prune blocks concurrently (only methods with dense propagation, e.g. fista)")
+                     help="prune blocks concurrently (only methods with dense propagation, e.g. fista): in worker "
+                          "threads, or across processes when started by torchrun/accelerate launch")
     run.add_argument("--num-workers", type=positive_int, default=None, help="worker threads for --parallel")
     run.add_argument("--dtype", choices=DTYPES, default="float32",
                      help="dtype to load the model in (default float32; pruning math is float32 regardless)")
@@ -264,7 +265,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse prune``; returns the numbers it printed."""
     import torch
 
-    from . import prune
+    from . import distributed, prune
     from .evaluation import perplexity
     from .record import read_record, write_record
 
@@ -281,7 +282,12 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     if push_repo:
         if push_repo.count("/") != 1 or push_repo.startswith(("/", ".", "~")) or push_repo.endswith("/"):
             raise ValueError(f"--push-to-hub {push_repo!r} is not a Hub repository id; use org/name")
-    evaluate = bool(args.eval_data) and not args.no_eval
+    # Under torchrun/accelerate launch every process prunes its share of the blocks; one of them (the main process)
+    # evaluates, writes the output and prints, the others stop once the pruned weights are shared.
+    is_main = True
+    if args.parallel and distributed.launched_with_several_processes():
+        is_main = distributed.process_state(args.device).is_main_process
+    evaluate = bool(args.eval_data) and not args.no_eval and is_main
     eval_texts = _read_eval_texts(args.eval_data) if evaluate else None
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
@@ -298,6 +304,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     record = prune(model, config, tokenizer=tokenizer)
     prune_seconds = time.perf_counter() - start
+    if not is_main:
+        return {}
     pruned_ppl = measure() if evaluate else None
 
     if evaluate:

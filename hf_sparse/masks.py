@@ -65,7 +65,7 @@ def prune_counts(group_sizes: list[int], sparsity: float) -> list[int]:
     for every group, each group gets exactly that.
 
     >>> prune_counts([10, 10, 10], 0.25)
-    [2, 3, 2]
+    [2, 3, 3]
     """
     counts, cumulative, previous = [], 0, 0
     for size in group_sizes:
@@ -77,11 +77,27 @@ def prune_counts(group_sizes: list[int], sparsity: float) -> list[int]:
 
 
 def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask of a 1-D score vector with exactly the ``k`` lowest scores removed (stable on ties)."""
+    """Keep-mask of a 1-D score vector with exactly the ``k`` lowest scores removed (stable on ties: of equal scores
+    the earliest go first, as a stable sort would order them).
+
+    A selection, not a sort: the k-th smallest value by ``kthvalue`` (linear time), everything below it, then as many
+    of the entries equal to it as the count still needs. Whole-matrix thresholds run several times per operator in
+    FISTA, where a full sort of every matrix was a large share of the time.
+
+    >>> _lowest_k_mask(torch.tensor([3.0, 1.0, 1.0, 0.5, 1.0]), 3).tolist()
+    [True, False, False, False, True]
+    """
     mask = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        order = torch.argsort(scores, stable=True)
-        mask[order[:k]] = False
+    if k <= 0:
+        return mask
+    if k >= scores.numel():
+        return ~mask
+    kth = torch.kthvalue(scores, k).values
+    below = scores < kth
+    mask &= ~below
+    still_needed = k - int(below.sum())
+    tied = torch.nonzero(scores == kth).squeeze(1)[:still_needed]
+    mask[tied] = False
     return mask
 
 

@@ -14,6 +14,11 @@ SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
 MODEL_DIR = SHARED / "models" / "llama-7m-books"
 CALIBRATION_TXT = SHARED / "data" / "calibration.txt"
 TEST_TXT = SHARED / "data" / "wikitext2-test.txt"
+# The vendored demo assets (in the repo, so always there).
+DEMO = REPO / "demo"
+DEMO_MODEL = DEMO / "llama-7m-books-fp16"
+DEMO_CALIBRATION = DEMO / "calibration-slice.txt"
+DEMO_HELDOUT = DEMO / "heldout-slice.txt"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,6 +69,15 @@ def tiny_llama(seed: int = 0, **overrides):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     values.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**values)).eval()
+
+
+def save_tiny_with_demo_tokenizer(path: Path) -> Path:
+    """Save a tiny random Llama (vocab 4096, so the demo tokenizer fits) with that tokenizer beside it."""
+    from transformers import AutoTokenizer
+
+    tiny_llama(seed=0, vocab_size=4096).save_pretrained(path)
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(path)
+    return path
 
 
 @pytest.fixture

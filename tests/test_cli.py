@@ -10,26 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_llama
+from conftest import DEMO_CALIBRATION as CALIBRATION
+from conftest import DEMO_HELDOUT as HELDOUT
+from conftest import save_tiny_with_demo_tokenizer
 from hf_sparse import cli
 from hf_sparse.evaluation import perplexity
 from hf_sparse.methods import METHODS
 
-DEMO = REPO / "demo"
-DEMO_TOKENIZER = DEMO / "llama-7m-books-fp16"
-CALIBRATION = DEMO / "calibration-slice.txt"
-HELDOUT = DEMO / "heldout-slice.txt"
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A saved tiny random Llama (vocab 4096, so the demo tokenizer fits) with that tokenizer beside it."""
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama(seed=0, vocab_size=4096).save_pretrained(path)
-    AutoTokenizer.from_pretrained(DEMO_TOKENIZER).save_pretrained(path)
-    return path
+    return save_tiny_with_demo_tokenizer(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 def run(argv: list[str]) -> int:

@@ -110,14 +110,26 @@ def test_unsupported_architecture(tmp_path, monkeypatch):
         AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=SparsityConfig(method="magnitude"))
 
 
-def test_missing_calibration_for_wanda(tmp_path, monkeypatch):
-    expected = r"method 'wanda' needs calibration data: set SparsityConfig\(calibration=...\)"
+def _fails_on_prune_and_before_loading(cfg, expected: str, tmp_path, monkeypatch, **prune_kwargs) -> None:
+    """The same ValueError from ``hf_sparse.prune`` and from prune on load, before any weight is read."""
     with pytest.raises(ValueError, match=expected):
-        hf_sparse.prune(tiny_llama(), SparsityConfig(method="wanda"), show_progress=False)
-    tiny_llama().save_pretrained(tmp_path)
+        hf_sparse.prune(tiny_llama(), cfg, show_progress=False, **prune_kwargs)
+    tiny_llama().save_pretrained(tmp_path / "model")
     _refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=expected):
-        AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=SparsityConfig(method="wanda"))
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
+
+
+def test_missing_calibration_for_wanda(tmp_path, monkeypatch):
+    expected = r"method 'wanda' needs calibration data: set SparsityConfig\(calibration=...\)"
+    _fails_on_prune_and_before_loading(SparsityConfig(method="wanda"), expected, tmp_path, monkeypatch)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda(tmp_path, monkeypatch):
+    expected = r"device='cuda' was requested but CUDA is not available here; use device='cpu'"
+    _fails_on_prune_and_before_loading(SparsityConfig(method="magnitude", device="cuda"), expected, tmp_path,
+                                       monkeypatch)
 
 
 def test_n_m_pattern_that_does_not_tile_in_features(tmp_path, monkeypatch):
@@ -141,23 +153,14 @@ def test_calibration_path_that_does_not_exist(tmp_path, monkeypatch):
     missing = str(tmp_path / "no-such-calibration.txt")
     cfg = SparsityConfig(method="wanda", calibration=missing, num_samples=4, sequence_length=16)
     expected = rf"calibration path '{re.escape(missing)}' does not exist"
-    with pytest.raises(ValueError, match=expected):
-        hf_sparse.prune(tiny_llama(), cfg, tokenizer=object(), show_progress=False)  # fails before tokenizing
-    tiny_llama().save_pretrained(tmp_path / "model")
-    _refuse_weight_loading(monkeypatch)
-    with pytest.raises(ValueError, match=expected):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
+    # tokenizer=object(): it fails before tokenizing
+    _fails_on_prune_and_before_loading(cfg, expected, tmp_path, monkeypatch, tokenizer=object())
 
 
 def test_include_matching_nothing(tmp_path, monkeypatch):
     cfg = SparsityConfig(method="magnitude", include=["no_such_module"])
     expected = r"no linear module matched include=\['no_such_module'\]"
-    with pytest.raises(ValueError, match=expected):
-        hf_sparse.prune(tiny_llama(), cfg, show_progress=False)
-    tiny_llama().save_pretrained(tmp_path)
-    _refuse_weight_loading(monkeypatch)
-    with pytest.raises(ValueError, match=expected):
-        AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=cfg)
+    _fails_on_prune_and_before_loading(cfg, expected, tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------------

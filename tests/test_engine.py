@@ -88,3 +88,20 @@ def test_block_runs_on_gpu_while_model_stays_on_cpu():
     hf_sparse.prune(model, cfg, show_progress=False)
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert model.model.layers[0].mlp.up_proj.weight.eq(0).float().mean().item() == 0.5
+
+
+def test_token_ids_are_cut_to_the_configured_shape_and_the_callers_rng_is_untouched():
+    ids = torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama()
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    record = hf_sparse.prune(model, hf_sparse.SparsityConfig(method="wanda", calibration=ids, num_samples=4,
+                                                             sequence_length=16), show_progress=False)
+    assert torch.equal(torch.rand(3), expected_next)  # pruning seeded itself in a forked RNG state
+    assert (record.calibration["num_samples"], record.calibration["sequence_length"]) == (4, 16)
+    reference = tiny_llama()
+    hf_sparse.prune(reference, hf_sparse.SparsityConfig(method="wanda", calibration=ids[:4, :16], num_samples=4,
+                                                        sequence_length=16), show_progress=False)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key

@@ -31,7 +31,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from ..api import prune
 from ..calibration import JSON_SUFFIXES, TEXT_SUFFIXES
 from ..config import QUANT_METHOD, SparsityConfig
-from ..engine import plan_targets
+from ..engine import check_device_available, plan_targets
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class HfSparseQuantizer(HfQuantizer):
         if self.pre_quantized:
             return
         config = self.quantization_config
+        check_device_available(config.device)
         if config.needs_calibration and config.calibration is None:
             raise ValueError(
                 f"method {config.method!r} needs calibration data: set SparsityConfig(calibration=...) to a dataset "

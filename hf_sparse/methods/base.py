@@ -20,7 +20,7 @@ import torch
 from ..masks import SparsityPattern
 
 # Statistics a method can ask the engine for; see LinearStatistics for their meaning.
-STATISTICS = frozenset({"sq_norm", "hessian", "cross", "dense_hessian"})
+STATISTICS = frozenset({"sq_norm", "hessian", "cross", "dense_hessian", "dense_output_sq_norm"})
 
 
 @dataclass
@@ -36,6 +36,9 @@ class LinearStatistics:
     hessian: torch.Tensor | None = None  # (in, in)   X̂ X̂ᵀ
     cross: torch.Tensor | None = None  # (in, in)     X X̂ᵀ
     dense_hessian: torch.Tensor | None = None  # (in, in)  X Xᵀ  (the dense model's own input Gram matrix)
+    # ‖W X‖²_F: the operator's squared output norm in the dense block, bias excluded. A scalar per operator, so it
+    # costs nothing, where tr(W·XXᵀ·Wᵀ) would need XXᵀ.
+    dense_output_sq_norm: float | None = None
 
 
 @dataclass

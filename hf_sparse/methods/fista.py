@@ -9,8 +9,8 @@ pruned (*intra-layer error correction*: later operators repair what earlier ones
 matrices computed once per operator, ``G = X̂X̂ᵀ`` and ``C = W·XX̂ᵀ`` (so the gradient is ``ŴG − C``), and is solved by
 FISTA: a gradient step of size ``1/L`` (``L = λ_max(G)``), soft-thresholding, Nesterov momentum, and a momentum restart
 whenever the objective would rise (so the objective never increases). A hard threshold then keeps exactly the target
-number of weights (unstructured or N:M, through :mod:`hf_sparse.masks`), and the kept weights are refit by a few
-projected-gradient (FISTA, λ = 0) iterations on the fixed mask.
+number of weights (unstructured or N:M, through :mod:`hf_sparse.masks`), and the kept weights are refit by least
+squares on the fixed mask (a few conjugate-gradient steps, every output row at once).
 
 ``λ`` is tuned per operator by bisection over a few rounds: if the hard threshold adds more than ``xi`` of the total
 reconstruction error the FISTA solution was too dense (raise λ), otherwise lower it. The best solution (smallest
@@ -76,8 +76,8 @@ class FistaOptions(MethodOptions):
                           "the objective monotone."},
     )
     refit_iterations: int = field(
-        default=30,
-        metadata={"help": "Projected-gradient (FISTA, λ = 0) iterations refitting the kept weights on the final "
+        default=15,
+        metadata={"help": "Conjugate-gradient iterations refitting the kept weights by least squares on the final "
                           "mask; 0 disables the refit."},
     )
     per_row: bool = field(
@@ -124,10 +124,13 @@ def _is_number(value) -> bool:
 def soft_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """Proximal operator of ``threshold·‖·‖₁``: shrink every entry towards zero by ``threshold``.
 
+    Written as ``x − clamp(x, −t, t)``, which equals ``sign(x)·max(|x| − t, 0)`` in two passes over memory instead of
+    five (the solver's inner loop is memory-bound on small operators).
+
     >>> soft_threshold(torch.tensor([-3.0, 0.5, 2.0]), 1.0).tolist()
     [-2.0, 0.0, 1.0]
     """
-    return torch.sign(x) * torch.clamp(x.abs() - threshold, min=0.0)
+    return x - x.clamp(-threshold, threshold)
 
 
 def largest_eigenvalue(gram: torch.Tensor, iterations: int = 50) -> float:
@@ -163,20 +166,19 @@ class Problem:
     lipschitz: float  # L ≥ λ_max(G)
 
     def error(self, weight: torch.Tensor, product: torch.Tensor | None = None) -> float:
-        """``‖ŴX̂ − WX‖²_F``. Accumulated in float64: it is a small difference of large terms."""
+        """``‖ŴX̂ − WX‖²_F`` = ⟨Ŵ, ŴG − 2C⟩ + const. Summed in float64: it is a small difference of large terms.
+        (The element-wise products stay float32: ŴG itself carries float32 rounding, so widening them first would
+        only cost time.)"""
         if product is None:
             product = weight @ self.gram
-        w = weight.to(torch.float64)
-        value = (w * product.to(torch.float64)).sum() - 2 * (w * self.target.to(torch.float64)).sum() + self.const
-        return float(value)
+        return float(torch.sum(weight * (product - 2.0 * self.target), dtype=torch.float64)) + self.const
 
 
 def fista(problem: Problem, start: torch.Tensor, lam: float, iterations: int, tolerance: float = 0.0,
-          restart: bool = True, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+          restart: bool = True) -> tuple[torch.Tensor, list[float]]:
     """FISTA on ``½‖ŴX̂ − WX‖² + lam·‖Ŵ‖₁`` from ``start``; returns ``(Ŵ, objective per iterate)``.
 
-    With ``mask`` (bool, True = free) entries outside it are held at zero (projected gradient; use ``lam=0`` for a
-    least-squares refit on a fixed support). One ``(out,in)@(in,in)`` product per iteration: ``ŶG`` is a linear
+    One ``(out,in)@(in,in)`` product per iteration: ``ŶG`` is a linear
     combination of the last two iterates' products, which also give the objective. With ``restart`` a step that
     would raise the objective is rejected and the momentum reset, so the returned objectives never increase.
 
@@ -186,28 +188,30 @@ def fista(problem: Problem, start: torch.Tensor, lam: float, iterations: int, to
     True
     """
     step = 1.0 / problem.lipschitz
-    current = start.clone() if mask is None else start * mask
+    current = start.clone()
     current_product = current @ problem.gram
     previous, previous_product = current, current_product
-    current_l1 = float(current.abs().sum(dtype=torch.float64))
+    current_l1 = _l1(current)
     history = [0.5 * problem.error(current, current_product) + lam * current_l1]
     t = 1.0
     for _ in range(iterations):
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         beta = (t - 1.0) / t_next
-        point = current + beta * (current - previous)  # Nesterov extrapolation Ŷ
-        gradient = current_product + beta * (current_product - previous_product) - problem.target  # ŶG − C
-        candidate = point - step * gradient
-        candidate = soft_threshold(candidate, lam * step) if lam > 0 else candidate
-        if mask is not None:
-            candidate = candidate * mask
+        # Nesterov extrapolation Ŷ = Z + β(Z − Z_prev) and its gradient ŶG − C, both as one lerp each: ŶG is the
+        # same combination of the last two iterates' products, so no extra matrix product is needed.
+        point = torch.lerp(previous, current, 1.0 + beta)
+        gradient = torch.lerp(previous_product, current_product, 1.0 + beta).sub_(problem.target)
+        candidate = point.sub_(gradient, alpha=step)
+        if lam > 0:
+            candidate = soft_threshold(candidate, lam * step)
         candidate_product = candidate @ problem.gram
-        # Exact change of the quadratic part, free of the cancellation between its large terms (float32 is enough):
+        # Exact change of the quadratic part, free of the cancellation between its large terms:
         # f(Z') − f(Z) = ⟨Z' − Z, ½(Z'G + ZG) − C⟩ because G is symmetric.
         difference = candidate - current
-        candidate_l1 = float(candidate.abs().sum(dtype=torch.float64))
-        delta = float((difference * (0.5 * (candidate_product + current_product) - problem.target)).sum(
-            dtype=torch.float64)) + lam * (candidate_l1 - current_l1)
+        midpoint_gradient = torch.add(candidate_product, current_product).mul_(0.5).sub_(problem.target)
+        candidate_l1 = _l1(candidate)
+        delta = float(torch.vdot(difference.reshape(-1), midpoint_gradient.reshape(-1))) \
+            + lam * (candidate_l1 - current_l1)
         if restart and delta > 0:
             if t == 1.0:
                 break  # a plain proximal step from `current` did not help: converged to float precision
@@ -215,13 +219,49 @@ def fista(problem: Problem, start: torch.Tensor, lam: float, iterations: int, to
             # current iterate, which cannot raise the objective (step ≤ 1/λ_max).
             previous, previous_product, t = current, current_product, 1.0
             continue
-        change = difference.norm() / current.norm().clamp_min(1e-30)
+        change = float(torch.linalg.vector_norm(difference)) / max(float(torch.linalg.vector_norm(current)), 1e-30)
         previous, previous_product = current, current_product
         current, current_product, current_l1, t = candidate, candidate_product, candidate_l1, t_next
         history.append(history[-1] + delta)
         if change < tolerance:
             break
     return current, history
+
+
+def refit_on_mask(problem: Problem, weight: torch.Tensor, mask: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Least-squares refit of the kept weights on a fixed support: minimise ``‖ŴX̂ − WX‖²`` over Ŵ with zeros
+    outside ``mask``, by conjugate gradients run on every output row at once (rows are independent problems
+    ``G_SS ŵ_S = c_S``). One ``(out,in)@(in,in)`` product per iteration, like a FISTA step, but CG is optimal for a
+    quadratic: 10 CG steps fit about as well as 25 projected-gradient ones. Never returns a worse fit than ``weight``.
+
+    >>> g = torch.diag(torch.tensor([1.0, 2.0, 4.0])); c = torch.tensor([[1.0, 2.0, 4.0]])
+    >>> refit = refit_on_mask(Problem(g, c, 21.0, 4.0), torch.zeros(1, 3), torch.tensor([[True, False, True]]), 3)
+    >>> [round(v, 4) for v in refit[0].tolist()]
+    [1.0, 0.0, 1.0]
+    """
+    mask = mask.to(weight.dtype)
+    current = weight * mask
+    residual = (problem.target - current @ problem.gram) * mask  # −gradient on the support, per row
+    direction = residual.clone()
+    residual_sq = residual.pow(2).sum(1, keepdim=True)  # (out, 1)
+    start_error = problem.error(current)
+    for _ in range(iterations):
+        curvature_product = (direction @ problem.gram) * mask
+        curvature = (direction * curvature_product).sum(1, keepdim=True)
+        # Rows already solved (or with nothing left to fit) have zero curvature: they take no step.
+        alpha = torch.where(curvature > 0, residual_sq / curvature.clamp_min(1e-30), torch.zeros_like(curvature))
+        current = current + alpha * direction
+        residual = residual - alpha * curvature_product
+        new_residual_sq = residual.pow(2).sum(1, keepdim=True)
+        beta = torch.where(residual_sq > 0, new_residual_sq / residual_sq.clamp_min(1e-30), torch.zeros_like(residual_sq))
+        direction = residual + beta * direction
+        residual_sq = new_residual_sq
+    # CG decreases the quadratic in exact arithmetic; in float32 on an ill-conditioned G keep the start if it lost.
+    return current if problem.error(current) <= start_error else weight * mask
+
+
+def _l1(weight: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(weight, ord=1))
 
 
 def hard_threshold(weight: torch.Tensor, pattern: SparsityPattern, sparsity: float, per_row: bool = False
@@ -264,15 +304,16 @@ def _warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern
     return pruned
 
 
-def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, dense_hessian: torch.Tensor,
+def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, dense_output_sq_norm: float,
                 pattern: SparsityPattern, sparsity: float, options: FistaOptions | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (out, in) with FISTAPruner; returns ``(new_weight, keep_mask)``.
 
-    ``hessian`` is X̂X̂ᵀ, ``cross`` is XX̂ᵀ and ``dense_hessian`` is XXᵀ (all (in, in), summed over tokens).
+    ``hessian`` is X̂X̂ᵀ and ``cross`` is XX̂ᵀ (both (in, in), summed over tokens); ``dense_output_sq_norm`` is
+    ‖WX‖², the constant that makes the reconstruction error absolute (the λ rule compares errors as shares).
 
     >>> x = torch.randn(16, 200); w = torch.randn(8, 16)
-    >>> new, mask = fista_prune(w, x @ x.T, x @ x.T, x @ x.T, SparsityPattern.parse("2:4"), 0.5)
+    >>> new, mask = fista_prune(w, x @ x.T, x @ x.T, float((w @ x).pow(2).sum()), SparsityPattern.parse("2:4"), 0.5)
     >>> mask.sum().item()
     64
     """
@@ -280,7 +321,7 @@ def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
     weight = weight.to(torch.float32)
     gram = hessian.to(torch.float32)
     target = weight @ cross.to(torch.float32)  # C = W·XX̂ᵀ, (out, in)
-    const = float((weight.to(torch.float64) @ dense_hessian.to(torch.float64) * weight.to(torch.float64)).sum())
+    const = float(dense_output_sq_norm)
     problem = Problem(gram, target, const, largest_eigenvalue(gram, options.power_iterations))
 
     def rounded(candidate):
@@ -314,8 +355,7 @@ def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
         else:
             lam = lam * options.lambda_factor if high is None else lam / options.lambda_factor
     if options.refit_iterations:
-        best_weight, _ = fista(problem, best_weight, 0.0, options.refit_iterations, options.tolerance,
-                               options.restart, mask=best_mask)
+        best_weight = refit_on_mask(problem, best_weight, best_mask, options.refit_iterations)
     return best_weight * best_mask, best_mask
 
 
@@ -325,7 +365,7 @@ class FistaPruning(PruningMethod):
 
     name = "fista"
     options_class = FistaOptions
-    statistics = frozenset({"hessian", "cross", "dense_hessian"})
+    statistics = frozenset({"hessian", "cross", "dense_output_sq_norm"})
     propagate_dense = True
 
     @property
@@ -334,5 +374,5 @@ class FistaPruning(PruningMethod):
 
     def prune_weight(self, weight: torch.Tensor, stats: LinearStatistics | None, pattern: SparsityPattern,
                      sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return fista_prune(weight, stats.hessian, stats.cross, stats.dense_hessian, pattern, sparsity,
+        return fista_prune(weight, stats.hessian, stats.cross, stats.dense_output_sq_norm, pattern, sparsity,
                            self.options)
