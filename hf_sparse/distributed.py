@@ -1,5 +1,6 @@
-"""Pruning across processes: one process per GPU (or several CPU processes), launched by ``torchrun`` or
-``accelerate launch``.
+"""Pruning across processes: one process per GPU (or several CPU processes), launched by ``torchrun`` (or, on GPUs,
+``accelerate launch --multi_gpu``, which runs torchrun). Only the torchrun environment (``WORLD_SIZE``, ``RANK``) is
+recognised: accelerate's MPI-based multi-CPU launch is not.
 
 Methods that feed every block the dense model's activations (FISTA) make blocks independent, so each process can
 prune its own contiguous share of the blocks and then receive everybody else's pruned weights. Every process ends with
@@ -35,7 +36,7 @@ def process_state(device: str | None = None):
         raise RuntimeError(
             f"launched with WORLD_SIZE={os.environ.get('WORLD_SIZE')} but accelerate set up "
             f"{state.num_processes} process(es) ({state.distributed_type}); start the script with "
-            "`torchrun --nproc_per_node N` or `accelerate launch --num_processes N`"
+            "`torchrun --nproc_per_node N` (or, on GPUs, `accelerate launch --multi_gpu --num_processes N`)"
         )
     return state
 
