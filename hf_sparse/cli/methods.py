@@ -26,9 +26,10 @@ def describe_methods() -> str:
     for name in sorted(METHODS):
         cls = METHODS[name]
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        needs = "needs calibration" if cls.statistics else "no calibration"
+        needs = "needs calibration" if cls.needs_calibration else "no calibration"
         patterns = ", ".join("N:M" if p == "n:m" else p for p in cls.supports_patterns)
         lines.append(f"{name}: {summary}")
+        lines.append(f"  {cls.display_name}" + (f", from {cls.paper.citation} <{cls.paper.url}>" if cls.paper else ""))
         lines.append(f"  patterns: {patterns}; {needs}" + ("; --parallel supported" if cls.propagate_dense else ""))
         fields = dataclasses.fields(cls.options_class)
         for f in fields:

@@ -27,6 +27,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
 from ..masks import SparsityPattern
+from ..methods import METHODS
 from ..record import RECORD_KEY, SparsityRecord, read_record, write_record
 from ..saving import check_destination, save_checkpoint
 
@@ -36,7 +37,6 @@ CARD_NAME = "README.md"
 # Looked up from the source tree (the template is a file to edit, not code); pass template_path= to use another.
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "sparse_model_card.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "fista": "FISTAPruner"}
 _STAGES = ("dense", "pruned", "recovered")
 
 
@@ -158,7 +158,9 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     evaluation = {**record.evaluation, **(evaluation or {})}
     base = base_model or record.base_model or getattr(model, "name_or_path", None) or None
     pattern = SparsityPattern.parse(record.pattern)
-    method = _METHOD_NAMES.get(record.method, record.method)
+    method_class = METHODS.get(record.method)  # the record names a registered method (checked when it was read)
+    method = method_class.display_name if method_class else record.method
+    paper = method_class.paper if method_class else None
     pattern_tag = f"{pattern}-sparsity" if pattern.is_n_m else "unstructured-sparsity"
     card_tags = ["hf_sparse", "sparse", "pruned", record.method, pattern_tag]
     if record.recovery:
@@ -195,6 +197,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         (f"`{_short_name(base)}`" if base else "unknown"),
         method_display=f"{method} (`{record.method}`" + (f", options {json.dumps(record.method_options)})"
                                                         if record.method_options else ")"),
+        paper_display=f"[{paper.citation}]({paper.url})" if paper else "",
         pattern_display=f"{pattern} (N:M semi-structured)" if pattern.is_n_m else "unstructured",
         pattern_is_n_m=pattern.is_n_m, pattern_n=pattern.n, pattern_m=pattern.m,
         target_sparsity=record.target_sparsity, overall_sparsity=overall,
