@@ -2,7 +2,8 @@
 
 ``model.save_pretrained`` already writes ``config.json`` with ``"sparsity_config"`` (the record); what it does not
 write is a card saying what the checkpoint is. :func:`save_with_model_card` writes weights, config, tokenizer and a
-card rendered from ``model_cards/sparse_model_card.md`` (a Jinja template, rendered by ``huggingface_hub.ModelCard``):
+card rendered from ``hf_sparse/model_card.md`` (a Jinja template shipped as package data, rendered by
+``huggingface_hub.ModelCard``):
 base model, method, pattern, achieved sparsity overall and per module type, calibration data, recovery, the
 evaluation table (dense / pruned / recovered perplexity, when known), how to load it with and without hf_sparse, and
 a YAML header with ``base_model``, ``license``, ``tags``, ``library_name`` and ``pipeline_tag``.
@@ -20,6 +21,7 @@ import os
 import re
 import tempfile
 from collections import OrderedDict
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,8 @@ from ..saving import check_destination, save_checkpoint
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-# Looked up from the source tree (the template is a file to edit, not code); pass template_path= to use another.
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "sparse_model_card.md"
+#: the card template, package data of hf_sparse (so an installed wheel writes cards); template_path= uses another
+DEFAULT_TEMPLATE = "model_card.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _STAGES = ("dense", "pruned", "recovered")
 
@@ -138,6 +140,12 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def _template_text(template_path: str | os.PathLike | None) -> str:
+    if template_path is not None:
+        return Path(template_path).read_text(encoding="utf-8")
+    return resources.files("hf_sparse").joinpath(DEFAULT_TEMPLATE).read_text(encoding="utf-8")
+
+
 def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = None, base_model: str | None = None,
                       repo_id: str | None = None, license: str | None = None, tags: list[str] | None = None,
                       model_name: str | None = None, template_path: str | os.PathLike | None = None) -> ModelCard:
@@ -191,7 +199,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
                f"{'the ' + str(pattern) + ' pattern' if pattern.is_n_m else f'{record.target_sparsity:.0%} unstructured sparsity'}"
                f"{recovered}, using hf_sparse.")
     card = ModelCard.from_template(
-        data, template_path=str(template_path or DEFAULT_TEMPLATE),
+        data, template_str=_template_text(template_path),
         model_name=name, summary=summary,
         base_model_display=f"[{base}](https://huggingface.co/{base})" if hub_model_id(base) else
         (f"`{_short_name(base)}`" if base else "unknown"),
