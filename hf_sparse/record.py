@@ -181,3 +181,19 @@ def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
             )
         masks[name] = mask
     return masks
+
+
+def merge_evaluation(model: nn.Module, evaluation: dict[str, Any] | None) -> SparsityRecord:
+    """Add ``evaluation`` (e.g. ``{"pruned_perplexity": 62.1, "eval_data": "test.txt"}``) to the model's record,
+    newer values winning, and store the record back on ``model.config``; returns the record.
+
+    >>> merge_evaluation(model, {"pruned_perplexity": 62.1}).evaluation  # doctest: +SKIP
+    {'dense_perplexity': 53.06, 'pruned_perplexity': 62.1}
+    """
+    record = read_record(model)
+    if record is None:
+        raise ValueError(f"the model has no {RECORD_KEY!r} record: prune it with hf_sparse first")
+    if evaluation:
+        record.evaluation = {**record.evaluation, **evaluation}
+        write_record(model, record)
+    return record

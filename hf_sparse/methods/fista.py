@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..masks import SparsityPattern, select_mask
-from .base import LinearStatistics, MethodOptions, PruningMethod, register_method
+from .base import LinearStatistics, MethodOptions, PaperReference, PruningMethod, register_method
 from .sparsegpt import sparsegpt_prune
 from .wanda import WandaPruning
 
@@ -364,6 +364,11 @@ class FistaPruning(PruningMethod):
     """FISTAPruner: ℓ1-regularised layer-wise reconstruction with intra-block error correction, solved by FISTA."""
 
     name = "fista"
+    display_name = "FISTAPruner"
+    paper = PaperReference("A Convex-optimization-based Layer-wise Post-training Pruner for Large Language Models",
+                           "Zhao, Hu, Li, Zheng, Wang and Yuan", 2024, "https://arxiv.org/abs/2408.03728")
+    needs_calibration = True
+    supports_patterns = ("unstructured", "n:m")
     options_class = FistaOptions
     statistics = frozenset({"hessian", "cross", "dense_output_sq_norm"})
     propagate_dense = True

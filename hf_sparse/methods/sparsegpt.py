@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..masks import SparsityPattern, prune_counts, select_n_m, select_unstructured
-from .base import LinearStatistics, MethodOptions, PruningMethod, register_method
+from .base import LinearStatistics, MethodOptions, PaperReference, PruningMethod, register_method
 
 
 @dataclass
@@ -92,6 +92,11 @@ class SparseGPTPruning(PruningMethod):
     """Second-order pruning with weight reconstruction; the strongest of the three baselines."""
 
     name = "sparsegpt"
+    display_name = "SparseGPT"
+    paper = PaperReference("SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+                           "Frantar and Alistarh", 2023, "https://arxiv.org/abs/2301.00774")
+    needs_calibration = True
+    supports_patterns = ("unstructured", "n:m")
     options_class = SparseGPTOptions
     statistics = frozenset({"hessian"})
 
