@@ -44,8 +44,8 @@ class CalibrationDescriptor:
                                                               "or folder.", "check": _no_path})
     count: int | None = field(default=None, metadata={"help": "Texts or token rows given.", "range": ">= 0"})
     sha256: str | None = field(default=None, metadata={"help": "Hash of the content.", "check": sha256_hex})
-    num_samples: int | None = field(default=None, metadata={"help": "Windows drawn.", "range": ">= 1"})
-    sequence_length: int | None = field(default=None, metadata={"help": "Tokens per window.", "range": ">= 1"})
+    num_samples: int | None = field(default=None, metadata={"help": "Windows drawn.", "range": "> 0"})
+    sequence_length: int | None = field(default=None, metadata={"help": "Tokens per window.", "range": "> 0"})
     seed: int | None = field(default=None, metadata={"help": "Window sampling seed."})
 
 

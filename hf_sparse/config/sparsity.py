@@ -152,8 +152,10 @@ class SparsityConfig(QuantizationConfigMixin):
                 f"parallel=True needs a method whose blocks are independent (dense inputs per block, e.g. 'fista'); "
                 f"{self.method!r} prunes each block on the outputs of the pruned blocks before it"
             )
-        # Validate now, not after a long model load: unknown keys and bad values raise here.
-        method_cls.options_class.from_dict(self.method, self.method_options)
+        # Validate now, not after a long model load: unknown keys and bad values raise here. The given keys keep
+        # their checked values ("False" from a command line is stored as False).
+        options = method_cls.options_class.from_dict(self.method, self.method_options)
+        self.method_options = {key: getattr(options, key) for key in self.method_options}
 
     @property
     def parsed_pattern(self) -> SparsityPattern:
