@@ -68,6 +68,8 @@ def check_source(source: Any, method: str | None = None) -> None:
             f"{who} needs calibration data: set SparsityConfig(calibration=...) to a dataset name, a text file or "
             "folder, a list of strings, or token ids"
         )
+    if isinstance(source, (str, list, tuple)) and not source:
+        raise ValueError(f"calibration {source!r} is empty: give a dataset name, a path, texts or token ids")
     if missing_path(source):
         raise ValueError(f"calibration path {source!r} does not exist")
 
