@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .calibration.descriptors import check_descriptor, sha256_hex
+from .config.sparsity import pattern_name, registered_method
 from .config.validation import check_value, to_json_dict, validate_dataclass, validate_mapping
 from .masks import SparsityPattern, is_valid_n_m
 from .methods import get_method_class
@@ -57,15 +58,6 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checks of the record's fields that a type cannot express
-
-
-def _method(name: str, value: Any) -> Any:
-    get_method_class(value)  # raises listing the registered names
-    return value
-
-
-def _pattern(name: str, value: Any) -> Any:
-    return str(SparsityPattern.parse(value))
 
 
 def _module_sparsities(name: str, value: Any) -> Any:
@@ -146,8 +138,8 @@ def _recovery(name: str, value: Any) -> Any:
 class PruningPass:
     """One pruning pass of a model pruned several times (``sparsity_config.passes`` entries)."""
 
-    method: str = field(metadata={"help": "Registered method name.", "check": _method})
-    pattern: str = field(metadata={"help": "'unstructured' or 'N:M'.", "check": _pattern})
+    method: str = field(metadata={"help": "Registered method name.", "check": registered_method})
+    pattern: str = field(metadata={"help": "'unstructured' or 'N:M'.", "check": pattern_name})
     target_sparsity: float = field(metadata={"help": "Requested sparsity.", "range": "[0, 1)"})
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "The method's options.",
                                                                            "check": _json_object})
@@ -173,8 +165,8 @@ def _passes(name: str, value: Any) -> Any:
 class SparsityRecord:
     """The validated content of ``config.sparsity_config``; field order is the key order in ``config.json``."""
 
-    method: str = field(metadata={"help": "Registered method name (the last pass's).", "check": _method})
-    pattern: str = field(metadata={"help": "'unstructured' or 'N:M' (the last pass's).", "check": _pattern})
+    method: str = field(metadata={"help": "Registered method name (the last pass's).", "check": registered_method})
+    pattern: str = field(metadata={"help": "'unstructured' or 'N:M' (the last pass's).", "check": pattern_name})
     target_sparsity: float = field(metadata={"help": "Requested sparsity (the last pass's).", "range": "[0, 1)"})
     overall_sparsity: float = field(metadata={"help": "Achieved sparsity over all pruned modules, by size.",
                                               "range": "[0, 1]"})

@@ -14,10 +14,10 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM
 
 import hf_sparse
-from conftest import tiny_llama
+from conftest import refuse_weight_loading, tiny_llama
 from hf_sparse import SparsityConfig
 
 
@@ -29,15 +29,6 @@ def _ids(samples: int = 4, length: int = 16) -> torch.Tensor:
 # Errors that need the model or the data: through prune() and through prune on load (before the weights load)
 
 
-def _refuse_weight_loading(monkeypatch) -> None:
-    """Make reading a checkpoint's weights fail loudly: an error raised first was raised before the load."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were being loaded: the configuration error should have come first")
-
-    monkeypatch.setattr(PreTrainedModel, "_load_pretrained_model", staticmethod(refuse))
-
-
 def test_unsupported_architecture(tmp_path, monkeypatch):
     from transformers import BertConfig, BertLMHeadModel
 
@@ -47,7 +38,7 @@ def test_unsupported_architecture(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=expected):
         hf_sparse.prune(model, SparsityConfig(method="magnitude"), show_progress=False)
     model.save_pretrained(tmp_path)
-    _refuse_weight_loading(monkeypatch)
+    refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=expected):
         AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=SparsityConfig(method="magnitude"))
 
@@ -57,7 +48,7 @@ def _fails_on_prune_and_before_loading(cfg, expected: str, tmp_path, monkeypatch
     with pytest.raises(ValueError, match=expected):
         hf_sparse.prune(tiny_llama(), cfg, show_progress=False, **prune_kwargs)
     tiny_llama().save_pretrained(tmp_path / "model")
-    _refuse_weight_loading(monkeypatch)
+    refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=expected):
         AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
 
@@ -86,7 +77,7 @@ def test_n_m_pattern_that_does_not_tile_in_features(tmp_path, monkeypatch):
     # Checked before anything is pruned: the attention projections pruned earlier in the pass are untouched.
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     model.save_pretrained(tmp_path)
-    _refuse_weight_loading(monkeypatch)
+    refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=expected):
         AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=cfg)
 

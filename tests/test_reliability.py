@@ -11,23 +11,16 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_sparse
-from conftest import DEMO_CALIBRATION, save_tiny_with_demo_tokenizer, tiny_llama
+from conftest import DEMO_CALIBRATION, refuse_weight_loading, save_tiny_with_demo_tokenizer, tiny_llama
 from hf_sparse import SparsityConfig
 from hf_sparse.calibration import content_sha256
 
 
 def _ids(samples: int = 4, length: int = 16) -> torch.Tensor:
     return torch.randint(0, 128, (samples, length), generator=torch.Generator().manual_seed(0))
-
-
-def _refuse_weight_loading(monkeypatch) -> None:
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were being loaded: the configuration error should have come first")
-
-    monkeypatch.setattr(PreTrainedModel, "_load_pretrained_model", staticmethod(refuse))
 
 
 def _sparsity(model, name: str) -> float:
@@ -61,7 +54,7 @@ def test_mutated_config_is_refused_before_loading(tmp_path, monkeypatch):
     cfg = SparsityConfig(method="magnitude")
     cfg.pattern = "2:4"
     cfg.sparsity = 0.7
-    _refuse_weight_loading(monkeypatch)
+    refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=r"sparsity 0.7 contradicts pattern '2:4'"):
         AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=cfg)
 
@@ -251,7 +244,7 @@ def test_hub_id_base_model_stays_an_id():
 def test_text_calibration_for_a_folder_without_tokenizer_fails_before_loading(tmp_path, monkeypatch):
     tiny_llama().save_pretrained(tmp_path / "no-tokenizer")
     cfg = SparsityConfig(method="wanda", calibration=["some text"] * 4, num_samples=2, sequence_length=8)
-    _refuse_weight_loading(monkeypatch)
+    refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=r"text calibration needs a tokenizer, and none could be loaded from "
                                          r"'no-tokenizer'"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "no-tokenizer", sparsity_config=cfg)
@@ -271,6 +264,6 @@ def test_sequence_length_beyond_the_context_fails_before_loading(tmp_path, monke
     with pytest.raises(ValueError, match=expected):
         hf_sparse.prune(model, cfg, show_progress=False)
     model.save_pretrained(tmp_path)
-    _refuse_weight_loading(monkeypatch)
+    refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=expected):
         AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=cfg)

@@ -20,12 +20,14 @@ QUANT_METHOD = "hf_sparse"
 _RUNTIME_ONLY = ("tokenizer",)
 
 
-def _registered_method(name: str, value: Any) -> Any:
-    get_method_class(value)  # raises listing the registered names
+def registered_method(name: str, value: Any) -> Any:
+    """A ``"check"`` (see :mod:`.validation`): ``value`` names a registered method; the error lists them."""
+    get_method_class(value)
     return value
 
 
-def _pattern(name: str, value: Any) -> Any:
+def pattern_name(name: str, value: Any) -> Any:
+    """A ``"check"``: ``value`` is a sparsity pattern, normalised (``" 2:4"`` -> ``"2:4"``)."""
     return str(SparsityPattern.parse(value))
 
 
@@ -60,13 +62,13 @@ class SparsityConfig(QuantizationConfigMixin):
     """
 
     quant_method: str = field(default=QUANT_METHOD, init=False, repr=False)
-    method: str = field(default="wanda", metadata={"help": "Registered method name: see hf_sparse.METHODS.", "check": _registered_method})
+    method: str = field(default="wanda", metadata={"help": "Registered method name: see hf_sparse.METHODS.", "check": registered_method})
     sparsity: float | None = field(
         default=None,
         metadata={"help": "Fraction of weights to remove in each pruned module, in [0, 1). Defaults to 0.5, or to "
                           "1 - N/M for an N:M pattern.", "range": "[0, 1)", "none_is_default": True},
     )
-    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'.", "check": _pattern})
+    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'.", "check": pattern_name})
     include: list[str] | None = field(
         default=None,
         metadata={"help": "Regular expressions (re.search) on full module names; only matching linears inside the "
