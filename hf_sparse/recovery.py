@@ -20,8 +20,8 @@ from peft import LoraConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import load_calibration
-from .config import describe_calibration
+from .calibration import describe_calibration, load_calibration
+from .config.validation import validate_dataclass
 from .integrations.peft import MODES, get_sparse_peft_model
 from .record import get_masks, read_record, write_record
 
@@ -32,31 +32,25 @@ logger = logging.getLogger(__name__)
 class RecoveryConfig:
     """Options of a LoRA recovery run (defaults suit a few hundred steps on a small model)."""
 
-    rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    rank: int = field(default=16, metadata={"help": "LoRA rank r.", "range": "> 0"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; default 2 × rank."})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout.", "range": "[0, 1)"})
     target_modules: str | list[str] = field(default="all-linear", metadata={"help": "peft target_modules."})
-    mode: str = field(default="masked", metadata={"help": "'masked' (mask in the training forward too) or 'merge'."})
-    steps: int = field(default=200, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per step."})
-    sequence_length: int = field(default=256, metadata={"help": "Tokens per training sequence."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapters."})
+    mode: str = field(default="masked", metadata={"help": "'masked' (mask in the training forward too) or 'merge'.",
+                                                  "choices": MODES})
+    steps: int = field(default=200, metadata={"help": "Optimizer steps.", "range": "> 0"})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per step.", "range": "> 0"})
+    sequence_length: int = field(default=256, metadata={"help": "Tokens per training sequence.", "range": "> 0"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate.", "range": "> 0"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup.",
+                                                        "range": "[0, 1)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapters.",
+                                                       "range": ">= 0"})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping; None disables it."})
     seed: int = field(default=1, metadata={"help": "Seed for window sampling and adapter initialisation."})
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("rank", "steps", "batch_size", "sequence_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        validate_dataclass(self)
 
 
 @dataclass
@@ -155,8 +149,9 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
 
 def _describe_data(data: Any) -> dict[str, Any]:
     descriptor = describe_calibration(data) or {}
-    if descriptor.get("kind") == "name_or_path":
-        return {"data": descriptor["name"]}
+    if descriptor.get("kind") in ("name_or_path", "file", "folder"):
+        # A dataset name, or a local file/folder by base name and content hash (never its local path).
+        return {"data": descriptor["name"], **({"data_sha256": descriptor["sha256"]} if "sha256" in descriptor else {})}
     return {"data": descriptor}
 
 

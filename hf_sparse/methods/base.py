@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..config.validation import validate_dataclass
 from ..masks import SparsityPattern
 
 # Statistics a method can ask the engine for; see LinearStatistics for their meaning.
@@ -43,7 +44,15 @@ class LinearStatistics:
 
 @dataclass
 class MethodOptions:
-    """Base class of a method's options: a dataclass whose fields carry help text in ``metadata["help"]``."""
+    """Base class of a method's options: a dataclass whose fields carry help text in ``metadata["help"]`` and what
+    they allow (``"range"``, ``"choices"``, see :mod:`hf_sparse.config.validation`), checked on construction."""
+
+    #: the method the options belong to, starting every error message ("sparsegpt block_size must be ..."); set by
+    #: :func:`register_method`
+    method_name: ClassVar[str] = ""
+
+    def __post_init__(self):
+        validate_dataclass(self, prefix=self.method_name)
 
     @classmethod
     def from_dict(cls, method: str, values: dict[str, Any] | None) -> MethodOptions:
@@ -135,6 +144,8 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
     _check_metadata(cls)
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"a pruning method named {cls.name!r} is already registered")
+    if cls.options_class is not MethodOptions and not cls.options_class.method_name:
+        cls.options_class.method_name = cls.name
     METHODS[cls.name] = cls
     return cls
 
