@@ -265,7 +265,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse prune``; returns the numbers it printed."""
     import torch
 
-    from . import distributed, prune
+    from . import prune
+    from .engine import distributed
     from .evaluation import perplexity
     from .record import read_record, write_record
 
