@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse prune``; returns the numbers it printed."""
     import torch
 
-    from .. import distributed, prune
+    from .. import prune
+    from ..engine import distributed
     from ..evaluation import perplexity
 
     # Everything that can be checked without the model is checked before a possibly long load.
