@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import torch
@@ -251,12 +252,14 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
     measure it on the weights.
     """
     passes = list(previous.passes or [previous.as_pass()]) + [new.as_pass()]
+    # A version-1 record may name its base model by an absolute local path: never write that out again.
+    keep_base = previous.base_model is not None and not PurePath(previous.base_model).is_absolute()
     return SparsityRecord(
         method=new.method, pattern=new.pattern, target_sparsity=new.target_sparsity,
         overall_sparsity=new.overall_sparsity, modules={**previous.modules, **new.modules},
         method_options=new.method_options, calibration=new.calibration,
-        base_model=previous.base_model if previous.base_model is not None else new.base_model,
-        base_model_sha256=previous.base_model_sha256 if previous.base_model is not None else new.base_model_sha256,
+        base_model=previous.base_model if keep_base else new.base_model,
+        base_model_sha256=previous.base_model_sha256 if keep_base else new.base_model_sha256,
         recovery=previous.recovery, passes=passes,
     )
 
