@@ -306,3 +306,36 @@ def test_gguf_file_reaches_from_pretrained_for_model_and_tokenizer(tiny_dir, tmp
                                         "--max-windows", 1])
     assert run([*argv, "--gguf-file", "tiny.Q4_1.gguf", "--threads", 1]) == 0
     assert calls[:2] == [("model", str(tiny_dir), "tiny.Q4_1.gguf"), ("tokenizer", str(tiny_dir), "tiny.Q4_1.gguf")]
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("gguf", reason="writing a GGUF file needs the gguf package (pip install gguf)")
+    from tiny_gguf import write_tiny_gguf
+
+    folder = tmp_path_factory.mktemp("gguf")
+    write_tiny_gguf(folder / "tiny.gguf")
+    return folder
+
+
+def test_eval_loads_a_real_gguf_file(gguf_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert run(["eval", gguf_dir, "--gguf-file", "tiny.gguf", "--data", HELDOUT, "--sequence-length", 32,
+                "--max-windows", 3, "--threads", 1]) == 0
+    table = _table(capsys.readouterr().out)
+    assert table["model"] == f"{gguf_dir} (tiny.gguf)" and table["sparsity"] == "dense"
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="tiny.gguf", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="tiny.gguf")
+    expected = perplexity(model, tokenizer, HELDOUT.read_text(), sequence_length=32, max_windows=3,
+                          show_progress=False)
+    assert float(table["perplexity"]) == pytest.approx(expected, abs=0.006)
+
+
+@pytest.mark.xfail(reason="saving a GGUF-loaded model as safetensors is the library's part (issue 13 item 1, "
+                          "helper `testbed`); remove this mark once it is merged", strict=False)
+def test_prune_saves_a_gguf_loaded_model(gguf_dir, tmp_path):
+    output = tmp_path / "pruned"
+    assert run(["prune", gguf_dir, "--gguf-file", "tiny.gguf", "--method", "magnitude", "--pattern", "2:4",
+                "--output", output, "--threads", 1]) == 0
+    assert _saved_record(output)["overall_sparsity"] == 0.5
