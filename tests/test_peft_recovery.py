@@ -349,10 +349,10 @@ def test_lora_recovery_lowers_perplexity_and_keeps_2_4(tokenizer, heldout_text):
     assert hf_sparse.read_record(result.model).recovery["steps"] == 30
 
 
-@pytest.mark.parametrize("overrides, step", [({"learning_rate": float("inf")}, 2), ({"sequence_length": 1}, 1)])
+@pytest.mark.parametrize("overrides, step", [({"learning_rate": 1e30}, 2), ({"sequence_length": 1}, 1)])
 def test_recover_fails_on_a_non_finite_loss_naming_the_step(overrides, step):
-    """An infinite learning rate (NaN after the first update) or 1-token windows (no next token: NaN loss) stop
-    the run with the step, instead of merging a NaN model and reporting it as recovered."""
+    """A huge learning rate (NaN after the first update; an infinite one is refused up front) or 1-token windows
+    (no next token: NaN loss) stop the run with the step, instead of merging a NaN model and reporting it as recovered."""
     from hf_sparse.recovery import recover
 
     model = pruned_tiny("2:4")
