@@ -129,13 +129,6 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", gguf_fil
     return model, tokenizer
 
 
-def looks_like_path(source: str) -> bool:
-    """Whether ``source`` is meant as a local path (a dataset name never starts with . / ~ or ends in .txt)."""
-    from ..calibration import JSON_SUFFIXES, TEXT_SUFFIXES
-
-    return source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
+from ..calibration import missing_path
 from .common import (add_model_arguments, add_output_arguments, check_output, default_eval_length,
-                     evaluation_entry, format_bytes, load_model_and_tokenizer, looks_like_path, parse_method_option,
+                     evaluation_entry, format_bytes, load_model_and_tokenizer, parse_method_option,
                      peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
 
 HELP = "prune a model and save it (with perplexity before/after, if --eval-data is given)"
@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Everything that can be checked without the model is checked before a possibly long load.
     config = sparsity_config(args)
-    if config.needs_calibration and isinstance(args.calibration, str) and looks_like_path(args.calibration) \
-            and not Path(args.calibration).expanduser().exists():
+    if config.needs_calibration and missing_path(args.calibration):
         raise ValueError(f"--calibration {args.calibration!r} does not exist; give a text/JSON file or folder, "
                          "or a Hugging Face dataset name")
     check_output(args)

@@ -122,7 +122,8 @@ def _calibration_text(calibration: dict[str, Any] | None) -> str:
     if not calibration:
         return "none (data-free method)"
     kind = calibration.get("kind")
-    source = (_short_name(calibration["name"]) if kind == "name_or_path" and calibration.get("name")
+    # A file or folder is recorded by base name + sha256, a dataset by its name: either way the name is what to show.
+    source = (_short_name(calibration["name"]) if kind in ("name_or_path", "file", "folder") and calibration.get("name")
               else f"{calibration.get('count', '?')} {'texts' if kind == 'texts' else 'token sequences'}"
                    f" (sha256 {str(calibration.get('sha256', ''))[:12]})")
     size = ""
