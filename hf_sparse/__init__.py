@@ -17,10 +17,13 @@ from .integrations.transformers import (
     uninstall_from_pretrained_hook,
 )
 from .integrations import hub, peft  # hf_sparse.peft.get_sparse_peft_model, hf_sparse.hub.save_with_model_card
+from .integrations.compressed import install_save_hook  # save_pretrained(d, compressed=True); compact loading
+from . import formats
 from . import training
 
 # `from_pretrained(..., sparsity_config=cfg)` works once hf_sparse is imported; uninstall_from_pretrained_hook() undoes it.
 install_from_pretrained_hook()
+install_save_hook()
 
 __version__ = "0.1.0"
 
@@ -32,6 +35,7 @@ __all__ = [
     "SparsityPattern",
     "SparsityRecord",
     "evaluate",
+    "formats",
     "get_masks",
     "hub",
     "install_from_pretrained_hook",

@@ -17,7 +17,9 @@ Shape (``format_version`` 1)::
       "calibration": {"kind": "name_or_path", "name": "...", "num_samples": 128, "sequence_length": 2048, "seed": 0},
       "evaluation": {"dense_perplexity": 53.1, "pruned_perplexity": 56.4, ...},  # optional, for model cards
       "base_model": "org/name",                    # optional: what was pruned (model cards)
-      "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...}   # optional: after recovery
+      "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...},  # optional: after recovery
+      "storage": {"format": "hf_sparse_compact", "version": 1, "dense_bytes": ..., "stored_bytes": ...}
+                                                   # optional: only in compressed checkpoints (hf_sparse.formats)
     }
 
 Masks are the exact zeros of the listed modules' weights: :func:`get_masks` restores them without calibration.
@@ -55,6 +57,7 @@ class SparsityRecord:
     evaluation: dict[str, float] = field(default_factory=dict)
     base_model: str | None = None
     recovery: dict[str, Any] | None = None
+    storage: dict[str, Any] | None = None  # how the checkpoint stores the weights; absent = dense
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +74,7 @@ class SparsityRecord:
             # Optional keys are written only when set, so records of plain pruning keep their exact shape.
             **({"base_model": self.base_model} if self.base_model is not None else {}),
             **({"recovery": dict(self.recovery)} if self.recovery is not None else {}),
+            **({"storage": dict(self.storage)} if self.storage is not None else {}),
         }
 
     @classmethod
@@ -110,8 +114,19 @@ class SparsityRecord:
             method=data["method"], pattern=pattern, target_sparsity=float(target),
             modules={k: float(v) for k, v in modules.items()}, method_options=options, calibration=calibration,
             overall_sparsity=data.get("overall_sparsity"), evaluation=evaluation, base_model=base_model,
-            recovery=recovery,
+            recovery=recovery, storage=_storage(data.get("storage")),
         )
+
+
+def _storage(storage: Any) -> dict[str, Any] | None:
+    """The optional ``storage`` entry (see :mod:`hf_sparse.formats.compact`): an object naming format and version."""
+    if storage is None:
+        return None
+    if not isinstance(storage, dict) or not isinstance(storage.get("format"), str) \
+            or not isinstance(storage.get("version"), int):
+        raise ValueError(f"{RECORD_KEY}.storage must be an object with a string format and an integer version, "
+                         f"got {storage!r}")
+    return storage
 
 
 def _configs(model: nn.Module) -> list:

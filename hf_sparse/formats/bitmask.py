@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .bits import bit_view, pack_rows, row_chunks, unpack_rows
+from .bits import bit_view, nonzero_bits, pack_rows, row_chunks, unpack_rows
 
 
 def bitmask_bytes(rows: int, cols: int, element_size: int, kept: int) -> int:
@@ -20,7 +20,7 @@ def bitmask_bytes(rows: int, cols: int, element_size: int, kept: int) -> int:
 
 
 def encode_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, bitmask)`` of a 2-D weight: the elements with any bit set (1-D, weight dtype, row-major) and a
+    """``(values, bitmask)`` of a 2-D weight: its non-zeros (1-D, weight dtype, row-major, bit for bit) and a
     uint8 ``(rows, ceil(cols / 8))`` bitmask, most significant bit first.
 
     >>> values, mask = encode_bitmask(torch.tensor([[0., 2., 0., 3.], [1., 0., 0., 0.]]))
@@ -31,7 +31,7 @@ def encode_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ints = bit_view(weight)
     values, masks = [], []
     for chunk in row_chunks(rows, cols):
-        kept = ints[chunk] != 0
+        kept = nonzero_bits(ints[chunk], weight)
         values.append(ints[chunk][kept])
         masks.append(pack_rows(kept))
     flat = torch.cat(values) if values else ints.new_empty(0)

@@ -1,8 +1,12 @@
 """Bit-level helpers shared by the compact encodings: exact bit views of any dtype, row-wise bit packing, row chunks.
 
-Every encoding works on the *integer view* of a weight (same element size, same bits), so a round trip is exact for
-any dtype: ``-0.0`` stays ``-0.0``, NaN payloads survive, float8 needs no arithmetic kernels. "Zero" always means
-"all bits zero"; a ``-0.0`` is a stored value like any other.
+Every encoding works on the *integer view* of a weight (same element size, same bits), so every stored value comes
+back bit for bit in any dtype: NaN payloads survive, float8 needs no arithmetic kernels.
+
+A pruned weight is a zero of either sign: masks applied by multiplication leave ``-0.0`` wherever the original
+weight was negative, half of all pruned weights. Storing those signs would cost a bit per weight and buy nothing
+(``-0.0 == 0.0``; a product with either is a zero), so pruned positions decode as ``+0.0``. The one exception to
+"bit for bit" is therefore ``-0.0`` -> ``+0.0`` at pruned positions; ``torch.equal`` holds for every tensor.
 """
 
 from __future__ import annotations
@@ -34,9 +38,29 @@ def bit_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(int_dtype)
 
 
-def nonzero_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """``True`` where an element has any bit set (``-0.0`` counts as kept: it is not bit-identical to ``0``)."""
-    return bit_view(tensor) != 0
+def _has_signed_zero(dtype: torch.dtype) -> bool:
+    """Whether the top bit of ``dtype`` makes a ``-0.0`` (not in the ``fnuz`` float8 types, where it is their NaN)."""
+    return dtype.is_floating_point and not str(dtype).endswith("fnuz")
+
+
+def nonzero_bits(ints: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``True`` where the integer view ``ints`` of a tensor of ``like``'s dtype holds a non-zero value (``-0.0`` and
+    ``+0.0`` are both zero).
+
+    >>> w = torch.tensor([-0.0, 0.0, -2.0])
+    >>> nonzero_bits(bit_view(w), w).tolist()
+    [False, False, True]
+    """
+    if not _has_signed_zero(like.dtype):
+        return ints != 0
+    # -0.0 is the sign bit alone: 0x80 in the uint8 view of float8, the minimum of the signed views otherwise.
+    negative_zero = 0x80 if ints.dtype == torch.uint8 else torch.iinfo(ints.dtype).min
+    return (ints != 0) & (ints != negative_zero)
+
+
+def is_kept(tensor: torch.Tensor) -> torch.Tensor:
+    """``True`` where ``tensor`` is not a zero of either sign (compare with the keep-masks of :mod:`hf_sparse.masks`)."""
+    return nonzero_bits(bit_view(tensor), tensor)
 
 
 def pack_rows(bits: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ A compressed linear ``P`` is stored as
 * ``P.weight_layout``: int64 ``[rows, cols, n, m]`` (``n = m = 0`` for a bitmask), so every entry decodes on its own.
 
 Everything else (embeddings, norms, ``lm_head``, biases, linears where dense is smaller) is stored as it was.
-Decoding is bit-exact for any dtype (see :mod:`hf_sparse.formats.bits`).
+Decoding restores every non-zero bit for bit in any dtype; pruned zeros come back as ``+0.0`` (see
+:mod:`hf_sparse.formats.bits` for why the sign of a pruned zero is not kept).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from ..masks import SparsityPattern
 from .bitmask import bitmask_bytes, decode_bitmask, encode_bitmask
-from .bits import nonzero_bits, row_chunks
+from .bits import is_kept, row_chunks
 from .n_m import decode_n_m, encode_n_m, fits_n_m, n_m_bytes
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ N_M, UNSTRUCTURED, DENSE = "n:m", "bitmask", "dense"
 
 def count_kept(weight: torch.Tensor) -> int:
     rows, cols = weight.shape
-    return sum(int(nonzero_bits(weight[chunk]).sum()) for chunk in row_chunks(rows, cols))
+    return sum(int(is_kept(weight[chunk]).sum()) for chunk in row_chunks(rows, cols))
 
 
 def choose_encoding(weight: torch.Tensor, pattern: SparsityPattern | str | None = None) -> tuple[str, int]:
@@ -90,9 +91,10 @@ def compress_weight(weight: torch.Tensor, pattern: SparsityPattern | str | None 
 def decompress_weight(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The dense weight from :func:`compress_weight`'s entries (a dense entry is returned as it is).
 
-    >>> w = torch.tensor([[0., -0., 3., 0.], [1., 0., 0., 2.]])
-    >>> torch.equal(decompress_weight(compress_weight(w)).view(torch.int32), w.view(torch.int32))
-    True
+    >>> w = torch.tensor([[0., -0., 3., 0.], [-1., 0., 0., 2.]])
+    >>> back = decompress_weight(compress_weight(w))
+    >>> torch.equal(back, w), back[0, 1].item()  # the pruned -0.0 comes back as +0.0
+    (True, 0.0)
     """
     if LAYOUT not in parts:
         return parts[VALUES]
@@ -199,3 +201,13 @@ def decompress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     for prefix, group in groups.items():
         dense[f"{prefix}.{VALUES}"] = decompress_weight({s: state_dict[k] for s, k in group.items()})
     return dense
+
+
+def quantization_config_entry() -> dict[str, Any]:
+    """The ``quantization_config`` a compressed checkpoint carries in ``config.json``.
+
+    With hf_sparse imported it selects the decompressing loader (:mod:`hf_sparse.integrations.compressed`); plain
+    transformers does not know the method, warns naming it and then refuses the checkpoint on the size mismatch of
+    the stored values, so the weights are never loaded wrong.
+    """
+    return {"quant_method": STORAGE_FORMAT, "format_version": STORAGE_VERSION}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .bits import bit_view, nonzero_bits, pack_rows, row_chunks, unpack_rows
+from .bits import bit_view, is_kept, nonzero_bits, pack_rows, row_chunks, unpack_rows
 
 
 def position_bits(m: int) -> int:
@@ -31,12 +31,12 @@ def n_m_bytes(rows: int, cols: int, element_size: int, n: int, m: int) -> int:
 
 
 def fits_n_m(weight: torch.Tensor, n: int, m: int) -> bool:
-    """Whether no group of ``m`` inputs holds more than ``n`` elements with bits set (``(out, in)`` weight)."""
+    """Whether no group of ``m`` inputs holds more than ``n`` non-zeros (``(out, in)`` weight)."""
     rows, cols = weight.shape
     if cols % m:
         return False
     return all(
-        bool((nonzero_bits(weight[chunk]).reshape(-1, cols // m, m).sum(-1) <= n).all())
+        bool((is_kept(weight[chunk]).reshape(-1, cols // m, m).sum(-1) <= n).all())
         for chunk in row_chunks(rows, cols)
     )
 
@@ -60,7 +60,7 @@ def encode_n_m(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torc
     for chunk in row_chunks(rows, cols):
         block = ints[chunk].reshape(-1, groups, m)
         # Kept elements first (in input order), then the group's zeros: the first n are the positions to store.
-        order = torch.argsort((block == 0).to(torch.uint8), dim=-1, stable=True)[..., :n]
+        order = torch.argsort((~nonzero_bits(block, weight)).to(torch.uint8), dim=-1, stable=True)[..., :n]
         chosen = order.sort(dim=-1).values  # (r, groups, n), ascending inside each group
         values[chunk] = torch.gather(block, -1, chosen).reshape(-1, groups * n)
         code_bits = (chosen.unsqueeze(-1) >> shifts) & 1  # (r, groups, n, bits)
