@@ -18,7 +18,7 @@ from .integrations.transformers import (
 )
 from .integrations import hub, peft  # hf_sparse.peft.get_sparse_peft_model, hf_sparse.hub.save_with_model_card
 from .integrations.compressed import install_save_hook  # save_pretrained(d, compressed=True); compact loading
-from . import formats
+from . import formats, kernels  # compact storage; opt-in 2:4 kernels (hf_sparse.kernels.enable_2of4)
 from . import training
 
 # `from_pretrained(..., sparsity_config=cfg)` works once hf_sparse is imported; uninstall_from_pretrained_hook() undoes it.
@@ -38,6 +38,7 @@ __all__ = [
     "formats",
     "get_masks",
     "hub",
+    "kernels",
     "install_from_pretrained_hook",
     "peft",
     "prune",
