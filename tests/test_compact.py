@@ -123,7 +123,7 @@ def test_choice_is_the_smallest_form():
 
 def test_state_dict_round_trip_and_only_listed_modules_compress():
     state = {"a.weight": _pruned(8, 16, "2:4"), "a.bias": torch.ones(8), "b.weight": _pruned(8, 16, "2:4")}
-    compact, summary = compress_state_dict(state, ["a"], "2:4")
+    compact, summary = compress_state_dict(state, {"a": "2:4"})
     assert set(compact) == {"a.weight", "a.weight_positions", "a.weight_layout", "a.bias", "b.weight"}
     assert summary.encodings == {"a": "n:m"} and summary.stored_bytes < summary.dense_bytes
     back = decompress_state_dict(compact)

@@ -4,7 +4,8 @@
     hf_sparse.formats.decompress_checkpoint("pruned-compact/", "pruned-dense/")  # plain dense export for serving engines
 
 Both read the safetensors shards lazily, keep the shard layout (file names, ``model.safetensors.index.json``), rewrite
-``config.json`` (``quantization_config`` and the record's ``storage`` entry) and copy every other file unchanged.
+``config.json`` (``quantization_config`` and the record's ``storage`` entry) and copy every other file unchanged. They
+write through :func:`hf_sparse.saving.atomic_directory` (temporary sibling, fsync, rename): complete or not at all.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..record import RECORD_KEY, SparsityRecord
+from ..saving import atomic_directory
 from .compact import (
-    STORAGE_FORMAT, VALUES, StorageSummary, compress_entry, compressed_groups, decompress_weight,
+    STORAGE_FORMAT, VALUES, StorageSummary, compress_entry, compressed_groups, decompress_weight, module_patterns,
     quantization_config_entry, tensor_bytes,
 )
 
@@ -43,12 +45,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
 
 
 def weight_files(folder: str | os.PathLike) -> tuple[list[str], dict[str, Any] | None]:
@@ -82,12 +78,10 @@ def _copy_other_files(source: Path, target: Path, written: set[str]) -> None:
             shutil.copytree(path, target / path.name)
         else:
             shutil.copy2(path, target / path.name)
-            _fsync(target / path.name)
 
 
 def _write_shard(tensors: dict, path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
-    _fsync(path)
 
 
 def _finish(source: Path, target: Path, config: dict, files: list[str], index: dict | None,
@@ -97,12 +91,6 @@ def _finish(source: Path, target: Path, config: dict, files: list[str], index: d
         metadata = {**index.get("metadata", {}), "total_size": total_size}
         _write_json(target / INDEX_NAME, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
     _copy_other_files(source, target, {CONFIG_NAME, INDEX_NAME, *files})
-
-
-def _atomic_output(output: str | os.PathLike, overwrite: bool):
-    from ..cli import atomic_output_dir  # the package's one atomic save path (temp sibling, then rename)
-
-    return atomic_output_dir(output, overwrite=overwrite)
 
 
 def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False,
@@ -127,14 +115,14 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
         raise ValueError(f"{str(source)!r} has no {RECORD_KEY!r} in config.json: prune it with hf_sparse first")
     record = SparsityRecord.from_dict(config[RECORD_KEY])
     files, index = weight_files(source)
-    modules, pattern = set(record.modules), record.pattern
+    modules = module_patterns(record)
     summary, weight_map = StorageSummary(), {}
-    with _atomic_output(output_dir, overwrite) as target:
+    with atomic_directory(output_dir, overwrite) as target:
         for name in tqdm(files, desc="Compressing shards", disable=not show_progress):
             shard: dict = {}
             with safe_open(str(source / name), framework="pt") as reader:
                 for key in reader.keys():
-                    shard.update(compress_entry(key, reader.get_tensor(key), modules, pattern, summary))
+                    shard.update(compress_entry(key, reader.get_tensor(key), modules, summary))
             weight_map.update({key: name for key in shard})
             _write_shard(shard, target / name)
             del shard
@@ -159,7 +147,7 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
                          f"with quant_method {STORAGE_FORMAT!r}")
     files, index = weight_files(source)
     summary, weight_map = StorageSummary(), {}
-    with ExitStack() as stack, _atomic_output(output_dir, overwrite) as target:
+    with ExitStack() as stack, atomic_directory(output_dir, overwrite) as target:
         readers = {name: stack.enter_context(safe_open(str(source / name), framework="pt")) for name in files}
         location = {key: name for name, reader in readers.items() for key in reader.keys()}
         groups = compressed_groups(location)

@@ -162,34 +162,39 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def compress_entry(key: str, tensor: torch.Tensor, modules: set[str], pattern: SparsityPattern | None,
+def module_patterns(record) -> dict[str, SparsityPattern]:
+    """Each pruned module of a :class:`~hf_sparse.record.SparsityRecord` with the pattern it was (last) pruned with."""
+    return {name: record.pattern_of(name) for name in record.modules}
+
+
+def compress_entry(key: str, tensor: torch.Tensor, modules: Mapping[str, SparsityPattern | str | None],
                    summary: StorageSummary) -> dict[str, torch.Tensor]:
-    """Full-key entries storing one state-dict entry: compressed when it is the weight of one of ``modules``."""
+    """Full-key entries storing one state-dict entry: compressed when it is the weight of one of ``modules``
+    (module name -> its pattern, which decides whether N:M storage is tried)."""
     prefix, suffix = split_key(key)
     if suffix != VALUES or prefix not in modules or tensor.dim() != 2:
         summary.add(tensor_bytes(tensor), tensor_bytes(tensor))
         return {key: tensor}
-    parts = compress_weight(tensor, pattern)
+    parts = compress_weight(tensor, modules[prefix])
     summary.encodings[prefix] = N_M if POSITIONS in parts else UNSTRUCTURED if BITMASK in parts else DENSE
     summary.add(tensor_bytes(tensor), sum(tensor_bytes(t) for t in parts.values()))
     return {f"{prefix}.{s}": t for s, t in parts.items()}
 
 
-def compress_state_dict(state_dict: Mapping[str, torch.Tensor], modules: Iterable[str],
-                        pattern: SparsityPattern | str | None = None) -> tuple[dict[str, torch.Tensor], StorageSummary]:
-    """A state dict with the weights of ``modules`` in compact form, and the byte summary.
+def compress_state_dict(state_dict: Mapping[str, torch.Tensor],
+                        modules: Mapping[str, SparsityPattern | str | None]) -> tuple[dict[str, torch.Tensor],
+                                                                                    StorageSummary]:
+    """A state dict with the weights of ``modules`` (name -> pattern) in compact form, and the byte summary.
 
     >>> sd = {"lin.weight": torch.tensor([[0., 1., 0., 2.] * 4] * 8, dtype=torch.float16), "lin.bias": torch.ones(8)}
-    >>> compact, summary = compress_state_dict(sd, ["lin"], "2:4")
+    >>> compact, summary = compress_state_dict(sd, {"lin": "2:4"})
     >>> sorted(compact), summary.encodings, summary.stored_bytes < summary.dense_bytes
     (['lin.bias', 'lin.weight', 'lin.weight_layout', 'lin.weight_positions'], {'lin': 'n:m'}, True)
     """
-    modules = set(modules)
-    pattern = SparsityPattern.parse(pattern) if pattern is not None else None
     summary = StorageSummary()
     compact: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        compact.update(compress_entry(key, tensor, modules, pattern, summary))
+        compact.update(compress_entry(key, tensor, modules, summary))
     return compact, summary
 
 

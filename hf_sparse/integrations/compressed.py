@@ -32,7 +32,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..formats.compact import (
-    COMPANIONS, STORAGE_FORMAT, STORAGE_VERSION, VALUES, compress_state_dict, decompress_weight,
+    COMPANIONS, STORAGE_FORMAT, STORAGE_VERSION, VALUES, compress_state_dict, decompress_weight, module_patterns,
     quantization_config_entry,
 )
 from ..record import RECORD_KEY, read_record, write_record
@@ -128,7 +128,7 @@ def save_compressed(model: PreTrainedModel, save_directory: str | os.PathLike, *
         raise ValueError("compressed=True saves a plain pruned model; merge or remove PEFT adapters and quantization "
                          "first (model.merge_and_unload())")
     compact, summary = compress_state_dict(state_dict if state_dict is not None else model.state_dict(),
-                                           record.modules, record.pattern)
+                                           module_patterns(record))
     original_storage, config = record.storage, model.config
     had_quantization_config = "quantization_config" in vars(config)
     record.storage = summary.record_entry()
