@@ -7,6 +7,7 @@ reload.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -291,7 +292,7 @@ def test_checkpoint_tools_refuse_bad_inputs_and_existing_outputs(saved, tmp_path
     tiny_llama().save_pretrained(plain)
     with pytest.raises(ValueError, match="no 'sparsity_config'"):
         compress_checkpoint(plain, tmp_path / "x")
-    (tmp_path / "exists").mkdir()
+    shutil.copytree(root / "dense", tmp_path / "exists")  # only a checkpoint folder is ever replaced
     with pytest.raises(ValueError, match="already exists"):
         compress_checkpoint(root / "dense", tmp_path / "exists")
     compress_checkpoint(root / "dense", tmp_path / "exists", overwrite=True, show_progress=False)
