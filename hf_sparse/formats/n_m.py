@@ -74,14 +74,27 @@ def decode_n_m(values: torch.Tensor, positions: torch.Tensor, cols: int, n: int,
     groups, bits = cols // m, position_bits(m)
     if values.shape != (rows, groups * n):
         raise ValueError(f"N:M values of shape {tuple(values.shape)} do not fit a ({rows}, {cols}) {n}:{m} matrix")
-    weights = torch.tensor([1 << (bits - 1 - i) for i in range(bits)], device=values.device)
     ints = bit_view(values)
     dense = torch.zeros((rows, cols), dtype=ints.dtype, device=values.device)
     for chunk in row_chunks(rows, cols):
-        code_bits = unpack_rows(positions[chunk], groups * n * bits).reshape(-1, groups, n, bits)
-        codes = (code_bits.long() * weights).sum(-1)  # (r, groups, n)
+        codes = _unpack_codes(positions[chunk], groups * n, bits).reshape(-1, groups, n)
         if codes.numel() and int(codes.max()) >= m:
             raise ValueError(f"corrupt N:M positions: a position >= {m} in rows {chunk.start}..{chunk.stop - 1}")
         block = dense[chunk].view(-1, groups, m)
         block.scatter_(-1, codes, ints[chunk].reshape(-1, groups, n))
     return dense.view(values.dtype)
+
+
+def _unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """The first ``count`` ``bits``-bit codes of each byte-aligned row of ``packed``, as int64 ``(rows, count)``.
+
+    >>> _unpack_codes(torch.tensor([[0b01110010]], dtype=torch.uint8), 4, 2).tolist()
+    [[1, 3, 0, 2]]
+    """
+    rows = packed.shape[0]
+    if 8 % bits == 0:  # 1, 2 or 4 bits: whole codes per byte, read with shifts (the common 2:4 case, fast)
+        shifts = torch.arange(8 - bits, -1, -bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(rows, -1)[:, :count].long()
+    weights = torch.tensor([1 << (bits - 1 - i) for i in range(bits)], device=packed.device)
+    return (unpack_rows(packed, count * bits).reshape(rows, count, bits).long() * weights).sum(-1)
