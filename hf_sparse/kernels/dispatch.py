@@ -3,8 +3,8 @@
 2:4 sparse matmuls are not faster everywhere. Measured on an H100 80 GB (issue 16), cuSPARSELt alone was 1.2-1.55x
 faster than dense on LLaMA-7B/70B linear shapes at >= 4096 tokens, about 1.0x at <= 256 tokens and 0.3-0.7x for
 4096x4096 below 1024 tokens; PyTorch's default CUTLASS path was 0.03-0.4x of dense at <= 1024 tokens, and decode was
-reported slower than dense elsewhere. So the rule is "sparse only where a measurement said faster": a shape missing
-from the table, a token count below its threshold, and every GPU without a table run dense. Tables for other GPUs
+reported slower than dense elsewhere. So the rule is "sparse only where a measurement said faster": a shape that is
+not in the table, a token count below its threshold, and every GPU without a table run dense. Tables for other GPUs
 come from ``examples/benchmark_2of4.py --write-table``.
 """
 
