@@ -19,7 +19,9 @@ Shape (``format_version`` 1: one pruning pass)::
       "evaluation": {"dense_perplexity": 53.1, "pruned_perplexity": 56.4, ...},  # optional, for model cards
       "base_model": "org/name",                    # optional: a Hub id, or a local folder's base name ...
       "base_model_sha256": "...",                  # ... with the hash of that folder's files
-      "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...}   # optional: after recovery
+      "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...},  # optional: after recovery
+      "storage": {"format": "hf_sparse_compact", "version": 1, "dense_bytes": ..., "stored_bytes": ...}
+                                                   # optional: only in compact checkpoints (hf_sparse.formats)
     }
 
 ``format_version`` 2 is written when a model was pruned more than once (say ``include=mlp`` then ``include=attn``):
@@ -149,6 +151,15 @@ class PruningPass:
     modules: list[str] = field(metadata={"help": "Modules this pass pruned."})
 
 
+def _storage(name: str, value: Any) -> Any:
+    """The optional ``storage`` entry (:mod:`hf_sparse.formats.compact`): an object naming format and version."""
+    if value is not None:
+        _json_object(name, value)
+        check_value(f"{name}.format", value.get("format"), str, {})
+        check_value(f"{name}.version", value.get("version"), int, {})
+    return value
+
+
 def _passes(name: str, value: Any) -> Any:
     if value is None:
         return None
@@ -186,9 +197,12 @@ class SparsityRecord:
                                                                     "check": _recovery})
     passes: list[dict[str, Any]] | None = field(default=None, metadata={"help": "Every pass, for a model pruned "
                                                                                 "more than once.", "check": _passes})
+    storage: dict[str, Any] | None = field(default=None, metadata={"help": "How a compact checkpoint stores the "
+                                                                          "weights; absent = dense.",
+                                                                  "check": _storage})
 
     # Optional keys are written only when set, so records of plain pruning keep their exact shape.
-    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes")
+    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "storage")
 
     def __post_init__(self):
         validate_dataclass(self, prefix=_PREFIX)

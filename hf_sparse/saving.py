@@ -249,11 +249,12 @@ def _remove(folder: Path | None) -> None:
 
 def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, overwrite: bool = False,
                     evaluation: Mapping[str, Any] | None = None,
-                    extra_files: Callable[[], Mapping[str, str]] | None = None) -> Path:
+                    extra_files: Callable[[], Mapping[str, str]] | None = None, compressed: bool = False) -> Path:
     """Write ``model`` (+ ``tokenizer``, if not ``None``) to ``output`` atomically; returns ``output`` (absolute).
 
     ``evaluation`` is merged into the model's sparsity record first (:func:`hf_sparse.record.merge_evaluation`);
     ``extra_files`` is then called and its ``{file name: text}`` (e.g. the model card) written beside the weights.
+    ``compressed`` writes the pruned linears in compact storage (``save_pretrained(..., compressed=True)``).
     Everything that can fail without touching the disk (the destination rules, the card) fails before writing.
 
     >>> save_checkpoint(model, tokenizer, "pruned", evaluation={"pruned_perplexity": 62.1})  # doctest: +SKIP
@@ -266,7 +267,7 @@ def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, ov
         merge_evaluation(model, evaluation)
     files = dict(extra_files()) if extra_files is not None else {}
     with atomic_directory(output, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"compressed": True} if compressed else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in files.items():

@@ -5,6 +5,7 @@
     hf-sparse eval pruned/ --data wikitext2-test.txt --sequence-length 256
     hf-sparse methods
     hf-sparse recover pruned/ --data train.txt --output recovered/
+    hf-sparse compress pruned/ pruned-compact/        (and `hf-sparse decompress IN OUT` for a dense export)
 
 Tables go to stdout, progress bars and logs to stderr. Bad input, and an operating-system error such as a full disk,
 exit with code 2 and one line naming the problem (as argparse does for malformed options).
@@ -27,7 +28,7 @@ from .common import PROG, add_threads_argument, apply_threads
 logger = logging.getLogger("hf_sparse.cli")
 
 #: the subcommands, in the order ``hf-sparse --help`` lists them (module names in this package)
-COMMANDS = ("prune", "eval", "methods", "recover")
+COMMANDS = ("prune", "eval", "methods", "recover", "compress", "decompress")
 
 
 def build_parser() -> argparse.ArgumentParser:

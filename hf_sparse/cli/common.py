@@ -207,10 +207,12 @@ def save_output(model, tokenizer, args: argparse.Namespace, evaluation: dict[str
     # check_output() has refused a bad --output with the CLI's wording before the load; this re-checks.
     if args.model_card:
         card = hub.save_with_model_card(model, tokenizer, args.output, evaluation=evaluation,
-                                        base_model=args.base_model, license=args.license, overwrite=args.overwrite)
+                                        base_model=args.base_model, license=args.license, overwrite=args.overwrite,
+                                        compressed=getattr(args, "compressed", False))
         output = card.parent
     else:
-        output = save_checkpoint(model, tokenizer, args.output, evaluation=evaluation, overwrite=args.overwrite)
+        output = save_checkpoint(model, tokenizer, args.output, evaluation=evaluation, overwrite=args.overwrite,
+                                 compressed=getattr(args, "compressed", False))
     if args.push_to_hub:
         hub.upload_folder(output, args.push_to_hub, private=args.private or None)
     return output

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--num-workers", type=positive_int, default=None, help="worker threads for --parallel")
     add_model_arguments(run)
     add_output_arguments(parser)
+    parser.add_argument("--compressed", action="store_true",
+                        help="store the pruned linears compactly (N:M values + positions, or bitmask + values; "
+                             "loads with hf_sparse imported, `hf-sparse decompress` exports a dense copy)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval-data", default=None, metavar="PATH",
                             help="held-out text file or folder for perplexity")

@@ -264,7 +264,8 @@ def save_with_model_card(model: nn.Module, tokenizer, output_dir: str | os.PathL
                          repo_id: str | None = None, evaluation: dict[str, Any] | None = None, *,
                          overwrite: bool = False, base_model: str | None = None, license: str | None = None,
                          tags: list[str] | None = None, private: bool | None = None, token: str | bool | None = None,
-                         commit_message: str | None = None, template_path: str | os.PathLike | None = None) -> Path:
+                         commit_message: str | None = None, template_path: str | os.PathLike | None = None,
+                         compressed: bool = False) -> Path:
     """Save ``model`` (and ``tokenizer``, if given) to ``output_dir`` with a generated ``README.md``; optionally push.
 
     ``evaluation`` is merged into the record first, so ``config.json`` carries the numbers the card shows; a missing
@@ -293,7 +294,7 @@ def save_with_model_card(model: nn.Module, tokenizer, output_dir: str | os.PathL
         return {CARD_NAME: str(rendered)}
 
     output = save_checkpoint(model, tokenizer, output_dir, overwrite=overwrite, evaluation=evaluation,
-                             extra_files=card)
+                             extra_files=card, compressed=compressed)
     if push_to_hub:
         upload_folder(output, repo_id, private=private, token=token, commit_message=commit_message)
     return output / CARD_NAME
