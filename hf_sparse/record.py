@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .engine.devices import readable_weight
 from .masks import SparsityPattern
 from .methods import get_method_class
 
@@ -171,7 +172,8 @@ def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
         module = modules.get(name)
         if module is None or not hasattr(module, "weight"):
             raise ValueError(f"{RECORD_KEY} names module {name!r}, which this model does not have")
-        mask = module.weight.detach() != 0
+        with readable_weight(module, torch.device("cpu")) as weight:  # offloaded weights are read from their store
+            mask = weight.detach() != 0
         achieved = 1.0 - mask.sum().item() / mask.numel()
         # The record keeps 6 significant digits at most after JSON round trips; compare with a tolerance of one weight.
         if strict and not math.isclose(achieved, expected, abs_tol=1.0 / mask.numel() + 1e-9):
