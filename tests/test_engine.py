@@ -207,3 +207,25 @@ def test_write_parameter_takes_a_new_shape_in_the_module_and_in_the_offload_stor
     with torch.no_grad():
         output = offloaded(torch.ones(1, 2))  # the new shape computes: (1, 2) @ (2, 3) + bias
     torch.testing.assert_close(output, 4.0 + offloaded[0]._hf_hook.weights_map["bias"].unsqueeze(0))
+
+
+@pytest.mark.parametrize("method, options", [("sparsegpt", {}), ("fista", OFFLOAD_QUICK_FISTA)])
+def test_pruning_does_not_depend_on_the_thread_count(method, options):
+    """One block with operators as wide as the shared model's, pruned with 1 and with 2 torch threads: the same
+    weights, bit for bit (the statistics, the Cholesky factorisations and the updates all reduce in an order that
+    does not depend on the thread count on this CPU backend; see the README's determinism note)."""
+    ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(2))
+    cfg = hf_sparse.SparsityConfig(method=method, pattern="2:4", calibration=ids, num_samples=8, sequence_length=64,
+                                   batch_size=4, method_options=options)
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model = tiny_llama(hidden_size=256, intermediate_size=768, num_hidden_layers=1)
+            hf_sparse.prune(model, cfg, show_progress=False)
+            weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    finally:
+        torch.set_num_threads(before)
+    for key, value in weights[0].items():
+        assert torch.equal(weights[1][key], value), key
