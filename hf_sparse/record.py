@@ -47,6 +47,7 @@ from torch import nn
 from .calibration.descriptors import check_descriptor, sha256_hex
 from .config.sparsity import pattern_name, registered_method
 from .config.validation import check_value, to_json_dict, validate_dataclass, validate_mapping
+from .engine.devices import readable_weight
 from .masks import SparsityPattern, is_valid_n_m
 from .methods import get_method_class
 
@@ -325,7 +326,8 @@ def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
         module = modules.get(name)
         if module is None or not hasattr(module, "weight"):
             raise ValueError(f"{RECORD_KEY} names module {name!r}, which this model does not have")
-        mask = module.weight.detach() != 0
+        with readable_weight(module, torch.device("cpu")) as weight:  # offloaded weights are read from their store
+            mask = weight.detach() != 0
         achieved = 1.0 - mask.sum().item() / mask.numel()
         # The record keeps 6 significant digits at most after JSON round trips; compare with a tolerance of one weight.
         if strict and not math.isclose(achieved, expected, abs_tol=1.0 / mask.numel() + 1e-9):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .devices import input_device
+from .devices import input_device, offloaded_weights_replaced
 
 
 class StopForward(Exception):
@@ -106,7 +106,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, weights: dict[str, torch.Te
     >>> outputs = run_block(model.model.layers[0], inputs)  # doctest: +SKIP
     """
     outputs = []
-    with torch.no_grad():
+    with torch.no_grad(), offloaded_weights_replaced(block, weights) as weights:
         for hidden, extra, kwargs in zip(inputs.hidden_states, inputs.extra_args, inputs.kwargs):
             try:
                 if weights:

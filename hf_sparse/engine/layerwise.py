@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..masks import SparsityPattern
 from .capture import BlockInputs
-from .devices import check_device_available, readable_weight, weight_copy, write_weight
+from .devices import check_device_available, execution_device, readable_weight, weight_copy, write_weight
 from .pipelines import Pipeline, infer_pipeline
 from .planning import PruningPlan, PruningTarget, TargetSparsity, plan_targets
 from .statistics import (
@@ -165,7 +165,9 @@ class LayerwiseEngine:
         if not (self.method.propagate_dense or needs_dense_block(self.method.statistics)):
             return None
         modules = {id(t.module) for t in targets}
-        return {f"{rel}.weight": weight_copy(module) for rel, module in block.named_modules() if id(module) in modules}
+        device = execution_device(block, self.device)
+        return {f"{rel}.weight": weight_copy(module, device)
+                for rel, module in block.named_modules() if id(module) in modules}
 
     # -- whole model --------------------------------------------------------------------------------------------
     def run(self, model: nn.Module, calibration_ids: torch.Tensor | None, batch_size: int = 8) -> EngineResult:
