@@ -52,16 +52,26 @@ class BlockInputs:
 
     hidden_states: list[torch.Tensor]  # each (batch, seq, hidden)
     extra_args: list[tuple]  # positional arguments after hidden_states
-    kwargs: list[dict]  # attention mask, rotary embeddings, ... (identical in every block)
+    kwargs: list[dict]  # attention mask, rotary embeddings, ... of the block these inputs are for
+    # Every block's own keyword inputs, when the model does not give all blocks the same ones (sliding-window and
+    # full-attention layers with their own masks and rotary embeddings: Gemma 2/3, Qwen with sliding windows);
+    # None when they are alike, and ``kwargs`` then serves every block.
+    block_kwargs: list[list[dict]] | None = None
 
     def with_hidden_states(self, hidden_states: list[torch.Tensor]) -> BlockInputs:
-        return BlockInputs(hidden_states, self.extra_args, self.kwargs)
+        return dataclasses.replace(self, hidden_states=hidden_states)
+
+    def for_block(self, index: int) -> BlockInputs:
+        """These inputs with block ``index``'s own keyword inputs."""
+        return self if self.block_kwargs is None else dataclasses.replace(self, kwargs=self.block_kwargs[index])
 
     def to(self, device: torch.device) -> BlockInputs:
+        # Only the current block's keyword inputs move; the other blocks' move when their turn comes.
         return BlockInputs(
             [h.to(device) for h in self.hidden_states],
             [tuple(_to_device(a, device) for a in args) for args in self.extra_args],
             [{k: _to_device(v, device) for k, v in kw.items()} for kw in self.kwargs],
+            self.block_kwargs,
         )
 
 
@@ -199,27 +209,65 @@ def _first_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, batch_size: int,
-                         device: torch.device) -> BlockInputs:
-    """Run the model up to its first decoder block on every calibration batch and keep what the block receives."""
-    captured = BlockInputs([], [], [])
+def _blocks_get_different_inputs(model: nn.Module, num_blocks: int) -> bool:
+    """Whether the model hands its blocks different masks/rotary embeddings: it declares per-layer attention types
+    (``config.layer_types``, e.g. sliding-window and full attention) and they are not all the same."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None)
+    return bool(layer_types) and len(set(layer_types[:num_blocks])) > 1
 
-    def catch(_module, args, kwargs):
-        if args:
-            hidden, extra = args[0], tuple(args[1:])
-        else:
-            kwargs = dict(kwargs)
-            hidden, extra = kwargs.pop("hidden_states"), ()
-        captured.hidden_states.append(hidden.detach().to(device))
-        captured.extra_args.append(tuple(_to_device(a, device) for a in extra))
-        kwargs = {k: _to_device(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
-        captured.kwargs.append(kwargs)
-        raise _StopForward
+
+def _block_kwargs(kwargs: dict, device: torch.device) -> dict:
+    kwargs = {k: _to_device(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    return kwargs
+
+
+def _pass_through(*args, **kwargs):
+    """A block's forward during input capture: hand the hidden states on without computing anything."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                         device: torch.device, blocks: nn.ModuleList | None = None) -> BlockInputs:
+    """Run the model up to its first decoder block on every calibration batch and keep what the block receives.
+
+    Given all ``blocks``, and when the model gives them different keyword inputs (see
+    :func:`_blocks_get_different_inputs`), each block's own are kept too (``BlockInputs.block_kwargs``): the
+    forward then runs through every block with the blocks computing nothing, which costs about an embedding lookup.
+    """
+    captured = BlockInputs([], [], [])
+    per_block = blocks is not None and len(blocks) > 1 and _blocks_get_different_inputs(model, len(blocks))
+    watched = list(blocks) if per_block else [first_block]
+    if per_block:
+        captured.block_kwargs = [[] for _ in watched]
+
+    def catch_for(index: int):
+        def catch(_module, args, kwargs):
+            if args:
+                hidden, extra = args[0], tuple(args[1:])
+            else:
+                kwargs = dict(kwargs)
+                hidden, extra = kwargs.pop("hidden_states"), ()
+            if index == 0:
+                captured.hidden_states.append(hidden.detach().to(device))
+                captured.extra_args.append(tuple(_to_device(a, device) for a in extra))
+                captured.kwargs.append(_block_kwargs(kwargs, device))
+            if per_block:
+                # The later blocks' stay where the model made them; BlockInputs.to moves them when their turn comes.
+                own = captured.kwargs[-1] if index == 0 else _block_kwargs(kwargs, hidden.device)
+                captured.block_kwargs[index].append(own)
+            if index == len(watched) - 1:
+                raise _StopForward
+        return catch
 
     embeddings = model.get_input_embeddings()
     input_device = embeddings.weight.device if embeddings.weight.device.type != "meta" else torch.device("cpu")
-    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    handles = [block.register_forward_pre_hook(catch_for(i), with_kwargs=True) for i, block in enumerate(watched)]
+    # An instance-level forward (accelerate's hooks put one there) is put back exactly as it was.
+    own_forwards = [block.__dict__.get("forward") for block in watched[:-1]]
+    for block in watched[:-1]:
+        block.forward = _pass_through
     try:
         with torch.no_grad():
             for batch in input_ids.split(batch_size):
@@ -228,7 +276,13 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: to
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for block, forward in zip(watched[:-1], own_forwards):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     return captured
 
 
@@ -609,7 +663,7 @@ class LayerwiseEngine:
             progress.disable = progress.disable or not state.is_main_process
         first_device = execution_device(blocks[0], self.device)
         with block_on_device(blocks[0], first_device):
-            inputs = capture_block_inputs(model, blocks[0], calibration_ids, batch_size, first_device)
+            inputs = capture_block_inputs(model, blocks[0], calibration_ids, batch_size, first_device, blocks)
         if state is not None:
             result.counts.update(self._run_distributed(plan, inputs, progress, state))
         elif self.parallel:
@@ -628,7 +682,7 @@ class LayerwiseEngine:
         last = len(plan) - 1 if owned is None else max(owned, default=-1)
         for index, (block, targets, groups) in enumerate(plan[: last + 1]):
             device = execution_device(block, self.device)
-            inputs = inputs.to(device)
+            inputs = inputs.for_block(index).to(device)
             with block_on_device(block, device):
                 if owned is not None and index not in owned:
                     # Left to another process; still dense here, so running it gives the next block's dense inputs.
@@ -670,9 +724,9 @@ class LayerwiseEngine:
         """Blocks fed dense inputs are independent: cache every block's dense inputs with one dense pass, then prune
         the blocks concurrently in worker threads (torch kernels release the GIL). Same results as in order."""
         per_block_inputs = []
-        for block, _targets, _groups in plan:
+        for index, (block, _targets, _groups) in enumerate(plan):
             device = execution_device(block, self.device)
-            inputs = inputs.to(device)
+            inputs = inputs.for_block(index).to(device)
             per_block_inputs.append(inputs)
             with block_on_device(block, device):
                 inputs = inputs.with_hidden_states(run_block(block, inputs))
