@@ -10,6 +10,7 @@ from torch import nn
 from .calibration import load_calibration
 from .config import SparsityConfig, describe_calibration
 from .engine import LayerwiseEngine
+from .integrations.gguf import check_gguf_weights_dense, detach_gguf, gguf_source
 from .methods import build_method
 from .record import SparsityRecord, write_record
 
@@ -41,6 +42,9 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     if not isinstance(config, SparsityConfig):
         raise ValueError(f"config must be a hf_sparse.SparsityConfig or a dict, got {type(config).__name__}")
     method = build_method(config.method, config.method_options)
+    gguf = gguf_source(model)  # loaded from a .gguf file: its weights must be dense, its tokenizer is in the file
+    if gguf is not None:
+        check_gguf_weights_dense(model)
     calibration_ids = None
     if method.needs_calibration:
         if config.calibration is None:
@@ -53,7 +57,7 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
             and isinstance(config.calibration[0], (list, tuple))
         )
         if not is_tokens:
-            tokenizer = tokenizer or config.tokenizer or _load_tokenizer(model)
+            tokenizer = tokenizer or config.tokenizer or (gguf.load_tokenizer() if gguf else _load_tokenizer(model))
         calibration_ids = load_calibration(
             config.calibration, tokenizer, config.num_samples, config.sequence_length, config.seed,
             split=config.calibration_split, column=config.calibration_column, subset=config.calibration_subset,
@@ -77,6 +81,9 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         if use_cache is not None:
             model.config.use_cache = use_cache
 
+    if gguf is not None:
+        detach_gguf(model)  # pruned weights are plain tensors: drop the GGUF quantizer so save_pretrained works
+
     calibration = describe_calibration(config.calibration) or config.calibration_descriptor
     if calibration is not None and method.needs_calibration:
         calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
@@ -86,7 +93,9 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         modules={name: round(value, 6) for name, value in result.achieved.items()},
         method_options=method.options.to_dict(), calibration=calibration if method.needs_calibration else None,
         overall_sparsity=round(result.overall_sparsity, 6),
-        base_model=getattr(model, "name_or_path", None) or None,
+        # A GGUF file by its name and content hash: the folder it was read from is someone's local path.
+        base_model=gguf.name if gguf else getattr(model, "name_or_path", None) or None,
+        base_model_sha256=gguf.sha256() if gguf else None,
     )
     write_record(model, record)
     logger.info("pruned %d modules with %s (%s): overall sparsity %.4f", len(record.modules), config.method,

@@ -17,6 +17,7 @@ Shape (``format_version`` 1)::
       "calibration": {"kind": "name_or_path", "name": "...", "num_samples": 128, "sequence_length": 2048, "seed": 0},
       "evaluation": {"dense_perplexity": 53.1, "pruned_perplexity": 56.4, ...},  # optional, for model cards
       "base_model": "org/name",                    # optional: what was pruned (model cards)
+      "base_model_sha256": "9f86d08...",          # optional: sha256 of the base file (a GGUF checkpoint)
       "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...}   # optional: after recovery
     }
 
@@ -27,6 +28,7 @@ Masks are the exact zeros of the listed modules' weights: :func:`get_masks` rest
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +57,7 @@ class SparsityRecord:
     evaluation: dict[str, float] = field(default_factory=dict)
     base_model: str | None = None
     recovery: dict[str, Any] | None = None
+    base_model_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +73,7 @@ class SparsityRecord:
             "evaluation": dict(self.evaluation),
             # Optional keys are written only when set, so records of plain pruning keep their exact shape.
             **({"base_model": self.base_model} if self.base_model is not None else {}),
+            **({"base_model_sha256": self.base_model_sha256} if self.base_model_sha256 is not None else {}),
             **({"recovery": dict(self.recovery)} if self.recovery is not None else {}),
         }
 
@@ -106,11 +110,14 @@ class SparsityRecord:
         if not (base_model is None or isinstance(base_model, str)) or not (recovery is None or isinstance(recovery, dict)):
             raise ValueError(f"{RECORD_KEY}: base_model must be a string and recovery an object, got {base_model!r}, "
                              f"{recovery!r}")
+        base_sha256 = data.get("base_model_sha256")
+        if base_sha256 is not None and not (isinstance(base_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", base_sha256)):
+            raise ValueError(f"{RECORD_KEY}.base_model_sha256 must be 64 lowercase hex digits, got {base_sha256!r}")
         return cls(
             method=data["method"], pattern=pattern, target_sparsity=float(target),
             modules={k: float(v) for k, v in modules.items()}, method_options=options, calibration=calibration,
             overall_sparsity=data.get("overall_sparsity"), evaluation=evaluation, base_model=base_model,
-            recovery=recovery,
+            recovery=recovery, base_model_sha256=base_sha256,
         )
 
 
