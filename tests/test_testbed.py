@@ -20,6 +20,11 @@ from hf_sparse.integrations.gguf import file_sha256
 from hf_sparse.masks import is_valid_n_m
 
 pytestmark = pytest.mark.slow
+
+
+def assert_half_sparse(record) -> None:
+    # Exactly half pruned, plus the few weights that dequantize from 4 bits to an exact zero of their own.
+    assert 0.5 <= record.overall_sparsity < 0.5001, record.overall_sparsity
 WINDOWS = 8
 CALIBRATION = dict(calibration=str(CALIBRATION_TXT), num_samples=16, sequence_length=128, seed=0)
 
@@ -67,8 +72,7 @@ def test_wanda_and_sparsegpt_2of4_beat_magnitude(testbed_dir, testbed_tokenizer,
     for method in ("magnitude", "wanda", "sparsegpt"):
         model = load(testbed_dir)
         cfg = hf_sparse.SparsityConfig(method=method, pattern="2:4", **CALIBRATION)
-        record = hf_sparse.prune(model, cfg, tokenizer=testbed_tokenizer, show_progress=False)
-        assert record.overall_sparsity == 0.5
+        assert_half_sparse(hf_sparse.prune(model, cfg, tokenizer=testbed_tokenizer, show_progress=False))
         perplexities[method] = evaluate(model)
     assert all(math.isfinite(value) for value in perplexities.values())
     # On this model 2:4 magnitude costs ~40x dense; calibration-aware methods keep a fraction of that loss.
@@ -96,7 +100,7 @@ def test_gguf_prune_on_load_saves_and_reloads(gguf_file, tmp_path):
                                                  sparsity_config=cfg)
     assert not hasattr(model, "hf_quantizer")
     record = hf_sparse.read_record(model)
-    assert record.overall_sparsity == 0.5
+    assert_half_sparse(record)
     for name in record.modules:
         assert is_valid_n_m(model.get_submodule(name).weight, 2, 4), name
     model.save_pretrained(tmp_path / "pruned")
@@ -108,6 +112,7 @@ def test_prune_after_a_gguf_load_leaves_the_model_savable(gguf_file, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     with pytest.raises(ValueError, match="not serializable"):  # transformers' own refusal, before pruning
         model.save_pretrained(tmp_path / "dense")
-    hf_sparse.prune(model, hf_sparse.SparsityConfig(method="magnitude", pattern="2:4"), show_progress=False)
+    record = hf_sparse.prune(model, hf_sparse.SparsityConfig(method="magnitude", pattern="2:4"), show_progress=False)
+    assert record.base_model == testbed.GGUF_FILE
     model.save_pretrained(tmp_path / "pruned")
     _assert_plain_pruned_checkpoint(tmp_path / "pruned", gguf_file, model)

@@ -32,6 +32,9 @@ from ..config import QUANT_METHOD, SparsityConfig
 logger = logging.getLogger(__name__)
 
 GGUF_QUANT_METHOD = "gguf"
+# A dequantized GGUF load leaves no trace of the file (transformers drops its quantizer), so the prune-on-load path
+# notes the source on the model under this attribute until pruning has recorded it.
+_SOURCE_ATTRIBUTE = "_hf_sparse_gguf_source"
 _HASH_CHUNK = 1 << 20
 
 
@@ -89,7 +92,15 @@ def _resolve(name_or_path: str, gguf_file: str) -> Path | None:
 
 
 def gguf_source(model: nn.Module) -> GgufSource | None:
-    """The GGUF file ``model`` was loaded from (``from_pretrained(..., gguf_file=...)``), or ``None``."""
+    """The GGUF file ``model`` was loaded from (``from_pretrained(..., gguf_file=...)``), or ``None``.
+
+    Known when transformers' GGUF quantizer is still attached (the default load) or when the model came through
+    :func:`from_pretrained_gguf`; a model the caller loaded with ``GgufConfig(dequantize=True)`` carries no trace of
+    the file and counts as an ordinary model.
+    """
+    noted = getattr(model, _SOURCE_ATTRIBUTE, None)
+    if noted is not None:
+        return noted
     quantizer = getattr(model, "hf_quantizer", None)
     config = getattr(quantizer, "quantization_config", None)
     if config is None or _quant_method(config) != GGUF_QUANT_METHOD or not getattr(config, "gguf_file", None):
@@ -121,6 +132,8 @@ def detach_gguf(model: nn.Module) -> None:
     from .transformers import remove_quantization_state
 
     remove_quantization_state(model)
+    if _SOURCE_ATTRIBUTE in vars(model):
+        delattr(model, _SOURCE_ATTRIBUTE)
 
 
 def _pop_sparsity_config(kwargs: dict[str, Any]) -> SparsityConfig | None:
@@ -172,5 +185,7 @@ def from_pretrained_gguf(load: Callable[..., nn.Module], pretrained_model_name_o
     HfSparseQuantizer(config, pre_quantized=False).validate_environment()
     kwargs["quantization_config"] = _dequantizing_config(kwargs.get("quantization_config"))
     model = load(pretrained_model_name_or_path, *model_args, **kwargs)
+    name_or_path, gguf_file = str(pretrained_model_name_or_path), str(kwargs["gguf_file"])
+    setattr(model, _SOURCE_ATTRIBUTE, GgufSource(name_or_path, gguf_file, _resolve(name_or_path, gguf_file)))
     prune(model, config, tokenizer=config.tokenizer)
     return model
