@@ -223,9 +223,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.skip_quality:
         jobs = [dict(common, method="dense", pattern="unstructured", sparsity=None)]
-        jobs += [dict(common, method=m, pattern=p, sparsity=s, label=label) for m in methods for label, p, s in patterns]
+        # Pattern by pattern, so a run cut short has whole columns (every method at the first pattern) to show.
+        jobs += [dict(common, method=m, pattern=p, sparsity=s, label=label) for label, p, s in patterns for m in methods]
+        outputs = []
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            outputs = list(pool.map(run_worker, jobs))
+            # Each run is reported as it finishes, so a long benchmark cut short still shows what it measured.
+            for job, out in zip(jobs, pool.map(run_worker, jobs)):
+                outputs.append(out)
+                print(f"done: {job['method']} {job.get('label', '')}: perplexity {out['perplexity']:.2f}, "
+                      f"prune {out['seconds']:.1f} s, sparsity {out['sparsity']:.4f}", flush=True)
         dense = outputs[0]
         windows = "all" if max_windows is None else f"first {max_windows}"
         reference = REFERENCE.get(model_name, {})
