@@ -1,10 +1,12 @@
-"""Benchmark the pruning methods on the project's pretrained model: quality, wall time and peak memory.
+"""Benchmark the pruning methods on a pretrained model: quality, wall time and peak memory.
 
-Part 1, for every method x pattern on ``../shared/models/llama-7m-books`` (``HF_SPARSE_SHARED`` overrides ``../shared``):
-wall seconds of ``hf_sparse.prune`` (calibration included), peak RSS, and dense/pruned perplexity. Calibration is 32
-windows of 256 tokens drawn with seed 0 from ``calibration.txt``; perplexity is over every non-overlapping 256-token
-window of ``wikitext2-test.txt`` (``--max-windows`` shortens it) -- the settings of the reference table in
-``../shared/ASSETS.md``.
+Part 1, for every method x pattern on ``--model``: the project's 7M LLaMA ``../shared/models/llama-7m-books``
+(``HF_SPARSE_SHARED`` overrides ``../shared``), or ``smollm2``, SmolLM2-135M-Instruct from the test-bed
+(``examples/make_testbed.py``; built on first use), or any local folder: wall seconds of ``hf_sparse.prune``
+(calibration included), peak RSS, and dense/pruned perplexity, beside the reference code's perplexity where
+``../shared/ASSETS.md`` has one. Calibration is 32 windows of 256 tokens drawn with seed 0 from ``calibration.txt``;
+perplexity is over the non-overlapping 256-token windows of ``wikitext2-test.txt``: all of them for llama-7m-books,
+the first 64 for SmolLM2 (``--max-windows`` changes it) -- the settings of the reference tables in ASSETS.md.
 
 Part 2 shows that pruning memory does not grow with depth beyond the model's own weights: random Llamas of the same
 width with 6, 12 and 24 blocks are pruned with SparseGPT, and peak RSS minus the weight bytes stays flat, because the
@@ -14,6 +16,7 @@ Every run is a fresh subprocess, so each peak RSS belongs to that run alone.
 
     python examples/benchmark_pruning.py                          # everything (~1 h on 2 busy CPU cores)
     python examples/benchmark_pruning.py --max-windows 200 --methods wanda,sparsegpt --patterns 2:4
+    python examples/benchmark_pruning.py --model smollm2 --methods magnitude,wanda,sparsegpt,fista --depths ''
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
 RESULT_PREFIX = "BENCHMARK-RESULT "
 MB = 1024 * 1024
+SMOLLM2 = "smollm2"
+#: Default evaluation windows per model: the reference tables' settings (None: every window).
+DEFAULT_WINDOWS = {"llama-7m-books": None, SMOLLM2: 64}
+#: Perplexity of the reference code (the Wanda authors' lib/prune.py, calibration seed 0) from ../shared/ASSETS.md.
+REFERENCE = {
+    "llama-7m-books": {("dense", "-"): 53.06,
+                       ("magnitude", "50%"): 56.90, ("magnitude", "2:4"): 63.27, ("magnitude", "70%"): 80.02,
+                       ("wanda", "50%"): 56.37, ("wanda", "2:4"): 62.10, ("wanda", "70%"): 75.63,
+                       ("sparsegpt", "50%"): 55.08, ("sparsegpt", "2:4"): 57.73, ("sparsegpt", "70%"): 64.43},
+    SMOLLM2: {("dense", "-"): 33.94, ("wanda", "50%"): 63.12, ("wanda", "2:4"): 150.81,
+              ("sparsegpt", "50%"): 49.66, ("sparsegpt", "2:4"): 69.09},
+}
 
 
 def peak_rss_bytes() -> int:
@@ -69,7 +84,7 @@ def worker_pretrained(job: dict) -> dict:
     from hf_sparse.threads import set_num_threads
 
     set_num_threads(job["threads"])
-    model_dir = Path(job["shared"]) / "models" / "llama-7m-books"
+    model_dir = Path(job["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     heldout = (Path(job["shared"]) / "data" / "wikitext2-test.txt").read_text(encoding="utf-8")
@@ -144,16 +159,39 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def resolve_model(name: str, parser: argparse.ArgumentParser) -> tuple[Path, str]:
+    """``(folder, display name)`` for ``--model``: the shared 7M LLaMA, the SmolLM2 test-bed, or a local folder."""
+    if name == SMOLLM2:
+        from hf_sparse import testbed
+
+        try:
+            return testbed.ensure_testbed(), SMOLLM2
+        except testbed.TestbedUnavailable as error:
+            parser.error(str(error))
+    folder = SHARED / "models" / name if name == "llama-7m-books" else Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        parser.error(f"--model {name!r}: no model folder at {folder} (for llama-7m-books set HF_SPARSE_SHARED)")
+    return folder, name
+
+
 def main(argv: list[str] | None = None) -> None:
     from hf_sparse.cli.common import add_threads_argument
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-7m-books",
+                        help=f"'llama-7m-books' (../shared), '{SMOLLM2}' (the test-bed) or a local model folder "
+                             "(default: %(default)s)")
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt",
                         help="comma-separated registered methods (default: %(default)s)")
     parser.add_argument("--patterns", default="50%,2:4,70%",
                         help="comma-separated: a percentage for unstructured, or N:M (default: %(default)s)")
     parser.add_argument("--max-windows", type=int, default=None,
-                        help="evaluate on the first N 256-token windows only (default: all 1458)")
+                        help="evaluate on the first N 256-token windows only (default: all 1458 for llama-7m-books, "
+                             "64 for smollm2; 0: all)")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -185,33 +223,43 @@ def main(argv: list[str] | None = None) -> None:
         patterns = [(text, *parse_pattern(text)) for text in args.patterns.split(",") if text]
     except ValueError as error:
         parser.error(str(error))
-    common = dict(kind="pretrained", shared=str(SHARED), num_samples=args.num_samples,
+    model_dir, model_name = resolve_model(args.model, parser) if not args.skip_quality else (None, args.model)
+    max_windows = DEFAULT_WINDOWS.get(model_name) if args.max_windows is None else (args.max_windows or None)
+    common = dict(kind="pretrained", shared=str(SHARED), model_dir=str(model_dir), num_samples=args.num_samples,
                   sequence_length=args.sequence_length, seed=args.seed, eval_sequence_length=256,
-                  max_windows=args.max_windows, threads=threads)
+                  max_windows=max_windows, threads=threads)
     results: dict = {"settings": {k: v for k, v in common.items() if k != "kind"}, "quality": [], "depth": []}
     started = time.perf_counter()
 
     if not args.skip_quality:
-        if not (SHARED / "models" / "llama-7m-books").exists():
-            parser.error(f"the pretrained model is not at {SHARED / 'models' / 'llama-7m-books'}: set HF_SPARSE_SHARED")
         jobs = [dict(common, method="dense", pattern="unstructured", sparsity=None)]
-        jobs += [dict(common, method=m, pattern=p, sparsity=s, label=label) for m in methods for label, p, s in patterns]
+        # Pattern by pattern, so a run cut short has whole columns (every method at the first pattern) to show.
+        jobs += [dict(common, method=m, pattern=p, sparsity=s, label=label) for label, p, s in patterns for m in methods]
+        outputs = []
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            outputs = list(pool.map(run_worker, jobs))
+            # Each run is reported as it finishes, so a long benchmark cut short still shows what it measured.
+            for job, out in zip(jobs, pool.map(run_worker, jobs)):
+                outputs.append(out)
+                print(f"done: {job['method']} {job.get('label', '')}: perplexity {out['perplexity']:.2f}, "
+                      f"prune {out['seconds']:.1f} s, sparsity {out['sparsity']:.4f}", flush=True)
         dense = outputs[0]
-        windows = "all" if args.max_windows is None else f"first {args.max_windows}"
-        print(f"\nPruning llama-7m-books ({SHARED}); calibration {args.num_samples} x {args.sequence_length} tokens, "
+        windows = "all" if max_windows is None else f"first {max_windows}"
+        reference = REFERENCE.get(model_name, {})
+        print(f"\nPruning {model_name} ({model_dir}); calibration {args.num_samples} x {args.sequence_length} tokens, "
               f"seed {args.seed}; perplexity on {windows} non-overlapping 256-token windows of wikitext2-test.txt")
-        print(f"dense perplexity {dense['perplexity']:.2f}; loading the model + evaluating: peak RSS "
+        print(f"dense perplexity {dense['perplexity']:.2f} (reference code: "
+              f"{_fmt(reference.get(('dense', '-')))}); loading the model + evaluating: peak RSS "
               f"{dense['peak_rss'] / MB:.0f} MB\n")
         rows = []
         for job, out in zip(jobs[1:], outputs[1:]):
             results["quality"].append({**job, **out, "dense_perplexity": dense["perplexity"]})
+            ref = reference.get((job["method"], job["label"]))
+            delta = f"{out['perplexity'] / ref - 1:+.1%}" if ref else "-"
             rows.append([job["method"], job["label"], f"{dense['perplexity']:.2f}", f"{out['perplexity']:.2f}",
-                         f"{out['sparsity']:.4f}", f"{out['seconds']:.1f}", f"{out['peak_rss'] / MB:.0f}",
-                         f"{(out['peak_rss'] - out['rss_loaded']) / MB:.0f}"])
-        print(table(["method", "pattern", "dense ppl", "pruned ppl", "sparsity", "prune s", "peak RSS MB",
-                     "peak - loaded MB"], rows))
+                         _fmt(ref), delta, f"{out['sparsity']:.4f}", f"{out['seconds']:.1f}",
+                         f"{out['peak_rss'] / MB:.0f}", f"{(out['peak_rss'] - out['rss_loaded']) / MB:.0f}"])
+        print(table(["method", "pattern", "dense ppl", "pruned ppl", "reference ppl", "vs reference", "sparsity",
+                     "prune s", "peak RSS MB", "peak - loaded MB"], rows))
 
     depths = [int(d) for d in args.depths.split(",") if d]
     if depths:

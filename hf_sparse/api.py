@@ -18,6 +18,7 @@ from .calibration import (
 )
 from .config import SparsityConfig
 from .engine import LayerwiseEngine
+from .integrations.gguf import check_gguf_weights_dense, detach_gguf, gguf_source
 from .methods import build_method
 from .record import SparsityRecord, merge_records, overall_sparsity, read_record, write_record
 
@@ -43,12 +44,15 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     config.validate()  # again: a field may have been changed since the config was built
     method = build_method(config.method, config.method_options)
     previous = read_record(model)  # an earlier pass (validated: a bad record raises before anything is pruned)
+    gguf = gguf_source(model)  # loaded from a .gguf file: its weights must be dense, its tokenizer is in the file
+    if gguf is not None:
+        check_gguf_weights_dense(model)
     calibration_ids = None
     if method.needs_calibration:
         check_source(config.calibration, config.method)
         check_fits_model(config.calibration, config.sequence_length, model)
         if not is_token_source(config.calibration):
-            tokenizer = tokenizer or config.tokenizer or tokenizer_for(model)
+            tokenizer = tokenizer or config.tokenizer or (gguf.load_tokenizer() if gguf else tokenizer_for(model))
         calibration_ids = load_calibration(
             config.calibration, tokenizer, config.num_samples, config.sequence_length, config.seed,
             split=config.calibration_split, column=config.calibration_column, subset=config.calibration_subset,
@@ -72,11 +76,17 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         if use_cache is not None:
             model.config.use_cache = use_cache
 
+    if gguf is not None:
+        detach_gguf(model)  # pruned weights are plain tensors: drop the GGUF quantizer so save_pretrained works
+
     calibration = describe_calibration(config.calibration) or config.calibration_descriptor
     if calibration is not None and method.needs_calibration:
         calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
                        "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
-    base_model, base_model_sha256 = describe_local_folder(getattr(model, "name_or_path", None) or None)
+    if gguf is not None:  # a GGUF file by its name and content hash: the folder it was read from is a local path
+        base_model, base_model_sha256 = gguf.name, gguf.sha256()
+    else:
+        base_model, base_model_sha256 = describe_local_folder(getattr(model, "name_or_path", None) or None)
     record = SparsityRecord(
         method=config.method, pattern=config.pattern, target_sparsity=config.sparsity,
         modules={name: round(value, 6) for name, value in result.achieved.items()},

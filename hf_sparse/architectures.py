@@ -71,6 +71,13 @@ register_architecture(ArchitectureAdapter(
     operator_groups=_LLAMA_GROUPS,
 ))
 register_architecture(ArchitectureAdapter(
+    model_types=("gemma3_text",),
+    blocks_path=("model.layers", "layers"),
+    operator_groups=_LLAMA_GROUPS,
+    notes="Llama's operators; q_norm/k_norm are RMSNorms, not linears. Sliding-window and full-attention layers "
+          "get their own masks and rotary bases, which the engine captures per block (config.layer_types).",
+))
+register_architecture(ArchitectureAdapter(
     model_types=("opt",),
     blocks_path=("model.decoder.layers", "decoder.layers"),
     operator_groups=(

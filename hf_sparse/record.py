@@ -18,7 +18,7 @@ Shape (``format_version`` 1: one pruning pass)::
                       "sequence_length": 2048, "seed": 0},     # a local file by base name + hash, a dataset by name
       "evaluation": {"dense_perplexity": 53.1, "pruned_perplexity": 56.4, ...},  # optional, for model cards
       "base_model": "org/name",                    # optional: a Hub id, or a local folder's base name ...
-      "base_model_sha256": "...",                  # ... with the hash of that folder's files
+      "base_model_sha256": "...",                  # ... with the hash of that folder's files (or of the GGUF file)
       "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...},  # optional: after recovery
       "storage": {"format": "hf_sparse_compact", "version": 1, "dense_bytes": ..., "stored_bytes": ...}
                                                    # optional: only in compact checkpoints (hf_sparse.formats)

@@ -33,6 +33,7 @@ from ..api import prune
 from ..calibration import check_fits_model, check_source, is_token_source, tokenizer_for
 from ..config import QUANT_METHOD, SparsityConfig
 from ..engine import check_device_available, plan_targets
+from .gguf import from_pretrained_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,8 @@ def _wrap(original: classmethod) -> classmethod:
 
     @functools.wraps(function)
     def from_pretrained(cls, *args, **kwargs):
+        if kwargs.get("gguf_file"):  # transformers loads GGUF through its own quantizer: prune after the load
+            return from_pretrained_gguf(functools.partial(function, cls), *args, **kwargs)
         kwargs = _move_sparsity_kwarg(kwargs)
         with _explicit_config(kwargs):
             return function(cls, *args, **kwargs)
@@ -297,8 +300,11 @@ class AutoSparseModelForCausalLM:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args,
                         sparsity_config: SparsityConfig | dict | None = None, **kwargs) -> PreTrainedModel:
         """Load ``pretrained_model_name_or_path`` and, given a ``sparsity_config``, prune it as it loads."""
-        kwargs = _move_sparsity_kwarg(kwargs, sparsity_config)
-        # Call the unwrapped function: the keyword is already converted, and this must not depend on the hook.
+        # Call the unwrapped function: the keyword is converted here, and this must not depend on the hook.
         original = _ORIGINALS.get(AutoModelForCausalLM, AutoModelForCausalLM.__dict__["from_pretrained"]).__func__
+        if kwargs.get("gguf_file"):
+            return from_pretrained_gguf(functools.partial(original, AutoModelForCausalLM), pretrained_model_name_or_path,
+                                        *model_args, sparsity_config=sparsity_config, **kwargs)
+        kwargs = _move_sparsity_kwarg(kwargs, sparsity_config)
         with _explicit_config(kwargs):
             return original(AutoModelForCausalLM, pretrained_model_name_or_path, *model_args, **kwargs)
