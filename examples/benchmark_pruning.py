@@ -110,20 +110,32 @@ def worker_pretrained(job: dict) -> dict:
     return result
 
 
-def worker_depth(job: dict) -> dict:
+def _depth_model(job: dict):
+    """A random Llama of llama-7m-books' width with ``blocks`` blocks, or ``--depth-model`` cut to its first blocks."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    import hf_sparse
-
+    if job["kind"] == "depth_real":
+        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+        del model.model.layers[job["blocks"]:]
+        model.config.num_hidden_layers = job["blocks"]
+        return model
     torch.manual_seed(0)
     # Same width as llama-7m-books; only the number of decoder blocks changes.
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8,
                          num_key_value_heads=4, max_position_embeddings=1024, num_hidden_layers=job["blocks"],
                          tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def worker_depth(job: dict) -> dict:
+    import torch
+
+    import hf_sparse
+
+    model = _depth_model(job)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    calibration = torch.randint(0, 4096, (job["num_samples"], job["sequence_length"]),
+    calibration = torch.randint(0, model.config.vocab_size, (job["num_samples"], job["sequence_length"]),
                                 generator=torch.Generator().manual_seed(0))
     rss_loaded = current_rss_bytes()
     start = time.perf_counter()
@@ -198,31 +210,8 @@ def worker_reference_speed(job: dict) -> dict:
     return result
 
 
-def worker_depth_real(job: dict) -> dict:
-    """SparseGPT 2:4 on the first ``blocks`` decoder blocks of a real checkpoint (the others are dropped)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import hf_sparse
-
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
-    del model.model.layers[job["blocks"]:]
-    model.config.num_hidden_layers = job["blocks"]
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    calibration = torch.randint(0, model.config.vocab_size, (job["num_samples"], job["sequence_length"]),
-                                generator=torch.Generator().manual_seed(0))
-    rss_loaded = current_rss_bytes()
-    start = time.perf_counter()
-    hf_sparse.prune(model, hf_sparse.SparsityConfig(method="sparsegpt", pattern="2:4", calibration=calibration,
-                                                    num_samples=job["num_samples"],
-                                                    sequence_length=job["sequence_length"], batch_size=8),
-                    show_progress=False)
-    seconds = time.perf_counter() - start
-    return {"weight_bytes": weight_bytes, "rss_loaded": rss_loaded, "peak_rss": peak_rss_bytes(), "seconds": seconds}
-
-
 REFERENCE_METHODS = ("magnitude", "wanda", "sparsegpt")
-WORKERS = {"pretrained": worker_pretrained, "depth": worker_depth, "depth_real": worker_depth_real,
+WORKERS = {"pretrained": worker_pretrained, "depth": worker_depth, "depth_real": worker_depth,
            "reference_speed": worker_reference_speed}
 
 
