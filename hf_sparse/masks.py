@@ -127,8 +127,15 @@ def select_unstructured(scores: torch.Tensor, sparsity: float, per_row: bool = F
     return _lowest_k_mask(scores.reshape(-1), k).reshape(scores.shape)
 
 
+#: Largest group size M for which :func:`select_n_m` ranks by pairwise comparisons (M·(M−1) element-wise passes);
+#: larger groups are sorted.
+_PAIRWISE_MAX_M = 8
+
+
 def select_n_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask with the ``n`` highest scores kept in every group of ``m`` consecutive inputs of each row.
+
+    Of equal scores the earliest is pruned first (the order of a stable ascending sort).
 
     >>> select_n_m(torch.tensor([[1., 4., 3., 2.]]), 2, 4).tolist()
     [[False, True, True, False]]
@@ -136,11 +143,29 @@ def select_n_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"an {n}:{m} pattern needs the input dimension to be a multiple of {m}, got {cols}")
-    groups = scores.reshape(rows, cols // m, m)
-    order = torch.argsort(groups, dim=-1, stable=True)
-    mask = torch.ones_like(groups, dtype=torch.bool)
-    mask.scatter_(-1, order[..., : m - n], False)
-    return mask.reshape(rows, cols)
+    if m > _PAIRWISE_MAX_M or torch.isnan(scores.sum()):  # (a sum is NaN when any score is; one cheap pass)
+        # Large groups, or NaN, which has no place in comparisons (a sort puts it last, as the largest score).
+        groups = scores.reshape(rows, cols // m, m)
+        order = torch.argsort(groups, dim=-1, stable=True)
+        mask = torch.ones_like(groups, dtype=torch.bool)
+        mask.scatter_(-1, order[..., : m - n], False)
+        return mask.reshape(rows, cols)
+    # A score's position in the stable ascending order of its group is the number of members sorting before it:
+    # smaller ones, and equal ones further left. It is kept when that position is at least m - n. That is m·(m−1)
+    # vectorised comparisons over all groups at once, several times faster than argsort, which sorts every tiny
+    # group separately. Buffers are reused: allocating large temporaries costs as much as the comparisons.
+    groups = scores.reshape(-1, m)  # (groups, m)
+    keep = torch.empty_like(groups, dtype=torch.bool)
+    position = torch.empty(groups.shape[0], dtype=torch.uint8, device=scores.device)
+    sorts_before = torch.empty(groups.shape[0], dtype=torch.bool, device=scores.device)
+    for i in range(m):
+        position.zero_()
+        for j in range(m):
+            if j != i:
+                (torch.le if j < i else torch.lt)(groups[:, j], groups[:, i], out=sorts_before)
+                position += sorts_before
+        torch.ge(position, m - n, out=keep[:, i])
+    return keep.reshape(rows, cols)
 
 
 def select_mask(scores: torch.Tensor, pattern: SparsityPattern, sparsity: float, per_row: bool = False) -> torch.Tensor:

@@ -123,12 +123,15 @@ class LayerwiseEngine:
                       device: torch.device) -> tuple[int, int]:
         with readable_weight(target.module, device) as weight:
             original_dtype = weight.dtype
-            new_weight, mask = self.method.prune_weight(
-                weight.to(device, torch.float32).clone(), stats, self.pattern, target.sparsity
-            )
-            final = (new_weight * mask).to(original_dtype)
+            work = weight.to(device, torch.float32)
+            if work is weight:  # already float32 on the device: the method still gets a copy of its own
+                work = work.clone()
+            new_weight, mask = self.method.prune_weight(work, stats, self.pattern, target.sparsity)
+            # Methods without a weight update hand back the engine's own copy: mask it in place rather than allocate
+            # another full matrix (on a 135M model the copies cost as much as the N:M selection itself).
+            final = (new_weight.mul_(mask) if new_weight is work else new_weight * mask).to(original_dtype)
             write_weight(target.module, final)
-        return int((final == 0).sum().item()), final.numel()
+        return final.numel() - int(torch.count_nonzero(final)), final.numel()
 
     # -- per block ----------------------------------------------------------------------------------------------
     def prune_block(self, block: nn.Module, groups: list[list[PruningTarget]], inputs: BlockInputs | None,
