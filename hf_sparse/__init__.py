@@ -16,6 +16,7 @@ from .integrations.transformers import (
     install_from_pretrained_hook,
     uninstall_from_pretrained_hook,
 )
+from .integrations import structured as _structured_loading  # noqa: F401  (registers the shape loader)
 from .integrations import hub, peft  # hf_sparse.peft.get_sparse_peft_model, hf_sparse.hub.save_with_model_card
 from . import training
 

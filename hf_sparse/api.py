@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -12,6 +13,7 @@ from .config import SparsityConfig, describe_calibration
 from .engine import LayerwiseEngine
 from .methods import build_method
 from .record import SparsityRecord, write_record
+from .surgery import removed_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,55 @@ def _load_tokenizer(model: nn.Module):
     if not source:
         raise ValueError("text calibration needs a tokenizer and the model has no name_or_path: pass tokenizer=...")
     return AutoTokenizer.from_pretrained(source)
+
+
+def _calibration_entry(config: SparsityConfig, method, calibration_ids) -> dict | None:
+    """The record's description of the calibration data actually used."""
+    if not method.needs_calibration:
+        return None
+    calibration = describe_calibration(config.calibration) or config.calibration_descriptor
+    if calibration is not None:
+        calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
+                       "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
+    return calibration
+
+
+@contextlib.contextmanager
+def _inference_mode(model: nn.Module, seed: int):
+    """Eval mode, no KV cache, and a seeded RNG forked from the caller's, all restored afterwards."""
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+
+def _prune_structured(model: nn.Module, config: SparsityConfig, method, calibration_ids,
+                      show_progress: bool) -> SparsityRecord:
+    """pattern="structured": the method decides block edits, surgery makes the modules smaller."""
+    from .structured_pipeline import run_structured
+
+    with _inference_mode(model, config.seed):
+        structure = run_structured(model, method, calibration_ids, config.sparsity, batch_size=config.batch_size,
+                                   device=config.device, show_progress=show_progress)
+    record = SparsityRecord(
+        method=config.method, pattern=config.pattern, target_sparsity=config.sparsity, modules={},
+        method_options=method.options.to_dict(), calibration=_calibration_entry(config, method, calibration_ids),
+        overall_sparsity=removed_fraction(structure), base_model=getattr(model, "name_or_path", None) or None,
+        structure=structure,
+    )
+    write_record(model, record)
+    logger.info("%s removed %.4f of the decoder-block parameters (%d -> %d), %d blocks removed", config.method,
+                record.overall_sparsity, structure["original"]["block_parameters"], structure["block_parameters"],
+                len(structure["removed_blocks"]))
+    return record
 
 
 def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_progress: bool = True) -> SparsityRecord:
@@ -59,32 +110,20 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
             split=config.calibration_split, column=config.calibration_column, subset=config.calibration_subset,
         )
 
+    if config.parsed_pattern.is_structured:
+        return _prune_structured(model, config, method, calibration_ids, show_progress)
     engine = LayerwiseEngine(
         method, config.parsed_pattern, lambda _name: config.sparsity, include=config.include, exclude=config.exclude,
         device=config.device, parallel=config.parallel, num_workers=config.num_workers, show_progress=show_progress,
     )
-    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
-    model.eval()
-    if use_cache is not None:
-        model.config.use_cache = False
-    try:
-        # Seeded for reproducibility, in a forked RNG state so the caller's random stream is left as it was.
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            torch.manual_seed(config.seed)
-            result = engine.run(model, calibration_ids, batch_size=config.batch_size)
-    finally:
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+    # Seeded for reproducibility, in a forked RNG state so the caller's random stream is left as it was.
+    with _inference_mode(model, config.seed):
+        result = engine.run(model, calibration_ids, batch_size=config.batch_size)
 
-    calibration = describe_calibration(config.calibration) or config.calibration_descriptor
-    if calibration is not None and method.needs_calibration:
-        calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
-                       "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
     record = SparsityRecord(
         method=config.method, pattern=config.pattern, target_sparsity=config.sparsity,
         modules={name: round(value, 6) for name, value in result.achieved.items()},
-        method_options=method.options.to_dict(), calibration=calibration if method.needs_calibration else None,
+        method_options=method.options.to_dict(), calibration=_calibration_entry(config, method, calibration_ids),
         overall_sparsity=round(result.overall_sparsity, 6),
         base_model=getattr(model, "name_or_path", None) or None,
     )

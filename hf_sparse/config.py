@@ -75,7 +75,9 @@ class SparsityConfig(QuantizationConfigMixin):
         metadata={"help": "Fraction of weights to remove in each pruned module, in [0, 1). Defaults to 0.5, or to "
                           "1 - N/M for an N:M pattern."},
     )
-    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'."})
+    pattern: str = field(default="unstructured", metadata={"help": "'unstructured', 'N:M' such as '2:4', '4:8', or "
+                                                                  "'structured' (whole heads/channels/blocks removed; "
+                                                                  "sparsity = fraction of decoder-block parameters)."})
     include: list[str] | None = field(
         default=None,
         metadata={"help": "Regular expressions (re.search) on full module names; only matching linears inside the "

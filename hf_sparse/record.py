@@ -20,6 +20,11 @@ Shape (``format_version`` 1)::
       "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...}   # optional: after recovery
     }
 
+Structured pruning (``pattern == "structured"``, ``format_version`` 2) adds ``"structure"``: the original dimensions
+and, per remaining block, the head and channel counts kept (see :mod:`hf_sparse.surgery.structure`, which validates
+it); ``modules`` is then empty (no masks: the matrices are smaller) and ``overall_sparsity`` is the fraction of
+decoder-block parameters removed. Records of ``format_version`` 1 are still read.
+
 Masks are the exact zeros of the listed modules' weights: :func:`get_masks` restores them without calibration.
 ``config.json`` is untrusted input, so :meth:`SparsityRecord.from_dict` validates every field.
 """
@@ -38,7 +43,8 @@ from .methods import get_method_class
 
 RECORD_KEY = "sparsity_config"
 FORMAT = "hf_sparse"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added the optional "structure" entry
 
 
 @dataclass
@@ -55,6 +61,7 @@ class SparsityRecord:
     evaluation: dict[str, float] = field(default_factory=dict)
     base_model: str | None = None
     recovery: dict[str, Any] | None = None
+    structure: dict[str, Any] | None = None  # shapes after structured pruning (hf_sparse.surgery.structure)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +78,7 @@ class SparsityRecord:
             # Optional keys are written only when set, so records of plain pruning keep their exact shape.
             **({"base_model": self.base_model} if self.base_model is not None else {}),
             **({"recovery": dict(self.recovery)} if self.recovery is not None else {}),
+            **({"structure": self.structure} if self.structure is not None else {}),
         }
 
     @classmethod
@@ -81,17 +89,23 @@ class SparsityRecord:
         if data.get("format") != FORMAT:
             raise ValueError(f"{RECORD_KEY}.format must be {FORMAT!r}, got {data.get('format')!r}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{RECORD_KEY}.format_version {version!r} is not supported by this hf_sparse (reads {FORMAT_VERSION})"
+                f"{RECORD_KEY}.format_version {version!r} is not supported by this hf_sparse (reads "
+                f"{list(READABLE_VERSIONS)})"
             )
+        structure = data.get("structure")
+        if structure is not None:
+            from .surgery.structure import validate_structure
+
+            structure = validate_structure(structure)
         get_method_class(data.get("method"))  # raises with the registered names
         pattern = str(SparsityPattern.parse(data.get("pattern")))
         target = data.get("target_sparsity")
         if not isinstance(target, (int, float)) or not 0 <= target < 1:
             raise ValueError(f"{RECORD_KEY}.target_sparsity must be a number in [0, 1), got {target!r}")
         modules = data.get("modules")
-        if not isinstance(modules, dict) or not modules:
+        if not isinstance(modules, dict) or (not modules and structure is None):
             raise ValueError(f"{RECORD_KEY}.modules must be a non-empty object of module name -> sparsity")
         for name, value in modules.items():
             if not isinstance(name, str) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -110,7 +124,7 @@ class SparsityRecord:
             method=data["method"], pattern=pattern, target_sparsity=float(target),
             modules={k: float(v) for k, v in modules.items()}, method_options=options, calibration=calibration,
             overall_sparsity=data.get("overall_sparsity"), evaluation=evaluation, base_model=base_model,
-            recovery=recovery,
+            recovery=recovery, structure=structure,
         )
 
 
@@ -164,6 +178,11 @@ def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
     if record is None:
         raise ValueError(
             f"this model has no {RECORD_KEY!r} in its config: it was not pruned by hf_sparse (or the record was removed)"
+        )
+    if record.structure is not None:
+        raise ValueError(
+            f"this model was pruned structurally ({record.method}): its matrices are smaller and have no masks; "
+            f"{RECORD_KEY}['structure'] lists the kept heads and channels per block"
         )
     modules = dict(model.named_modules())
     masks = {}

@@ -32,6 +32,8 @@ from ..api import prune
 from ..calibration import JSON_SUFFIXES, TEXT_SUFFIXES
 from ..config import QUANT_METHOD, SparsityConfig
 from ..engine import check_device_available, plan_targets
+from ..record import read_record
+from ..surgery import mark_for_loading
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,12 @@ class HfSparseQuantizer(HfQuantizer):
             return model
         # The model is still an empty (meta) skeleton: its layout and shapes are known, its weights are not loaded.
         config = self.quantization_config
+        if config.parsed_pattern.is_structured:
+            # Structured methods need the architecture's coupled structures: unsupported ones raise here.
+            from ..methods.structured import check_structures
+
+            check_structures(model, config.method)
+            return model
         # Unsupported architecture, include/exclude matching nothing, N:M not tiling a layer: all raise here.
         plan_targets(model, config.include, config.exclude, config.parsed_pattern, lambda _: config.sparsity)
         return model
@@ -92,6 +100,9 @@ class HfSparseQuantizer(HfQuantizer):
             # prune() loads AutoTokenizer.from_pretrained(model.name_or_path) itself when text calibration needs one.
             prune(model, config, tokenizer=config.tokenizer)
         remove_quantization_state(model)
+        # A structured result whose blocks differ keeps the marker that makes it load only through hf_sparse.
+        record = read_record(model)
+        mark_for_loading(model, record.structure if record is not None else None)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

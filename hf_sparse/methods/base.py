@@ -20,7 +20,9 @@ import torch
 from ..masks import SparsityPattern
 
 # Statistics a method can ask the engine for; see LinearStatistics for their meaning.
-STATISTICS = frozenset({"sq_norm", "hessian", "cross", "dense_hessian", "dense_output_sq_norm"})
+# "block_io" is asked for by structured methods (hf_sparse.methods.structured): whole decoder blocks' inputs and outputs
+# and their operators' input moments, served by the structured pipeline rather than per linear.
+STATISTICS = frozenset({"sq_norm", "hessian", "cross", "dense_hessian", "dense_output_sq_norm", "block_io"})
 
 
 @dataclass
