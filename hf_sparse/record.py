@@ -169,7 +169,8 @@ def overall_sparsity(model: nn.Module, module_names) -> float:
 def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
     """Keep-masks (``True`` = kept) of every module in the model's sparsity record, read from its exact zeros.
 
-    No calibration is run: a pruned checkpoint carries its masks as the zeros of its weights. With ``strict``,
+    No calibration is run: a pruned checkpoint carries its masks as the zeros of its weights. A structurally pruned
+    model has none (its matrices are smaller): the result is empty. With ``strict``,
     a module whose zero count no longer matches the record (weights changed by dense training) raises.
 
     >>> masks = hf_sparse.get_masks(AutoModelForCausalLM.from_pretrained("pruned-dir"))  # doctest: +SKIP
@@ -180,10 +181,9 @@ def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
             f"this model has no {RECORD_KEY!r} in its config: it was not pruned by hf_sparse (or the record was removed)"
         )
     if record.structure is not None:
-        raise ValueError(
-            f"this model was pruned structurally ({record.method}): its matrices are smaller and have no masks; "
-            f"{RECORD_KEY}['structure'] lists the kept heads and channels per block"
-        )
+        # Structured pruning made the matrices smaller instead of zeroing weights: every remaining weight is free,
+        # so there is nothing to keep (LoRA recovery and fine-tuning need no masks). The shapes are in "structure".
+        return {}
     modules = dict(model.named_modules())
     masks = {}
     for name, expected in record.modules.items():

@@ -60,10 +60,9 @@ def block_shape(adapter: ArchitectureAdapter, block: nn.Module) -> BlockShape:
     return BlockShape(heads, kv_heads, head_dim, channels)
 
 
-def _head_rows(head_indices, head_dim: int, stride: int | None = None) -> torch.Tensor:
-    """Row indices of the given heads when head ``h`` occupies rows ``h*stride : h*stride + head_dim``."""
-    stride = stride or head_dim
-    return torch.cat([torch.arange(h * stride, h * stride + head_dim) for h in head_indices])
+def _head_rows(head_indices, width: int) -> torch.Tensor:
+    """Row indices of the given heads when head ``h`` occupies rows ``h*width : (h+1)*width``."""
+    return torch.cat([torch.arange(h * width, (h + 1) * width) for h in head_indices])
 
 
 def _slice_linear(module: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
@@ -89,7 +88,7 @@ def _apply_attention(block: nn.Module, decl: AttentionHeads, edit: AttentionEdit
     if decl.layout == "fused_per_head":
         if edit.kept_query_heads != edit.kept_kv_heads:
             raise ValueError("fused per-head q/k/v (multi-head attention) keeps query and key/value heads together")
-        _slice_linear(_submodule(block, decl.query), rows=_head_rows(edit.kept_query_heads, d, stride=3 * d))
+        _slice_linear(_submodule(block, decl.query), rows=_head_rows(edit.kept_query_heads, 3 * d))
     else:
         _slice_linear(_submodule(block, decl.query), rows=out_cols)
         kv_rows = _head_rows(edit.kept_kv_heads, d)
