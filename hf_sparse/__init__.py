@@ -5,7 +5,9 @@
     model = AutoModelForCausalLM.from_pretrained(model_id, sparsity_config=cfg)   # prunes on load
 """
 
-from . import evaluation as evaluate
+import sys as _sys
+
+from . import evaluation
 from .api import prune
 from .config import SparsityConfig
 from .masks import SparsityPattern
@@ -17,8 +19,11 @@ from .integrations.transformers import (
     uninstall_from_pretrained_hook,
 )
 from .integrations import structured as _structured_loading  # noqa: F401  (registers the shape loader)
-from .integrations import hub, peft  # hf_sparse.peft.get_sparse_peft_model, hf_sparse.hub.save_with_model_card
-from . import training
+from . import hub, peft, recovery, training  # public submodules: `from hf_sparse.peft import get_sparse_peft_model`
+
+# `hf_sparse.evaluate` is the first wave's name for the evaluation module; `import hf_sparse.evaluate` works too.
+evaluate = evaluation
+_sys.modules[f"{__name__}.evaluate"] = evaluation
 
 # `from_pretrained(..., sparsity_config=cfg)` works once hf_sparse is imported; uninstall_from_pretrained_hook() undoes it.
 install_from_pretrained_hook()
@@ -33,12 +38,14 @@ __all__ = [
     "SparsityPattern",
     "SparsityRecord",
     "evaluate",
+    "evaluation",
     "get_masks",
     "hub",
     "install_from_pretrained_hook",
     "peft",
     "prune",
     "read_record",
+    "recovery",
     "register_method",
     "training",
     "uninstall_from_pretrained_hook",

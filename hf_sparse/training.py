@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .integrations.peft import _unwrap
+from .integrations.peft import unwrap_model
 from .record import get_masks
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class MaskKeeper:
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> None:
-        base = _unwrap(model)
+        base = unwrap_model(model)
         if masks is None:
             masks = get_masks(base)  # strict: raises if the zeros were already filled in
         modules = dict(base.named_modules())

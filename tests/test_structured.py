@@ -280,7 +280,7 @@ def test_structure_record_is_validated():
         validate_structure({**structure, "version": 9})
     # A format_version 1 record (unstructured, no "structure") is still read.
     v1 = {"format": "hf_sparse", "format_version": 1, "method": "wanda", "pattern": "2:4", "target_sparsity": 0.5,
-          "modules": {"model.layers.0.mlp.up_proj": 0.5}}
+          "overall_sparsity": 0.5, "modules": {"model.layers.0.mlp.up_proj": 0.5}}
     assert SparsityRecord.from_dict(v1).structure is None
 
 

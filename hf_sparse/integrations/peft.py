@@ -164,8 +164,8 @@ def register_sparse_lora(config: LoraConfig, mode: str = "masked") -> LoraConfig
     return config
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a PeftModel / DDP wrapper."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel / DDP wrapper (the model itself when it is not wrapped)."""
     while True:
         if isinstance(model, PeftModel):
             model = model.get_base_model()
@@ -182,12 +182,12 @@ def sparse_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     >>> masks = sparse_masks(pruned_model); sorted(masks)[:1]  # doctest: +SKIP
     ['model.layers.0.mlp.down_proj']
     """
-    return {name: mask for name, mask in get_masks(_unwrap(model)).items() if not bool(mask.all())}
+    return {name: mask for name, mask in get_masks(unwrap_model(model)).items() if not bool(mask.all())}
 
 
 @contextlib.contextmanager
 def _attached_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[None]:
-    modules = dict(_unwrap(model).named_modules())
+    modules = dict(unwrap_model(model).named_modules())
     tagged = []
     try:
         for name, mask in masks.items():
@@ -250,12 +250,12 @@ def get_sparse_peft_model(model: nn.Module, peft_config: LoraConfig | HiraConfig
     >>> merged = peft_model.merge_and_unload()  # same zeros, same N:M groups  # doctest: +SKIP
     """
     _check_mode(mode)
-    record = read_record(_unwrap(model))
+    record = read_record(unwrap_model(model))
     if record is None:
         raise ValueError("this model has no sparsity_config record (it was not pruned by hf_sparse); use "
                          "peft.get_peft_model directly, or prune it first with hf_sparse.prune")
-    if record.structure is not None:
-        # Structurally pruned: smaller matrices, no zeros to keep, so plain LoRA is exactly right.
+    if record.structure is not None and not record.modules:
+        # Structurally pruned only: smaller matrices, no zeros to keep, so plain LoRA is exactly right.
         return get_peft_model(model, peft_config, adapter_name=adapter_name, **kwargs)
     _warn_if_kbit_prepared(model)
     if isinstance(peft_config, HiraConfig):
@@ -299,7 +299,7 @@ def load_sparse_adapter(model: nn.Module, adapter_path: str, mode: str = "masked
 
 def _check_covered(peft_model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Every pruned module peft adapted must be one of ours; otherwise merging would densify it."""
-    modules = dict(_unwrap(peft_model).named_modules())
+    modules = dict(unwrap_model(peft_model).named_modules())
     adapted = 0
     for name in masks:
         module = modules.get(name)
@@ -319,4 +319,5 @@ __all__ = [
     "load_sparse_adapter",
     "register_sparse_lora",
     "sparse_masks",
+    "unwrap_model",
 ]

@@ -27,7 +27,7 @@ import torch
 from typing import TYPE_CHECKING
 
 from ..surgery import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits
-from .base import MethodOptions, register_method
+from .base import MethodOptions, PaperReference, register_method
 from .structured import StructuredPruningMethod
 
 if TYPE_CHECKING:
@@ -89,6 +89,9 @@ class FLAPPruning(StructuredPruningMethod):
     """Remove attention heads (key/value groups) and MLP channels by fluctuation, ranked across all layers."""
 
     name = "flap"
+    display_name = "FLAP"
+    paper = PaperReference("Fluctuation-based Adaptive Structured Pruning for Large Language Models",
+                           "An et al.", 2024, "https://arxiv.org/abs/2312.11983")
     removes = ("attention_heads", "mlp_channels")
     options_class = FLAPOptions
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from typing import TYPE_CHECKING
 
 from ..surgery import StructuredEdits
-from .base import register_method
+from .base import PaperReference, register_method
 from .structured import StructuredPruningMethod, blocks_for_fraction
 
 if TYPE_CHECKING:
@@ -41,6 +41,9 @@ class ShortGPTPruning(StructuredPruningMethod):
     """Layer removal by block influence, one calibration pass."""
 
     name = "shortgpt"
+    display_name = "ShortGPT"
+    paper = PaperReference("ShortGPT: Layers in Large Language Models are More Redundant Than You Expect",
+                           "Men et al.", 2024, "https://arxiv.org/abs/2403.03853")
     removes = ("blocks",)
 
     def plan_edits(self, session: StructuredSession, sparsity: float) -> StructuredEdits:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from typing import TYPE_CHECKING
 
 from ..surgery import StructuredEdits
-from .base import MethodOptions, register_method
+from .base import MethodOptions, PaperReference, register_method
 from .structured import StructuredPruningMethod, blocks_for_fraction
 
 if TYPE_CHECKING:
@@ -42,6 +42,9 @@ class SLEBPruning(StructuredPruningMethod):
     """Greedy, iterative layer removal: one calibration forward per candidate per step."""
 
     name = "sleb"
+    display_name = "SLEB"
+    paper = PaperReference("SLEB: Streamlining LLMs through Redundancy Verification and Elimination of Transformer Blocks",
+                           "Song et al.", 2024, "https://arxiv.org/abs/2402.09025")
     removes = ("blocks",)
     options_class = SLEBOptions
 

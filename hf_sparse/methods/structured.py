@@ -39,7 +39,8 @@ def blocks_for_fraction(num_blocks: int, sparsity: float) -> int:
 class StructuredPruningMethod(PruningMethod):
     """A method for ``pattern="structured"``: ``sparsity`` is the fraction of decoder-block parameters to remove."""
 
-    statistics: ClassVar[frozenset[str]] = frozenset({"block_io"})
+    # Calibration is measured through the StructuredSession (whole blocks, input moments, losses), not per linear.
+    needs_calibration: ClassVar[bool] = True
     supports_patterns: ClassVar[tuple[str, ...]] = ("structured",)
     #: structures the method removes (names from hf_sparse.architectures.STRUCTURES), checked before any weight loads
     removes: ClassVar[tuple[str, ...]] = ()
