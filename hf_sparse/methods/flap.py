@@ -63,7 +63,8 @@ class _Unit:
 
 
 def choose_units(units: list[_Unit], budget: float, totals: dict[tuple[int, str], int]) -> list[_Unit]:
-    """The lowest-scoring units whose total cost is closest to ``budget``, never the last unit of a kind in a block.
+    """Units in ascending score order, each taken when it brings the removed total closer to ``budget``; never the
+    last unit of a kind in a block.
 
     >>> u = [_Unit(0.1, 3, 0, "mlp_channel", 0), _Unit(0.2, 3, 0, "mlp_channel", 1), _Unit(0.3, 5, 0, "kv_group", 0)]
     >>> [x.index for x in choose_units(u, 4.0, {(0, "mlp_channel"): 3, (0, "kv_group"): 2})]
@@ -75,9 +76,10 @@ def choose_units(units: list[_Unit], budget: float, totals: dict[tuple[int, str]
     for unit in sorted(units, key=lambda u: (u.score, u.block, u.kind, u.index)):
         if left[(unit.block, unit.kind)] <= 1:
             continue
+        # The reference stops at the first unit that overshoots; going on with the smaller units that still bring
+        # the total closer lands within one MLP channel of the target instead of within one head.
         if abs(removed + unit.cost - budget) >= abs(removed - budget):
-            if removed + unit.cost > budget:
-                break
+            continue
         chosen.append(unit)
         removed += unit.cost
         left[(unit.block, unit.kind)] -= 1

@@ -12,6 +12,8 @@ from .structure import (
     mark_for_loading,
     original_description,
     removed_fraction,
+    shape_rows,
+    shape_summary,
     shrink_to_structure,
     unit_parameters,
     validate_structure,
@@ -20,5 +22,5 @@ from .structure import (
 __all__ = [
     "AttentionEdit", "BlockEdit", "BlockShape", "MLPEdit", "STRUCTURED_QUANT_METHOD", "StructuredEdits",
     "apply_and_describe", "apply_edits", "block_parameters", "block_shape", "describe_structure", "finish_config", "mark_for_loading", "original_description",
-    "remove_blocks", "removed_fraction", "shrink_to_structure", "unit_parameters", "validate_structure",
+    "remove_blocks", "removed_fraction", "shape_rows", "shape_summary", "shrink_to_structure", "unit_parameters", "validate_structure",
 ]

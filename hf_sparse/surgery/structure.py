@@ -221,3 +221,48 @@ def apply_and_describe(adapter: ArchitectureAdapter, model: nn.Module, edits) ->
     apply_edits(model, adapter, edits)
     structure = describe_structure(adapter, model, original, edits.removed_blocks, new_biases)
     return finish_config(adapter, model, structure)
+
+
+def shape_rows(adapter: ArchitectureAdapter, model: nn.Module, structure: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per remaining block for model cards: its shape against the original, the share of its parameters
+    removed, and its parameters now.
+
+    >>> shape_rows(adapter, model, structure)[0]["name"]  # doctest: +SKIP
+    'block 0: 6/8 heads, 3/4 KV heads, 512/768 MLP channels'
+    """
+    original = structure["original"]
+    per_block = original["block_parameters"] / original["num_blocks"]
+    rows = []
+    for position, (entry, block) in enumerate(zip(structure["blocks"], adapter.blocks(model))):
+        parts = []
+        if "attention_heads" in entry:
+            parts.append(f"{entry['attention_heads']}/{original['attention_heads']} heads")
+            if original.get("kv_heads") != original.get("attention_heads"):
+                parts.append(f"{entry['kv_heads']}/{original['kv_heads']} KV heads")
+        if "mlp_channels" in entry:
+            parts.append(f"{entry['mlp_channels']}/{original['mlp_channels']} MLP channels")
+        if entry.get("new_biases"):
+            parts.append("new biases on " + ", ".join(entry["new_biases"]))
+        moved = f" (was block {entry['original_index']})" if entry["original_index"] != position else ""
+        kept = sum(p.numel() for p in block.parameters())
+        rows.append({"name": f"block {position}{moved}: " + ", ".join(parts), "sparsity": 1 - kept / per_block,
+                     "weights": kept})
+    return rows
+
+
+def shape_summary(structure: dict[str, Any]) -> str:
+    """One paragraph for model cards: what was removed and how the checkpoint loads."""
+    original = structure["original"]
+    removed = structure["removed_blocks"]
+    text = (f"Structured pruning: whole attention heads, MLP channels or decoder blocks were removed, so the matrices "
+            f"are physically smaller ({structure['block_parameters']:,} of {original['block_parameters']:,} "
+            f"decoder-block parameters remain, {len(structure['blocks'])} of {original['num_blocks']} blocks")
+    text += f"; removed blocks {removed})." if removed else ")."
+    if structure["loading"] == "config":
+        text += (" Every block has the same shape and config.json says so: plain transformers (and serving engines) "
+                 "load it without hf_sparse.")
+    else:
+        text += (" The blocks differ in shape: load it with `import hf_sparse` first (config.json carries "
+                 f"quantization_config {{\"quant_method\": \"{STRUCTURED_QUANT_METHOD}\"}}, so transformers without "
+                 "hf_sparse refuses it instead of loading wrong shapes).")
+    return text
