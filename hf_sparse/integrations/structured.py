@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..architectures import get_architecture
 from ..record import read_record
-from ..surgery import STRUCTURED_QUANT_METHOD, shrink_to_structure
+from ..surgery import STRUCTURED_QUANT_METHOD, mark_for_loading, shrink_to_structure
+from .transformers import HfSparseQuantizer, register_under, remove_quantization_state
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +61,13 @@ def shape_for_record(model: PreTrainedModel) -> bool:
     return True
 
 
-class StructuredShapeLoader(HfQuantizer):
-    """Builds the smaller modules of a structured checkpoint before its weights are loaded; adds nothing else."""
+class StructuredShapeLoader(HfSparseQuantizer):
+    """Builds the smaller modules of a structured checkpoint before its weights are loaded; prunes nothing."""
 
-    requires_calibration = False
+    def validate_environment(self, *args, **kwargs) -> None:
+        if not self.pre_quantized:
+            raise ValueError(f"quantization_config.quant_method={STRUCTURED_QUANT_METHOD!r} only marks checkpoints "
+                             "saved by hf_sparse; to prune, pass sparsity_config=SparsityConfig(...)")
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         if not shape_for_record(model):
@@ -74,43 +76,10 @@ class StructuredShapeLoader(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
-        # Leave a plain model behind (PEFT, Trainer, generate), keeping only the marker in the config so that
-        # save_pretrained writes it again.
-        for attribute in ("hf_quantizer", "is_quantized", "quantization_method"):
-            if attribute in vars(model):
-                delattr(model, attribute)
-        for module in model.modules():
-            if isinstance(module, PreTrainedModel) and "_is_quantized" in vars(module.config):
-                delattr(module.config, "_is_quantized")
-        model.config.quantization_config = StructuredShapeConfig().to_dict()
+        # A plain model for PEFT, Trainer and generate, keeping only the marker so save_pretrained writes it again.
+        remove_quantization_state(model)
+        mark_for_loading(model, read_record(model).structure)
         return model
 
-    def is_serializable(self, *args, **kwargs) -> bool:
-        return True
 
-    @property
-    def is_trainable(self) -> bool:
-        return True
-
-    @property
-    def is_qat_trainable(self) -> bool:
-        return False
-
-
-def _register() -> None:
-    """Register the marker config and the loader under ``"hf_sparse_structured"`` (idempotent)."""
-    for mapping, cls, register in (
-        (AUTO_QUANTIZATION_CONFIG_MAPPING, StructuredShapeConfig, register_quantization_config),
-        (AUTO_QUANTIZER_MAPPING, StructuredShapeLoader, register_quantizer),
-    ):
-        existing = mapping.get(STRUCTURED_QUANT_METHOD)
-        if existing is None:
-            register(STRUCTURED_QUANT_METHOD)(cls)
-        elif existing is not cls:
-            if (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
-                raise ValueError(f"transformers already has {existing.__qualname__} registered under "
-                                 f"{STRUCTURED_QUANT_METHOD!r}")
-            mapping[STRUCTURED_QUANT_METHOD] = cls
-
-
-_register()
+register_under(STRUCTURED_QUANT_METHOD, StructuredShapeConfig, StructuredShapeLoader)

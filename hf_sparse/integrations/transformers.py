@@ -102,6 +102,10 @@ class HfSparseQuantizer(HfQuantizer):
             return model
         # The model is still an empty (meta) skeleton: its layout and shapes are known, its weights are not loaded.
         config = self.quantization_config
+        # A structured checkpoint pruned again (say wanda on a FLAP model): first give the skeleton its smaller shapes.
+        from .structured import shape_for_record
+
+        shape_for_record(model)
         if config.parsed_pattern.is_structured:
             # Structured methods need the architecture's coupled structures: unsupported ones raise here.
             from ..methods.structured import check_structures
@@ -171,22 +175,28 @@ def remove_quantization_state(model: PreTrainedModel) -> None:
                     delattr(cfg, attribute)
 
 
-def _register() -> None:
-    """Register the config and the quantizer under ``"hf_sparse"``; a second import (or a reload) is a no-op."""
+def register_under(quant_method: str, config_class: type, quantizer_class: type) -> None:
+    """Register ``config_class`` and ``quantizer_class`` with transformers under ``quant_method``; a second import (or
+    a reload) is a no-op, another library's class under that name raises."""
     for mapping, cls, register in (
-        (AUTO_QUANTIZATION_CONFIG_MAPPING, SparsityConfig, register_quantization_config),
-        (AUTO_QUANTIZER_MAPPING, HfSparseQuantizer, register_quantizer),
+        (AUTO_QUANTIZATION_CONFIG_MAPPING, config_class, register_quantization_config),
+        (AUTO_QUANTIZER_MAPPING, quantizer_class, register_quantizer),
     ):
-        existing = mapping.get(QUANT_METHOD)
+        existing = mapping.get(quant_method)
         if existing is None:
-            register(QUANT_METHOD)(cls)
+            register(quant_method)(cls)
         elif existing is not cls:
             if (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise ValueError(
                     f"transformers already has {existing.__module__}.{existing.__qualname__} registered under "
-                    f"{QUANT_METHOD!r}; hf_sparse needs that name for {cls.__qualname__}"
+                    f"{quant_method!r}; hf_sparse needs that name for {cls.__qualname__}"
                 )
-            mapping[QUANT_METHOD] = cls  # the same class from a reloaded module: use the fresh one
+            mapping[quant_method] = cls  # the same class from a reloaded module: use the fresh one
+
+
+def _register() -> None:
+    """Register the config and the quantizer under ``"hf_sparse"``."""
+    register_under(QUANT_METHOD, SparsityConfig, HfSparseQuantizer)
 
 
 _register()
