@@ -19,13 +19,14 @@ _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 @dataclass(frozen=True)
 class SparsityPattern:
-    """Where zeros may go: ``unstructured`` (anywhere) or ``N:M`` (N kept weights in every group of M inputs).
+    """Where zeros may go: ``unstructured`` (anywhere), ``N:M`` (N kept weights in every group of M inputs), or
+    ``structured`` (whole heads, channels or blocks are removed and the matrices become smaller: no zeros at all).
 
     >>> SparsityPattern.parse("2:4").implied_sparsity
     0.5
     """
 
-    kind: str  # "unstructured" | "n:m"
+    kind: str  # "unstructured" | "n:m" | "structured"
     n: int = 0  # weights kept per group (N:M only)
     m: int = 0  # group size along the input dimension (N:M only)
 
@@ -35,11 +36,12 @@ class SparsityPattern:
             return pattern
         if not isinstance(pattern, str):
             raise ValueError(f"pattern must be a string such as 'unstructured', '2:4' or '4:8', got {pattern!r}")
-        if pattern.strip().lower() == "unstructured":
-            return cls("unstructured")
+        if pattern.strip().lower() in ("unstructured", "structured"):
+            return cls(pattern.strip().lower())
         match = _NM_RE.match(pattern)
         if match is None:
-            raise ValueError(f"pattern {pattern!r} is not valid: use 'unstructured' or 'N:M' such as '2:4' or '4:8'")
+            raise ValueError(f"pattern {pattern!r} is not valid: use 'unstructured' or 'N:M' such as '2:4' or '4:8', "
+                             "or 'structured' for methods that remove whole heads, channels or blocks")
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
             raise ValueError(f"pattern {pattern!r} is not valid: N:M needs 0 < N < M (N weights kept in each group of M)")
@@ -55,7 +57,11 @@ class SparsityPattern:
         return 1.0 - self.n / self.m if self.is_n_m else None
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_n_m else "unstructured"
+        return f"{self.n}:{self.m}" if self.is_n_m else self.kind
+
+    @property
+    def is_structured(self) -> bool:
+        return self.kind == "structured"
 
 
 def prune_counts(group_sizes: list[int], sparsity: float) -> list[int]:

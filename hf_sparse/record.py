@@ -29,6 +29,12 @@ Shape (``format_version`` 1: one pruning pass)::
 pass's, and ``"passes"`` lists each pass in order (method, pattern, target sparsity, options, calibration, the
 modules it pruned). Version 1 records read as one pass.
 
+A structurally pruned model (``pattern == "structured"``) has ``"structure"``: the original dimensions and, per
+remaining block, the head and channel counts kept (validated by :func:`hf_sparse.surgery.structure.validate_structure`);
+its ``modules`` is empty (the matrices are smaller, there are no zeros to keep) and ``overall_sparsity`` is the
+fraction of decoder-block parameters removed. Such records are written as ``format_version`` 2 too, so older readers
+refuse them rather than take a smaller model for a dense one.
+
 Masks are the exact zeros of the listed modules' weights: :func:`get_masks` restores them without calibration.
 ``config.json`` is untrusted input, so :meth:`SparsityRecord.from_dict` validates every field (with
 :mod:`hf_sparse.config.validation`, against the field declarations below) and names the bad one.
@@ -65,11 +71,20 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
 def _module_sparsities(name: str, value: Any) -> Any:
-    if not isinstance(value, dict) or not value:
+    # Empty only for a structurally pruned model (checked in SparsityRecord.__post_init__, which sees "structure").
+    if not isinstance(value, dict):
         raise ValueError(f"{name} must be a non-empty object of module name -> sparsity, got {value!r}")
     for module, sparsity in value.items():
         check_value(f"{name}[{module!r}]", sparsity, float, {"range": "[0, 1]"})
     return {module: float(sparsity) for module, sparsity in value.items()}
+
+
+def _structure(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    from .surgery.structure import validate_structure  # surgery imports the architectures, not the record
+
+    return validate_structure(value)
 
 
 def _descriptor(name: str, value: Any) -> Any:
@@ -201,16 +216,21 @@ class SparsityRecord:
     storage: dict[str, Any] | None = field(default=None, metadata={"help": "How a compact checkpoint stores the "
                                                                           "weights; absent = dense.",
                                                                   "check": _storage})
+    structure: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Shapes after structured pruning: original dimensions, kept heads/channels per block, removed blocks "
+                "(hf_sparse.surgery.structure).", "check": _structure})
 
     # Optional keys are written only when set, so records of plain pruning keep their exact shape.
-    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "storage")
+    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "storage", "structure")
 
     def __post_init__(self):
         validate_dataclass(self, prefix=_PREFIX)
+        if not self.modules and self.structure is None:
+            raise ValueError(f"{_PREFIX}modules must be a non-empty object of module name -> sparsity, got {{}}")
 
     @property
     def format_version(self) -> int:
-        return MULTI_PASS_FORMAT_VERSION if self.passes else FORMAT_VERSION
+        return MULTI_PASS_FORMAT_VERSION if self.passes or self.structure is not None else FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": self.format_version,
@@ -235,8 +255,8 @@ class SparsityRecord:
             if values.get(key) is None:
                 values.pop(key, None)
         record = cls(**validate_mapping(values, cls, _PREFIX))
-        if (version == MULTI_PASS_FORMAT_VERSION) != bool(record.passes):
-            raise ValueError(f"{RECORD_KEY}.passes must be present exactly when format_version is "
+        if (version == MULTI_PASS_FORMAT_VERSION) != bool(record.passes or record.structure is not None):
+            raise ValueError(f"{RECORD_KEY}.passes or structure must be present exactly when format_version is "
                              f"{MULTI_PASS_FORMAT_VERSION}, got format_version {version!r}")
         options_class = get_method_class(record.method).options_class
         try:
@@ -275,7 +295,7 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
         method_options=new.method_options, calibration=new.calibration,
         base_model=previous.base_model if keep_base else new.base_model,
         base_model_sha256=previous.base_model_sha256 if keep_base else new.base_model_sha256,
-        recovery=previous.recovery, passes=passes,
+        recovery=previous.recovery, passes=passes, structure=previous.structure,
     )
 
 
@@ -309,7 +329,8 @@ def overall_sparsity(model: nn.Module, module_names) -> float:
 def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
     """Keep-masks (``True`` = kept) of every module in the model's sparsity record, read from its exact zeros.
 
-    No calibration is run: a pruned checkpoint carries its masks as the zeros of its weights. With ``strict``,
+    No calibration is run: a pruned checkpoint carries its masks as the zeros of its weights. A structurally pruned
+    model lists no modules (its matrices are smaller, every remaining weight is free): the result is empty. With ``strict``,
     a module whose zero count no longer matches the record (weights changed by dense training), or whose zeros do
     not follow the N:M pattern the record claims for it, raises.
 
