@@ -175,6 +175,9 @@ register_architecture(ArchitectureAdapter(
     model_types=("gemma3_text",),
     blocks_path=("model.layers", "layers"),
     operator_groups=_LLAMA_GROUPS,
+    # q_norm/k_norm normalise each head over head_dim (unlike OLMo2's), so heads can be removed.
+    attention_heads=_LLAMA_HEADS,
+    mlp_channels=_LLAMA_MLP,
     notes="Llama's operators; q_norm/k_norm are RMSNorms, not linears. Sliding-window and full-attention layers "
           "get their own masks and rotary bases, which the engine captures per block (config.layer_types).",
 ))

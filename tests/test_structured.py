@@ -52,10 +52,13 @@ def _structure_supported(model, name) -> bool:
 
 
 def _heads_edit(shape) -> tuple[AttentionEdit, list[int]]:
-    """Drop key/value group 0 entirely and, with GQA, one query head of every other group. Returns the edit and the
-    removed query heads."""
+    """Drop key/value group 0 entirely and, with GQA, one query head of every other group (with a single key/value
+    group, as in Gemma 1/3 configs, keep it and drop its first query head). Returns the edit and the removed query
+    heads."""
     per_group = shape.attention_heads // shape.kv_heads
-    if per_group > 1:
+    if shape.kv_heads == 1:
+        kept_groups, kept_query = (0,), tuple(range(1, per_group))
+    elif per_group > 1:
         kept_groups = tuple(range(1, shape.kv_heads))
         kept_query = tuple(g * per_group + r for g in kept_groups for r in range(1, per_group))
     else:
