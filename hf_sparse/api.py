@@ -7,28 +7,28 @@ import logging
 import torch
 from torch import nn
 
-from .calibration import load_calibration
-from .config import SparsityConfig, describe_calibration
+from .calibration import (
+    check_fits_model,
+    check_source,
+    describe_calibration,
+    describe_local_folder,
+    is_token_source,
+    load_calibration,
+    tokenizer_for,
+)
+from .config import SparsityConfig
 from .engine import LayerwiseEngine
 from .methods import build_method
-from .record import SparsityRecord, write_record
+from .record import SparsityRecord, merge_records, overall_sparsity, read_record, write_record
 
 logger = logging.getLogger(__name__)
-
-
-def _load_tokenizer(model: nn.Module):
-    from transformers import AutoTokenizer
-
-    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    if not source:
-        raise ValueError("text calibration needs a tokenizer and the model has no name_or_path: pass tokenizer=...")
-    return AutoTokenizer.from_pretrained(source)
 
 
 def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_progress: bool = True) -> SparsityRecord:
     """Prune ``model`` in place as ``config`` says and record the result in ``model.config.sparsity_config``.
 
     The tokenizer is used for text calibration; by default it is ``config.tokenizer`` or loaded from the model's id.
+    A model pruned before keeps its earlier zeros: the new record lists the modules of every pass (``passes``).
 
     >>> cfg = hf_sparse.SparsityConfig(method="wanda", sparsity=0.5, calibration="calibration.txt",
     ...                                num_samples=32, sequence_length=256)  # doctest: +SKIP
@@ -40,20 +40,15 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         config = SparsityConfig.from_dict(config)
     if not isinstance(config, SparsityConfig):
         raise ValueError(f"config must be a hf_sparse.SparsityConfig or a dict, got {type(config).__name__}")
+    config.validate()  # again: a field may have been changed since the config was built
     method = build_method(config.method, config.method_options)
+    previous = read_record(model)  # an earlier pass (validated: a bad record raises before anything is pruned)
     calibration_ids = None
     if method.needs_calibration:
-        if config.calibration is None:
-            raise ValueError(
-                f"method {config.method!r} needs calibration data: set SparsityConfig(calibration=...) to a dataset "
-                "name, a text file or folder, a list of strings, or token ids"
-            )
-        is_tokens = isinstance(config.calibration, torch.Tensor) or (
-            isinstance(config.calibration, (list, tuple)) and config.calibration
-            and isinstance(config.calibration[0], (list, tuple))
-        )
-        if not is_tokens:
-            tokenizer = tokenizer or config.tokenizer or _load_tokenizer(model)
+        check_source(config.calibration, config.method)
+        check_fits_model(config.calibration, config.sequence_length, model)
+        if not is_token_source(config.calibration):
+            tokenizer = tokenizer or config.tokenizer or tokenizer_for(model)
         calibration_ids = load_calibration(
             config.calibration, tokenizer, config.num_samples, config.sequence_length, config.seed,
             split=config.calibration_split, column=config.calibration_column, subset=config.calibration_subset,
@@ -81,13 +76,21 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     if calibration is not None and method.needs_calibration:
         calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
                        "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
+    base_model, base_model_sha256 = describe_local_folder(getattr(model, "name_or_path", None) or None)
     record = SparsityRecord(
         method=config.method, pattern=config.pattern, target_sparsity=config.sparsity,
         modules={name: round(value, 6) for name, value in result.achieved.items()},
         method_options=method.options.to_dict(), calibration=calibration if method.needs_calibration else None,
-        overall_sparsity=round(result.overall_sparsity, 6),
-        base_model=getattr(model, "name_or_path", None) or None,
+        overall_sparsity=round(result.overall_sparsity, 6), base_model=base_model,
+        base_model_sha256=base_model_sha256,
     )
+    if previous is not None:
+        # Pruned before (another include, another method): the record keeps every pass's modules, so get_masks
+        # and the mask keeper still see the earlier zeros.
+        record = merge_records(previous, record)
+        record.overall_sparsity = round(overall_sparsity(model, record.modules), 6)
+        logger.info("merged with the earlier sparsity record: %d passes, %d modules", len(record.passes),
+                    len(record.modules))
     write_record(model, record)
     logger.info("pruned %d modules with %s (%s): overall sparsity %.4f", len(record.modules), config.method,
                 config.pattern, record.overall_sparsity)

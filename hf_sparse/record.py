@@ -6,7 +6,7 @@ It sits beside ``quantization_config``, not inside it, so that a pruned checkpoi
 * is not rejected by serving engines that refuse unknown ``quant_method`` values,
 * can be re-loaded with any real quantization config (e.g. 4-bit bitsandbytes for QLoRA recovery).
 
-Shape (``format_version`` 1)::
+Shape (``format_version`` 1: one pruning pass)::
 
     "sparsity_config": {
       "format": "hf_sparse", "format_version": 1,
@@ -14,14 +14,22 @@ Shape (``format_version`` 1)::
       "overall_sparsity": 0.5,                    # over all pruned modules, weighted by size
       "modules": {"model.layers.0.mlp.up_proj": 0.5, ...},   # achieved sparsity per pruned module
       "method_options": {...},
-      "calibration": {"kind": "name_or_path", "name": "...", "num_samples": 128, "sequence_length": 2048, "seed": 0},
+      "calibration": {"kind": "file", "name": "calibration.txt", "sha256": "...", "num_samples": 128,
+                      "sequence_length": 2048, "seed": 0},     # a local file by base name + hash, a dataset by name
       "evaluation": {"dense_perplexity": 53.1, "pruned_perplexity": 56.4, ...},  # optional, for model cards
-      "base_model": "org/name",                    # optional: what was pruned (model cards)
+      "base_model": "org/name",                    # optional: a Hub id, or a local folder's base name ...
+      "base_model_sha256": "...",                  # ... with the hash of that folder's files
       "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...}   # optional: after recovery
     }
 
+``format_version`` 2 is written when a model was pruned more than once (say ``include=mlp`` then ``include=attn``):
+``modules`` holds every pruned module of every pass, the top-level method/pattern/options/calibration are the last
+pass's, and ``"passes"`` lists each pass in order (method, pattern, target sparsity, options, calibration, the
+modules it pruned). Version 1 records read as one pass.
+
 Masks are the exact zeros of the listed modules' weights: :func:`get_masks` restores them without calibration.
-``config.json`` is untrusted input, so :meth:`SparsityRecord.from_dict` validates every field.
+``config.json`` is untrusted input, so :meth:`SparsityRecord.from_dict` validates every field (with
+:mod:`hf_sparse.config.validation`, against the field declarations below) and names the bad one.
 """
 
 from __future__ import annotations
@@ -33,45 +41,164 @@ from typing import Any
 import torch
 from torch import nn
 
-from .masks import SparsityPattern
+from .calibration.descriptors import check_descriptor, sha256_hex
+from .config.sparsity import pattern_name, registered_method
+from .config.validation import check_value, to_json_dict, validate_dataclass, validate_mapping
+from .masks import SparsityPattern, is_valid_n_m
 from .methods import get_method_class
 
 RECORD_KEY = "sparsity_config"
 FORMAT = "hf_sparse"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written for a single pass, so such records stay readable by every hf_sparse
+MULTI_PASS_FORMAT_VERSION = 2  # written when "passes" is present: older readers refuse it rather than misread it
+READABLE_VERSIONS = (FORMAT_VERSION, MULTI_PASS_FORMAT_VERSION)
+_PREFIX = f"{RECORD_KEY}."
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks of the record's fields that a type cannot express
+
+
+def _module_sparsities(name: str, value: Any) -> Any:
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{name} must be a non-empty object of module name -> sparsity, got {value!r}")
+    for module, sparsity in value.items():
+        check_value(f"{name}[{module!r}]", sparsity, float, {"range": "[0, 1]"})
+    return {module: float(sparsity) for module, sparsity in value.items()}
+
+
+def _descriptor(name: str, value: Any) -> Any:
+    return None if value is None else check_descriptor(value, prefix=f"{name}.")
+
+
+def _json_value(name: str, value: Any) -> None:
+    """A JSON scalar, a list of them or an object of them (what a card may print), finite if a number."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _json_value(f"{name}.{key}", item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _json_value(f"{name}[{index}]", item)
+    elif not isinstance(value, _JSON_SCALARS) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"{name} must be a JSON string, finite number, boolean or null, got {value!r}")
+
+
+def _json_object(name: str, value: Any) -> Any:
+    if value is not None:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object, got {value!r} ({type(value).__name__})")
+        _json_value(name, value)
+    return value
 
 
 @dataclass
-class SparsityRecord:
-    """The validated content of ``config.sparsity_config``."""
+class EvaluationEntry:
+    """The known ``eval_*`` keys of ``sparsity_config.evaluation`` (what was measured on); every key not starting
+    with ``eval_`` is a measured number, ``<stage>_<metric>`` such as ``pruned_perplexity``."""
 
-    method: str
-    pattern: str
-    target_sparsity: float
-    modules: dict[str, float]
-    method_options: dict[str, Any] = field(default_factory=dict)
-    calibration: dict[str, Any] | None = None
-    overall_sparsity: float | None = None
-    evaluation: dict[str, float] = field(default_factory=dict)
-    base_model: str | None = None
-    recovery: dict[str, Any] | None = None
+    eval_data: str | None = field(default=None, metadata={"help": "Base name of the held-out data."})
+    eval_sequence_length: int | None = field(default=None, metadata={"help": "Window length.", "range": "> 0"})
+    eval_windows: int | None = field(default=None, metadata={"help": "Windows evaluated.", "range": "> 0"})
+
+
+def _evaluation(name: str, value: Any) -> Any:
+    value = {} if value is None else value
+    _json_object(name, value)
+    validate_mapping({k: v for k, v in value.items() if k.startswith("eval_")}, EvaluationEntry, f"{name}.",
+                     allow_unknown=True)
+    for key, item in value.items():
+        if not key.startswith("eval_"):  # "dense_perplexity", "pruned_accuracy": a measured number
+            check_value(f"{name}.{key}", item, float, {})
+    return value
+
+
+@dataclass
+class RecoveryEntry:
+    """The known keys of ``sparsity_config.recovery`` (a recovery run may add others: JSON values)."""
+
+    method: str | None = field(default=None, metadata={"help": "'lora', ..."})
+    mode: str | None = field(default=None, metadata={"help": "'masked' or 'merge'."})
+    rank: int | None = field(default=None, metadata={"help": "LoRA rank.", "range": "> 0"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha."})
+    steps: int | None = field(default=None, metadata={"help": "Optimizer steps.", "range": "> 0"})
+    batch_size: int | None = field(default=None, metadata={"help": "Sequences per step.", "range": "> 0"})
+    sequence_length: int | None = field(default=None, metadata={"help": "Tokens per sequence.", "range": "> 0"})
+    learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate."})
+
+
+def _recovery(name: str, value: Any) -> Any:
+    if value is not None:
+        _json_object(name, value)
+        validate_mapping(value, RecoveryEntry, f"{name}.", allow_unknown=True)
+    return value
+
+
+@dataclass(kw_only=True)
+class PruningPass:
+    """One pruning pass of a model pruned several times (``sparsity_config.passes`` entries)."""
+
+    method: str = field(metadata={"help": "Registered method name.", "check": registered_method})
+    pattern: str = field(metadata={"help": "'unstructured' or 'N:M'.", "check": pattern_name})
+    target_sparsity: float = field(metadata={"help": "Requested sparsity.", "range": "[0, 1)"})
+    method_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "The method's options.",
+                                                                           "check": _json_object})
+    calibration: dict[str, Any] | None = field(default=None, metadata={"help": "Calibration descriptor.",
+                                                                       "check": _descriptor})
+    modules: list[str] = field(metadata={"help": "Modules this pass pruned."})
+
+
+def _passes(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{name} must be a non-empty list of pruning passes, got {value!r}")
+    return [to_json_dict(PruningPass(**validate_mapping(item, PruningPass, f"{name}[{index}]."))) for index, item
+            in enumerate(value)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The record
+
+
+@dataclass(kw_only=True)
+class SparsityRecord:
+    """The validated content of ``config.sparsity_config``; field order is the key order in ``config.json``."""
+
+    method: str = field(metadata={"help": "Registered method name (the last pass's).", "check": registered_method})
+    pattern: str = field(metadata={"help": "'unstructured' or 'N:M' (the last pass's).", "check": pattern_name})
+    target_sparsity: float = field(metadata={"help": "Requested sparsity (the last pass's).", "range": "[0, 1)"})
+    overall_sparsity: float = field(metadata={"help": "Achieved sparsity over all pruned modules, by size.",
+                                              "range": "[0, 1]"})
+    modules: dict[str, float] = field(metadata={"help": "Achieved sparsity per pruned module.",
+                                                "check": _module_sparsities})
+    method_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "The method's options.",
+                                                                           "check": _json_object})
+    calibration: dict[str, Any] | None = field(default=None, metadata={"help": "Calibration descriptor.",
+                                                                       "check": _descriptor})
+    evaluation: dict[str, Any] = field(default_factory=dict, metadata={"help": "Measured numbers, for cards.",
+                                                                       "check": _evaluation})
+    base_model: str | None = field(default=None, metadata={"help": "Hub id, or a local folder's base name."})
+    base_model_sha256: str | None = field(default=None, metadata={"help": "Hash of a local base model's files.",
+                                                                  "check": sha256_hex})
+    recovery: dict[str, Any] | None = field(default=None, metadata={"help": "What recovery did.",
+                                                                    "check": _recovery})
+    passes: list[dict[str, Any]] | None = field(default=None, metadata={"help": "Every pass, for a model pruned "
+                                                                                "more than once.", "check": _passes})
+
+    # Optional keys are written only when set, so records of plain pruning keep their exact shape.
+    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes")
+
+    def __post_init__(self):
+        validate_dataclass(self, prefix=_PREFIX)
+
+    @property
+    def format_version(self) -> int:
+        return MULTI_PASS_FORMAT_VERSION if self.passes else FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "method": self.method,
-            "pattern": self.pattern,
-            "target_sparsity": self.target_sparsity,
-            "overall_sparsity": self.overall_sparsity,
-            "modules": dict(self.modules),
-            "method_options": dict(self.method_options),
-            "calibration": self.calibration,
-            "evaluation": dict(self.evaluation),
-            # Optional keys are written only when set, so records of plain pruning keep their exact shape.
-            **({"base_model": self.base_model} if self.base_model is not None else {}),
-            **({"recovery": dict(self.recovery)} if self.recovery is not None else {}),
-        }
+        return {"format": FORMAT, "format_version": self.format_version,
+                **to_json_dict(self, omit_none=self._OMIT_WHEN_NONE)}
 
     @classmethod
     def from_dict(cls, data: Any) -> SparsityRecord:
@@ -81,48 +208,57 @@ class SparsityRecord:
         if data.get("format") != FORMAT:
             raise ValueError(f"{RECORD_KEY}.format must be {FORMAT!r}, got {data.get('format')!r}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise ValueError(
-                f"{RECORD_KEY}.format_version {version!r} is not supported by this hf_sparse (reads {FORMAT_VERSION})"
+                f"{RECORD_KEY}.format_version {version!r} is not supported by this hf_sparse (reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
-        get_method_class(data.get("method"))  # raises with the registered names
-        pattern = str(SparsityPattern.parse(data.get("pattern")))
-        target = data.get("target_sparsity")
-        if not isinstance(target, (int, float)) or not 0 <= target < 1:
-            raise ValueError(f"{RECORD_KEY}.target_sparsity must be a number in [0, 1), got {target!r}")
-        modules = data.get("modules")
-        if not isinstance(modules, dict) or not modules:
-            raise ValueError(f"{RECORD_KEY}.modules must be a non-empty object of module name -> sparsity")
-        for name, value in modules.items():
-            if not isinstance(name, str) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{RECORD_KEY}.modules entry {name!r}: {value!r} is not a sparsity in [0, 1]")
-        options = data.get("method_options") or {}
-        calibration = data.get("calibration")
-        evaluation = data.get("evaluation") or {}
-        if not isinstance(options, dict) or not (calibration is None or isinstance(calibration, dict)) \
-                or not isinstance(evaluation, dict):
-            raise ValueError(f"{RECORD_KEY}: method_options, calibration and evaluation must be objects")
-        base_model, recovery = data.get("base_model"), data.get("recovery")
-        if not (base_model is None or isinstance(base_model, str)) or not (recovery is None or isinstance(recovery, dict)):
-            raise ValueError(f"{RECORD_KEY}: base_model must be a string and recovery an object, got {base_model!r}, "
-                             f"{recovery!r}")
-        return cls(
-            method=data["method"], pattern=pattern, target_sparsity=float(target),
-            modules={k: float(v) for k, v in modules.items()}, method_options=options, calibration=calibration,
-            overall_sparsity=data.get("overall_sparsity"), evaluation=evaluation, base_model=base_model,
-            recovery=recovery,
-        )
+        values = {key: value for key, value in data.items() if key not in ("format", "format_version")}
+        # Fields a version-1 record may hold as null where this version writes an empty object.
+        for key in ("method_options", "evaluation"):
+            if values.get(key) is None:
+                values.pop(key, None)
+        record = cls(**validate_mapping(values, cls, _PREFIX))
+        if (version == MULTI_PASS_FORMAT_VERSION) != bool(record.passes):
+            raise ValueError(f"{RECORD_KEY}.passes must be present exactly when format_version is "
+                             f"{MULTI_PASS_FORMAT_VERSION}, got format_version {version!r}")
+        options_class = get_method_class(record.method).options_class
+        try:
+            options_class.from_dict(record.method, record.method_options)
+        except ValueError as error:
+            raise ValueError(f"{RECORD_KEY}.method_options: {error}") from None
+        return record
+
+    def pattern_of(self, module: str) -> SparsityPattern:
+        """The pattern ``module`` was last pruned with."""
+        for entry in reversed(self.passes or []):
+            if module in entry["modules"]:
+                return SparsityPattern.parse(entry["pattern"])
+        return SparsityPattern.parse(self.pattern)
+
+    def as_pass(self) -> dict[str, Any]:
+        """This record's single pass, as a ``passes`` entry."""
+        return to_json_dict(PruningPass(method=self.method, pattern=self.pattern,
+                                        target_sparsity=self.target_sparsity, method_options=self.method_options,
+                                        calibration=self.calibration, modules=list(self.modules)))
 
 
-def _configs(model: nn.Module) -> list:
-    """The model's config plus its text sub-config, if different (multimodal wrappers)."""
-    config = model.config
-    configs = [config]
-    if hasattr(config, "get_text_config"):
-        text = config.get_text_config()
-        if text is not config:
-            configs.append(text)
-    return configs
+def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityRecord:
+    """The record of a model pruned by ``previous`` and then by ``new``: every module of both, both passes listed.
+
+    ``new``'s values win for modules pruned twice; ``previous``'s evaluation is dropped (it measured the model before
+    this pass) while its base model and recovery are kept. ``overall_sparsity`` is left to the caller, who can
+    measure it on the weights.
+    """
+    passes = list(previous.passes or [previous.as_pass()]) + [new.as_pass()]
+    return SparsityRecord(
+        method=new.method, pattern=new.pattern, target_sparsity=new.target_sparsity,
+        overall_sparsity=new.overall_sparsity, modules={**previous.modules, **new.modules},
+        method_options=new.method_options, calibration=new.calibration,
+        base_model=previous.base_model if previous.base_model is not None else new.base_model,
+        base_model_sha256=previous.base_model_sha256 if previous.base_model is not None else new.base_model_sha256,
+        recovery=previous.recovery, passes=passes,
+    )
 
 
 def write_record(model: nn.Module, record: SparsityRecord) -> None:
@@ -156,7 +292,8 @@ def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
     """Keep-masks (``True`` = kept) of every module in the model's sparsity record, read from its exact zeros.
 
     No calibration is run: a pruned checkpoint carries its masks as the zeros of its weights. With ``strict``,
-    a module whose zero count no longer matches the record (weights changed by dense training) raises.
+    a module whose zero count no longer matches the record (weights changed by dense training), or whose zeros do
+    not follow the N:M pattern the record claims for it, raises.
 
     >>> masks = hf_sparse.get_masks(AutoModelForCausalLM.from_pretrained("pruned-dir"))  # doctest: +SKIP
     """
@@ -179,5 +316,28 @@ def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
                 f"module {name!r} has sparsity {achieved:.6f} but the record says {expected:.6f}: its weights were "
                 "changed after pruning (dense fine-tuning?); use hf_sparse.peft or the mask-keeping callback"
             )
+        pattern = record.pattern_of(name)
+        if strict and pattern.is_n_m and not is_valid_n_m(mask, pattern.n, pattern.m):
+            raise ValueError(
+                f"module {name!r} does not follow the pattern {str(pattern)!r} its record claims (more than "
+                f"{pattern.n} non-zeros in some group of {pattern.m} inputs): the record does not describe these "
+                "weights"
+            )
         masks[name] = mask
     return masks
+
+
+def merge_evaluation(model: nn.Module, evaluation: dict[str, Any] | None) -> SparsityRecord:
+    """Add ``evaluation`` (e.g. ``{"pruned_perplexity": 62.1, "eval_data": "test.txt"}``) to the model's record,
+    newer values winning, and store the record back on ``model.config``; returns the record.
+
+    >>> merge_evaluation(model, {"pruned_perplexity": 62.1}).evaluation  # doctest: +SKIP
+    {'dense_perplexity': 53.06, 'pruned_perplexity': 62.1}
+    """
+    record = read_record(model)
+    if record is None:
+        raise ValueError(f"the model has no {RECORD_KEY!r} record: prune it with hf_sparse first")
+    if evaluation:
+        record.evaluation = {**record.evaluation, **evaluation}
+        write_record(model, record)
+    return record

@@ -9,7 +9,6 @@ what was done.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -21,8 +20,8 @@ from peft import LoraConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import load_calibration
-from .config import describe_calibration
+from .calibration import describe_calibration, load_calibration
+from .config.validation import validate_dataclass
 from .integrations.peft import MODES, get_sparse_peft_model
 from .record import get_masks, read_record, write_record
 
@@ -33,31 +32,25 @@ logger = logging.getLogger(__name__)
 class RecoveryConfig:
     """Options of a LoRA recovery run (defaults suit a few hundred steps on a small model)."""
 
-    rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    rank: int = field(default=16, metadata={"help": "LoRA rank r.", "range": "> 0"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; default 2 × rank."})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout.", "range": "[0, 1)"})
     target_modules: str | list[str] = field(default="all-linear", metadata={"help": "peft target_modules."})
-    mode: str = field(default="masked", metadata={"help": "'masked' (mask in the training forward too) or 'merge'."})
-    steps: int = field(default=200, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per step."})
-    sequence_length: int = field(default=256, metadata={"help": "Tokens per training sequence."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapters."})
+    mode: str = field(default="masked", metadata={"help": "'masked' (mask in the training forward too) or 'merge'.",
+                                                  "choices": MODES})
+    steps: int = field(default=200, metadata={"help": "Optimizer steps.", "range": "> 0"})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per step.", "range": "> 0"})
+    sequence_length: int = field(default=256, metadata={"help": "Tokens per training sequence.", "range": "> 0"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate.", "range": "> 0"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup.",
+                                                        "range": "[0, 1)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapters.",
+                                                       "range": ">= 0"})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping; None disables it."})
     seed: int = field(default=1, metadata={"help": "Seed for window sampling and adapter initialisation."})
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("rank", "steps", "batch_size", "sequence_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        validate_dataclass(self)
 
 
 @dataclass
@@ -156,80 +149,10 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
 
 def _describe_data(data: Any) -> dict[str, Any]:
     descriptor = describe_calibration(data) or {}
-    if descriptor.get("kind") == "name_or_path":
-        return {"data": descriptor["name"]}
+    if descriptor.get("kind") in ("name_or_path", "file", "folder"):
+        # A dataset name, or a local file/folder by base name and content hash (never its local path).
+        return {"data": descriptor["name"], **({"data_sha256": descriptor["sha256"]} if "sha256" in descriptor else {})}
     return {"data": descriptor}
 
 
-def add_recover_command(subparsers) -> argparse.ArgumentParser:
-    """Add ``hf-sparse recover MODEL_DIR --data TEXT --output DIR [...]`` to the CLI's subparsers."""
-    from .integrations.hub import add_hub_arguments
-
-    defaults = RecoveryConfig()
-    parser = subparsers.add_parser(
-        "recover", help="LoRA recovery that keeps the sparsity, merged into a new checkpoint",
-        description="Train sparsity-keeping LoRA adapters on text, merge them, and save a checkpoint that is exactly "
-                    "as sparse as MODEL_DIR (same zeros, same N:M groups), with a model card.",
-    )
-    parser.add_argument("model", metavar="MODEL_DIR", help="a pruned checkpoint (local folder or Hub id)")
-    parser.add_argument("--data", required=True, help="training text: .txt/.json/.jsonl file, folder or dataset name")
-    parser.add_argument("--output", required=True, help="folder for the recovered checkpoint")
-    parser.add_argument("--mode", choices=MODES, default=defaults.mode,
-                        help="masked: mask in the training forward too (default); merge: mask at merge only")
-    parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step")
-    parser.add_argument("--sequence-length", type=int, default=defaults.sequence_length, help="tokens per sequence")
-    parser.add_argument("--target-modules", default=defaults.target_modules,
-                        help="peft target_modules: 'all-linear' or a comma-separated list of names")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for windows and adapter init")
-    parser.add_argument("--eval-data", default=None, help="held-out text: print and record perplexity before/after")
-    parser.add_argument("--eval-sequence-length", type=int, default=256, help="perplexity window length")
-    parser.add_argument("--max-windows", type=int, default=None, help="evaluate on at most this many windows")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="dtype to load and train in")
-    add_hub_arguments(parser)
-    parser.set_defaults(func=run_recover)
-    return parser
-
-
-def run_recover(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the ``recover`` command; returns the numbers it printed (for tests and scripts)."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .calibration import read_texts
-    from .evaluation import perplexity
-    from .integrations.hub import save_from_args
-
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    target = args.target_modules if args.target_modules == "all-linear" else \
-        [name.strip() for name in args.target_modules.split(",") if name.strip()]
-    evaluation: dict[str, Any] = {}
-    texts = None
-    if args.eval_data:
-        texts = read_texts(args.eval_data)
-        evaluation["pruned_perplexity"] = round(perplexity(
-            model, tokenizer, texts, sequence_length=args.eval_sequence_length, max_windows=args.max_windows), 4)
-    result = recover(model, tokenizer, args.data, rank=args.rank, alpha=args.alpha, steps=args.steps,
-                     learning_rate=args.lr, batch_size=args.batch_size, sequence_length=args.sequence_length,
-                     mode=args.mode, target_modules=target, seed=args.seed)
-    if texts is not None:
-        evaluation["recovered_perplexity"] = round(perplexity(
-            result.model, tokenizer, texts, sequence_length=args.eval_sequence_length,
-            max_windows=args.max_windows), 4)
-        evaluation.update(eval_data=Path(args.eval_data).name, eval_sequence_length=args.eval_sequence_length)
-        if args.max_windows:
-            evaluation["eval_windows"] = args.max_windows
-    save_from_args(result.model, tokenizer, args.output, args, evaluation=evaluation or None)
-    record = read_record(result.model)
-    summary = {"overall_sparsity": record.overall_sparsity, "final_loss": result.losses[-1], **evaluation}
-    print(" ".join(f"{k}={v}" for k, v in summary.items()))  # the CLI's output, not library logging
-    return summary
-
-
-__all__ = ["RecoveryConfig", "RecoveryResult", "add_recover_command", "recover", "run_recover"]
+__all__ = ["RecoveryConfig", "RecoveryResult", "recover"]

@@ -80,6 +80,16 @@ def save_tiny_with_demo_tokenizer(path: Path) -> Path:
     return path
 
 
+def refuse_weight_loading(monkeypatch) -> None:
+    """Make reading a checkpoint's weights fail loudly: an error raised first was raised before the load."""
+    from transformers import PreTrainedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were being loaded: the configuration error should have come first")
+
+    monkeypatch.setattr(PreTrainedModel, "_load_pretrained_model", staticmethod(refuse))
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

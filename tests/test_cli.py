@@ -14,6 +14,8 @@ from conftest import DEMO_CALIBRATION as CALIBRATION
 from conftest import DEMO_HELDOUT as HELDOUT
 from conftest import save_tiny_with_demo_tokenizer
 from hf_sparse import cli
+from hf_sparse.cli.common import parse_method_option
+from hf_sparse.saving import atomic_directory
 from hf_sparse.evaluation import perplexity
 from hf_sparse.methods import METHODS
 
@@ -113,10 +115,10 @@ def test_method_options_are_parsed_as_json_and_recorded(tiny_dir, tmp_path):
 
 
 def test_parse_method_option():
-    assert cli.parse_method_option("block_size=64") == ("block_size", 64)
-    assert cli.parse_method_option("dampening=0.02") == ("dampening", 0.02)
-    assert cli.parse_method_option("init=wanda") == ("init", "wanda")
-    assert cli.parse_method_option("x=[1, 2]") == ("x", [1, 2])
+    assert parse_method_option("block_size=64") == ("block_size", 64)
+    assert parse_method_option("dampening=0.02") == ("dampening", 0.02)
+    assert parse_method_option("init=wanda") == ("init", "wanda")
+    assert parse_method_option("x=[1, 2]") == ("x", [1, 2])
 
 
 def test_methods_lists_every_method_with_option_help(capsys):
@@ -168,7 +170,8 @@ def test_failed_save_leaves_no_output(tiny_dir, tmp_path, monkeypatch, overwrite
 
     output = tmp_path / "out"
     if overwrite:
-        output.mkdir()
+        output.mkdir()  # a previous checkpoint (only folders with config.json are ever replaced)
+        (output / "config.json").write_text("{}")
         (output / "keep.txt").write_text("previous run")
 
     def fail(self, *args, **kwargs):  # the model's weights are written by now; the tokenizer save crashes
@@ -180,16 +183,16 @@ def test_failed_save_leaves_no_output(tiny_dir, tmp_path, monkeypatch, overwrite
         cli.main([str(a) for a in argv])
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if overwrite else [])
     if overwrite:
-        assert sorted(p.name for p in output.iterdir()) == ["keep.txt"]
+        assert sorted(p.name for p in output.iterdir()) == ["config.json", "keep.txt"]
 
 
 def test_atomic_output_dir_replaces_only_on_success(tmp_path):
     target = tmp_path / "ckpt"
-    with cli.atomic_output_dir(target) as tmp:
+    with atomic_directory(target) as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(".ckpt.tmp-")
-        (tmp / "a.txt").write_text("1")
-    assert (target / "a.txt").read_text() == "1"
-    with cli.atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("1")
+    assert (target / "config.json").read_text() == "1"
+    with atomic_directory(target, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

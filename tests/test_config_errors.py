@@ -1,5 +1,8 @@
 """Every bad input raises ``ValueError`` naming the bad value and what is allowed, and as early as it can be known.
 
+The inputs that need no saved checkpoint (config fields, options, calibration sources) are the table in
+``test_bad_inputs.py``; this file keeps those that must also fail before prune on load reads any weight.
+
 Errors that need the model (architecture, shapes) are checked both through :func:`hf_sparse.prune` and through prune
 on load, where they must fire before any weight is read.
 """
@@ -11,10 +14,10 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM
 
 import hf_sparse
-from conftest import tiny_llama
+from conftest import refuse_weight_loading, tiny_llama
 from hf_sparse import SparsityConfig
 
 
@@ -22,78 +25,8 @@ def _ids(samples: int = 4, length: int = 16) -> torch.Tensor:
     return torch.randint(0, 128, (samples, length), generator=torch.Generator().manual_seed(0))
 
 
-def _raises(match: str, **fields) -> str:
-    with pytest.raises(ValueError, match=match) as error:
-        SparsityConfig(**fields)
-    return str(error.value)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SparsityConfig fields
-
-
-def test_unknown_method():
-    message = _raises(r"unknown pruning method 'lottery'", method="lottery")
-    assert "'magnitude'" in message and "'sparsegpt'" in message and "'wanda'" in message
-
-
-@pytest.mark.parametrize("sparsity", [1.0, -0.1])
-def test_sparsity_out_of_range(sparsity):
-    _raises(rf"sparsity must be in \[0, 1\), got {re.escape(repr(sparsity))}$", method="magnitude", sparsity=sparsity)
-
-
-def test_sparsity_not_a_number():
-    _raises(r"sparsity must be a number in \[0, 1\), got 'half'", method="magnitude", sparsity="half")
-
-
-def test_pattern_with_n_not_below_m():
-    _raises(r"pattern '3:2' is not valid: N:M needs 0 < N < M", pattern="3:2")
-
-
-@pytest.mark.parametrize("pattern", ["2-4", "blocky"])
-def test_pattern_not_recognised(pattern):
-    _raises(rf"pattern '{pattern}' is not valid: use 'unstructured' or 'N:M' such as '2:4'", pattern=pattern)
-
-
-def test_sparsity_contradicting_n_m():
-    _raises(r"sparsity 0.7 contradicts pattern '2:4', which fixes sparsity at 0.5", sparsity=0.7, pattern="2:4")
-
-
-def test_bad_include_regex():
-    _raises(r"include entry '\(bad' is not a valid regular expression", include=["(bad"])
-
-
-def test_num_samples_zero():
-    _raises(r"num_samples must be a positive integer, got 0", num_samples=0)
-
-
-def test_unknown_method_option():
-    message = _raises(r"unknown option\(s\) \['blocksize'\] for method 'sparsegpt'", method="sparsegpt",
-                      method_options={"blocksize": 128})
-    assert "'block_size'" in message  # the allowed keys are listed
-
-
-@pytest.mark.parametrize("block_size", [0, -8, "big"])
-def test_bad_sparsegpt_block_size(block_size):
-    _raises(rf"sparsegpt block_size must be a positive integer, got {re.escape(repr(block_size))}",
-            method="sparsegpt", method_options={"block_size": block_size})
-
-
-def test_parallel_with_a_sequential_method():
-    _raises(r"parallel=True needs a method whose blocks are independent .*'wanda'", method="wanda", parallel=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Errors that need the model or the data: through prune() and through prune on load (before the weights load)
-
-
-def _refuse_weight_loading(monkeypatch) -> None:
-    """Make reading a checkpoint's weights fail loudly: an error raised first was raised before the load."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were being loaded: the configuration error should have come first")
-
-    monkeypatch.setattr(PreTrainedModel, "_load_pretrained_model", staticmethod(refuse))
 
 
 def test_unsupported_architecture(tmp_path, monkeypatch):
@@ -105,7 +38,7 @@ def test_unsupported_architecture(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=expected):
         hf_sparse.prune(model, SparsityConfig(method="magnitude"), show_progress=False)
     model.save_pretrained(tmp_path)
-    _refuse_weight_loading(monkeypatch)
+    refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=expected):
         AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=SparsityConfig(method="magnitude"))
 
@@ -115,7 +48,7 @@ def _fails_on_prune_and_before_loading(cfg, expected: str, tmp_path, monkeypatch
     with pytest.raises(ValueError, match=expected):
         hf_sparse.prune(tiny_llama(), cfg, show_progress=False, **prune_kwargs)
     tiny_llama().save_pretrained(tmp_path / "model")
-    _refuse_weight_loading(monkeypatch)
+    refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=expected):
         AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
 
@@ -144,7 +77,7 @@ def test_n_m_pattern_that_does_not_tile_in_features(tmp_path, monkeypatch):
     # Checked before anything is pruned: the attention projections pruned earlier in the pass are untouched.
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     model.save_pretrained(tmp_path)
-    _refuse_weight_loading(monkeypatch)
+    refuse_weight_loading(monkeypatch)
     with pytest.raises(ValueError, match=expected):
         AutoModelForCausalLM.from_pretrained(tmp_path, sparsity_config=cfg)
 
@@ -189,9 +122,3 @@ def test_json_round_trip_of_a_named_calibration_source():
     back = SparsityConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back.to_dict() == cfg.to_dict()
     assert back.calibration == "wikitext" and back.calibration_subset == "wikitext-2-raw-v1"  # can calibrate again
-
-
-def test_from_dict_rejects_unknown_fields():
-    expected = r"unknown SparsityConfig field\(s\) \['sparsity_level'\]; allowed: .*'sparsity'"
-    with pytest.raises(ValueError, match=expected):
-        SparsityConfig.from_dict({"method": "magnitude", "sparsity_level": 0.5})

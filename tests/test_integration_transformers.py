@@ -6,6 +6,7 @@ with text calibration (tokenizer loaded from the model's path, as prune on load 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -428,8 +429,10 @@ def test_real_model_prune_on_load_with_text_calibration(tmp_path):
     _assert_same_weights(model, reference)
     record = hf_sparse.read_record(model)
     assert record.overall_sparsity == 0.5 and len(record.modules) == 6 * 7
-    assert record.calibration == {"kind": "name_or_path", "name": str(CALIBRATION_TXT), "num_samples": 16,
-                                  "sequence_length": 128, "seed": 0}
+    # A local file by base name and content hash: config.json never holds a local path.
+    assert record.calibration == {"kind": "file", "name": CALIBRATION_TXT.name,
+                                  "sha256": hashlib.sha256(CALIBRATION_TXT.read_bytes()).hexdigest(),
+                                  "num_samples": 16, "sequence_length": 128, "seed": 0}
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     ids = _ids(1, 32, seed=3)

@@ -52,7 +52,9 @@ def test_card_parses_as_a_hub_model_card_and_names_the_numbers(pruned):
                      "| `gate_proj` | 50.00% | 16,384 |", "2:4 (N:M semi-structured)",
                      "4 token sequences (sha256", "4 sequences × 16 tokens (64 tokens), seed 0",
                      'from_pretrained("me/tiny-llama-2of4")', "on `wikitext2-test.txt`",
-                     "50.00% of 57,344 weights in 12 modules"):
+                     "50.00% of 57,344 weights in 12 modules",
+                     "| Paper | [Sun, Liu, Bair and Kolter (2023), A Simple and Effective Pruning Approach for Large "
+                     "Language Models](https://arxiv.org/abs/2306.11695) |"):
         assert expected in text, expected
     assert "down_proj" not in text.split("## Evaluation")[0]
 

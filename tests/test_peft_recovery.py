@@ -295,7 +295,8 @@ def test_recover_command_end_to_end(tmp_path, tokenizer):
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM
 
-    from hf_sparse.recovery import add_recover_command, run_recover
+    from hf_sparse.cli import build_parser
+    from hf_sparse.cli.recover import run as run_recover
 
     model = pruned_tiny("2:4", vocab_size=len(tokenizer))
     masks = hf_sparse.get_masks(model)
@@ -305,9 +306,7 @@ def test_recover_command_end_to_end(tmp_path, tokenizer):
     (tmp_path / "train.txt").write_text(text, encoding="utf-8")
     (tmp_path / "test.txt").write_text(TEST_TXT.read_text(encoding="utf-8")[:8000], encoding="utf-8")
 
-    parser = argparse.ArgumentParser(prog="hf-sparse")
-    add_recover_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
+    args = build_parser().parse_args([
         "recover", str(tmp_path / "pruned"), "--data", str(tmp_path / "train.txt"), "--output", str(tmp_path / "out"),
         "--steps", "4", "--batch-size", "2", "--sequence-length", "32", "--rank", "2", "--lr", "1e-2",
         "--eval-data", str(tmp_path / "test.txt"), "--eval-sequence-length", "32", "--max-windows", "4",

@@ -63,3 +63,49 @@ def test_registry_rejects_bad_classes():
         class Clash(PowerWanda):
             name = "wanda"
         register_method(Clash)
+
+
+def test_method_metadata_reaches_the_card_and_the_methods_listing(capsys):
+    """A new method declares its display name and paper on the class; the card and `hf-sparse methods` show them
+    without any other file knowing about it."""
+    from hf_sparse import cli
+    from hf_sparse.integrations.hub import render_model_card
+    from hf_sparse.methods import PaperReference
+
+    class CitedWanda(PowerWanda):
+        name, display_name = "test_cited_wanda", "Cited-Wanda"
+        paper = PaperReference("A Test Paper", "Doe and Roe", 2031, "https://arxiv.org/abs/3101.00001")
+
+    register_method(CitedWanda)
+    try:
+        model = tiny_llama()
+        ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+        hf_sparse.prune(model, hf_sparse.SparsityConfig(method="test_cited_wanda", pattern="2:4", calibration=ids,
+                                                        num_samples=4, sequence_length=16), show_progress=False)
+        text = render_model_card(model).text
+        assert "| Pruning method | Cited-Wanda (`test_cited_wanda`" in text
+        assert "| Paper | [Doe and Roe (2031), A Test Paper](https://arxiv.org/abs/3101.00001) |" in text
+        assert cli.main(["methods"]) == 0
+        out = capsys.readouterr().out
+        assert "\ntest_cited_wanda: " in out
+        assert "  Cited-Wanda, from Doe and Roe (2031), A Test Paper <https://arxiv.org/abs/3101.00001>" in out
+    finally:
+        METHODS.pop(CitedWanda.name)
+
+
+def test_metadata_defaults_and_checks():
+    class Plain(PowerWanda):
+        name = "test_plain"
+
+    register_method(Plain)
+    try:
+        assert Plain.display_name == "test_plain" and Plain.paper is None and Plain.needs_calibration
+    finally:
+        METHODS.pop(Plain.name)
+
+    class DataFreeWithStats(PowerWanda):
+        name, needs_calibration = "test_data_free", False
+
+    with pytest.raises(ValueError, match=r"needs_calibration = False but asks for statistics \['sq_norm'\]"):
+        register_method(DataFreeWithStats)
+    assert [cls.needs_calibration for cls in (METHODS["magnitude"], METHODS["wanda"])] == [False, True]

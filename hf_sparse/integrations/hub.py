@@ -2,7 +2,8 @@
 
 ``model.save_pretrained`` already writes ``config.json`` with ``"sparsity_config"`` (the record); what it does not
 write is a card saying what the checkpoint is. :func:`save_with_model_card` writes weights, config, tokenizer and a
-card rendered from ``model_cards/sparse_model_card.md`` (a Jinja template, rendered by ``huggingface_hub.ModelCard``):
+card rendered from ``hf_sparse/model_card.md`` (a Jinja template shipped as package data, rendered by
+``huggingface_hub.ModelCard``):
 base model, method, pattern, achieved sparsity overall and per module type, calibration data, recovery, the
 evaluation table (dense / pruned / recovered perplexity, when known), how to load it with and without hf_sparse, and
 a YAML header with ``base_model``, ``license``, ``tags``, ``library_name`` and ``pipeline_tag``.
@@ -14,13 +15,13 @@ card that is already on the Hub.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 import tempfile
 from collections import OrderedDict
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,16 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
 from ..masks import SparsityPattern
+from ..methods import METHODS
 from ..record import RECORD_KEY, SparsityRecord, read_record, write_record
+from ..saving import check_destination, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-# Looked up from the source tree (the template is a file to edit, not code); pass template_path= to use another.
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "sparse_model_card.md"
+#: the card template, package data of hf_sparse (so an installed wheel writes cards); template_path= uses another
+DEFAULT_TEMPLATE = "model_card.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "fista": "FISTAPruner"}
 _STAGES = ("dense", "pruned", "recovered")
 
 
@@ -138,6 +140,12 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def _template_text(template_path: str | os.PathLike | None) -> str:
+    if template_path is not None:
+        return Path(template_path).read_text(encoding="utf-8")
+    return resources.files("hf_sparse").joinpath(DEFAULT_TEMPLATE).read_text(encoding="utf-8")
+
+
 def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = None, base_model: str | None = None,
                       repo_id: str | None = None, license: str | None = None, tags: list[str] | None = None,
                       model_name: str | None = None, template_path: str | os.PathLike | None = None) -> ModelCard:
@@ -158,7 +166,9 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     evaluation = {**record.evaluation, **(evaluation or {})}
     base = base_model or record.base_model or getattr(model, "name_or_path", None) or None
     pattern = SparsityPattern.parse(record.pattern)
-    method = _METHOD_NAMES.get(record.method, record.method)
+    method_class = METHODS.get(record.method)  # the record names a registered method (checked when it was read)
+    method = method_class.display_name if method_class else record.method
+    paper = method_class.paper if method_class else None
     pattern_tag = f"{pattern}-sparsity" if pattern.is_n_m else "unstructured-sparsity"
     card_tags = ["hf_sparse", "sparse", "pruned", record.method, pattern_tag]
     if record.recovery:
@@ -189,12 +199,13 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
                f"{'the ' + str(pattern) + ' pattern' if pattern.is_n_m else f'{record.target_sparsity:.0%} unstructured sparsity'}"
                f"{recovered}, using hf_sparse.")
     card = ModelCard.from_template(
-        data, template_path=str(template_path or DEFAULT_TEMPLATE),
+        data, template_str=_template_text(template_path),
         model_name=name, summary=summary,
         base_model_display=f"[{base}](https://huggingface.co/{base})" if hub_model_id(base) else
         (f"`{_short_name(base)}`" if base else "unknown"),
         method_display=f"{method} (`{record.method}`" + (f", options {json.dumps(record.method_options)})"
                                                         if record.method_options else ")"),
+        paper_display=f"[{paper.citation}]({paper.url})" if paper else "",
         pattern_display=f"{pattern} (N:M semi-structured)" if pattern.is_n_m else "unstructured",
         pattern_is_n_m=pattern.is_n_m, pattern_n=pattern.n, pattern_m=pattern.m,
         target_sparsity=record.target_sparsity, overall_sparsity=overall,
@@ -212,41 +223,41 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
 
 def save_with_model_card(model: nn.Module, tokenizer, output_dir: str | os.PathLike, push_to_hub: bool = False,
                          repo_id: str | None = None, evaluation: dict[str, Any] | None = None, *,
-                         base_model: str | None = None, license: str | None = None, tags: list[str] | None = None,
-                         private: bool | None = None, token: str | bool | None = None,
+                         overwrite: bool = False, base_model: str | None = None, license: str | None = None,
+                         tags: list[str] | None = None, private: bool | None = None, token: str | bool | None = None,
                          commit_message: str | None = None, template_path: str | os.PathLike | None = None) -> Path:
     """Save ``model`` (and ``tokenizer``, if given) to ``output_dir`` with a generated ``README.md``; optionally push.
 
     ``evaluation`` is merged into the record first, so ``config.json`` carries the numbers the card shows; a missing
-    ``record.base_model`` is filled from the model's ``name_or_path``. With ``push_to_hub`` the folder is uploaded
-    to ``repo_id`` in one commit. Returns the path of the written card.
+    ``record.base_model`` is filled from the model's ``name_or_path``. The folder is written atomically
+    (:func:`hf_sparse.saving.save_checkpoint`): an existing ``output_dir`` is refused unless ``overwrite=True`` (and
+    then only a checkpoint is replaced), and the card is rendered before anything is written. With ``push_to_hub``
+    the folder is uploaded to ``repo_id`` in one commit. Returns the path of the written card.
 
     >>> save_with_model_card(model, tokenizer, "llama-2of4", evaluation={"pruned_perplexity": 62.1})  # doctest: +SKIP
-    PosixPath('llama-2of4/README.md')
+    PosixPath('/home/me/llama-2of4/README.md')
     """
     record = read_record(model)
     if record is None:
         raise ValueError(f"the model has no {RECORD_KEY!r} record: prune it with hf_sparse first")
     if push_to_hub and not repo_id:
         raise ValueError("push_to_hub=True needs repo_id='org/name'")
-    if evaluation:
-        record.evaluation = {**record.evaluation, **evaluation}
+    check_destination(output_dir, overwrite)  # before the record is touched
     if record.base_model is None:
         source = base_model or getattr(model, "name_or_path", None)
         record.base_model = _short_name(source) if source else None
-    write_record(model, record)
-    output = Path(output_dir)
-    model.save_pretrained(output)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output)
-    card = render_model_card(model, base_model=base_model, repo_id=repo_id, license=license, tags=tags,
-                             template_path=template_path)
-    card_path = output / CARD_NAME
-    card.save(card_path)
-    logger.info("saved %s with its model card to %s", type(model).__name__, output)
+        write_record(model, record)
+
+    def card() -> dict[str, str]:
+        rendered = render_model_card(model, base_model=base_model, repo_id=repo_id, license=license, tags=tags,
+                                     template_path=template_path)
+        return {CARD_NAME: str(rendered)}
+
+    output = save_checkpoint(model, tokenizer, output_dir, overwrite=overwrite, evaluation=evaluation,
+                             extra_files=card)
     if push_to_hub:
         upload_folder(output, repo_id, private=private, token=token, commit_message=commit_message)
-    return card_path
+    return output / CARD_NAME
 
 
 def upload_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
@@ -275,47 +286,15 @@ def push_to_hub(model: nn.Module, repo_id: str, tokenizer=None, evaluation: dict
     >>> hf_sparse.hub.push_to_hub(merged, "me/llama-2of4-recovered", tokenizer, license="llama3.1")  # doctest: +SKIP
     """
     with tempfile.TemporaryDirectory() as tmp:
-        save_with_model_card(model, tokenizer, tmp, push_to_hub=True, repo_id=repo_id, evaluation=evaluation,
+        # A fresh folder inside the temporary one: the atomic save writes only where nothing exists yet.
+        save_with_model_card(model, tokenizer, Path(tmp) / "checkpoint", push_to_hub=True, repo_id=repo_id, evaluation=evaluation,
                              **kwargs)
 
 
-def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
-    """The CLI's ``--push-to-hub`` / ``--model-card`` options (shared by ``prune`` and ``recover``)."""
-    group = parser.add_argument_group("model card and Hub")
-    group.add_argument("--model-card", action=argparse.BooleanOptionalAction, default=True,
-                       help="write README.md, a model card generated from the sparsity record (default: on)")
-    group.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
-                       help="also upload the output folder to this Hub repository (org/name)")
-    group.add_argument("--private", action="store_true", help="create the Hub repository as private")
-    group.add_argument("--license", default=None, help="license for the card's metadata, e.g. apache-2.0")
-    group.add_argument("--base-model", default=None,
-                       help="Hub id of the model that was pruned, for the card (default: the model path given)")
-
-
-def save_from_args(model: nn.Module, tokenizer, output_dir: str | os.PathLike, args: argparse.Namespace,
-                   evaluation: dict[str, Any] | None = None) -> None:
-    """Save as the options of :func:`add_hub_arguments` say (the CLI calls this after prune/recover)."""
-    push = getattr(args, "push_to_hub", None)
-    if getattr(args, "model_card", True) or push:
-        save_with_model_card(model, tokenizer, output_dir, push_to_hub=bool(push), repo_id=push,
-                             evaluation=evaluation, base_model=getattr(args, "base_model", None),
-                             license=getattr(args, "license", None), private=getattr(args, "private", None) or None)
-    else:
-        if evaluation:
-            record = read_record(model)
-            record.evaluation = {**record.evaluation, **evaluation}
-            write_record(model, record)
-        model.save_pretrained(output_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
-
-
 __all__ = [
-    "add_hub_arguments",
     "hub_model_id",
     "push_to_hub",
     "render_model_card",
-    "save_from_args",
     "save_with_model_card",
     "sparsity_by_module_type",
     "upload_folder",

@@ -18,10 +18,11 @@ engines. What was done is recorded in ``config.sparsity_config`` (see :mod:`hf_s
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
@@ -29,13 +30,29 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..api import prune
-from ..calibration import JSON_SUFFIXES, TEXT_SUFFIXES
+from ..calibration import check_fits_model, check_source, is_token_source, tokenizer_for
 from ..config import QUANT_METHOD, SparsityConfig
 from ..engine import check_device_available, plan_targets
 
 logger = logging.getLogger(__name__)
 
 SPARSITY_KWARG = "sparsity_config"
+
+# The SparsityConfig the caller passed to the from_pretrained call now running (set by the hook and by
+# AutoSparseModelForCausalLM). transformers builds the quantizer from the checkpoint's quantization_config when
+# config.json has one, dropping the caller's; the quantizer reads this to let the caller's explicit config win.
+_EXPLICIT_CONFIG: contextvars.ContextVar[SparsityConfig | None] = contextvars.ContextVar("hf_sparse_explicit_config",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def _explicit_config(kwargs: dict[str, Any]) -> Iterator[None]:
+    value = kwargs.get("quantization_config")
+    token = _EXPLICIT_CONFIG.set(value if isinstance(value, SparsityConfig) else None)
+    try:
+        yield
+    finally:
+        _EXPLICIT_CONFIG.reset(token)
 
 
 class HfSparseQuantizer(HfQuantizer):
@@ -52,22 +69,31 @@ class HfSparseQuantizer(HfQuantizer):
     # Pruning reads dense weights; a checkpoint need not be "pre-quantized" for it.
     requires_calibration = False
 
+    def __init__(self, quantization_config: SparsityConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._tokenizer = None  # loaded before the weights when text calibration needs one
+        explicit = _EXPLICIT_CONFIG.get()
+        if self.pre_quantized and explicit is not None:
+            # config.json carries quantization_config.quant_method="hf_sparse" (hf_sparse never writes one: the
+            # checkpoint is untrusted or hand-edited) and the caller passed a config: the caller's wins, and the
+            # weights are pruned with it.
+            logger.warning(
+                "the checkpoint's config.json has its own quantization_config with quant_method=%r; it is ignored "
+                "and the sparsity_config you passed (method=%r, sparsity=%r) is applied", QUANT_METHOD,
+                explicit.method, explicit.sparsity,
+            )
+            self.quantization_config = explicit
+            self.pre_quantized = False
+
     # The checks below run before any weight is read, so a typo does not cost a multi-gigabyte load.
     def validate_environment(self, *args, **kwargs) -> None:
         if self.pre_quantized:
             return
         config = self.quantization_config
+        config.validate()  # a field may have been changed since the config was built
         check_device_available(config.device)
-        if config.needs_calibration and config.calibration is None:
-            raise ValueError(
-                f"method {config.method!r} needs calibration data: set SparsityConfig(calibration=...) to a dataset "
-                "name, a text file or folder, a list of strings, or token ids"
-            )
-        source = config.calibration
-        if isinstance(source, str) and not Path(source).expanduser().exists() and (
-            source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)
-        ):
-            raise ValueError(f"calibration path {source!r} does not exist")
+        if config.needs_calibration:
+            check_source(config.calibration, config.method)
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         if self.pre_quantized:
@@ -76,6 +102,10 @@ class HfSparseQuantizer(HfQuantizer):
         config = self.quantization_config
         # Unsupported architecture, include/exclude matching nothing, N:M not tiling a layer: all raise here.
         plan_targets(model, config.include, config.exclude, config.parsed_pattern, lambda _: config.sparsity)
+        if config.needs_calibration:
+            check_fits_model(config.calibration, config.sequence_length, model)
+            if not is_token_source(config.calibration) and config.tokenizer is None:
+                self._tokenizer = tokenizer_for(model)  # a folder without a tokenizer fails here, not after the load
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
@@ -89,8 +119,7 @@ class HfSparseQuantizer(HfQuantizer):
                 getattr(model, "name_or_path", type(model).__name__), QUANT_METHOD,
             )
         else:
-            # prune() loads AutoTokenizer.from_pretrained(model.name_or_path) itself when text calibration needs one.
-            prune(model, config, tokenizer=config.tokenizer)
+            prune(model, config, tokenizer=config.tokenizer or self._tokenizer)
         remove_quantization_state(model)
         return model
 
@@ -207,7 +236,9 @@ def _wrap(original: classmethod) -> classmethod:
 
     @functools.wraps(function)
     def from_pretrained(cls, *args, **kwargs):
-        return function(cls, *args, **_move_sparsity_kwarg(kwargs))
+        kwargs = _move_sparsity_kwarg(kwargs)
+        with _explicit_config(kwargs):
+            return function(cls, *args, **kwargs)
 
     from_pretrained._hf_sparse_hook = True
     return classmethod(from_pretrained)
@@ -268,4 +299,5 @@ class AutoSparseModelForCausalLM:
         kwargs = _move_sparsity_kwarg(kwargs, sparsity_config)
         # Call the unwrapped function: the keyword is already converted, and this must not depend on the hook.
         original = _ORIGINALS.get(AutoModelForCausalLM, AutoModelForCausalLM.__dict__["from_pretrained"]).__func__
-        return original(AutoModelForCausalLM, pretrained_model_name_or_path, *model_args, **kwargs)
+        with _explicit_config(kwargs):
+            return original(AutoModelForCausalLM, pretrained_model_name_or_path, *model_args, **kwargs)

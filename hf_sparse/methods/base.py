@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..config.validation import validate_dataclass
 from ..masks import SparsityPattern
 
 # Statistics a method can ask the engine for; see LinearStatistics for their meaning.
@@ -43,7 +44,15 @@ class LinearStatistics:
 
 @dataclass
 class MethodOptions:
-    """Base class of a method's options: a dataclass whose fields carry help text in ``metadata["help"]``."""
+    """Base class of a method's options: a dataclass whose fields carry help text in ``metadata["help"]`` and what
+    they allow (``"range"``, ``"choices"``, see :mod:`hf_sparse.config.validation`), checked on construction."""
+
+    #: the method the options belong to, starting every error message ("sparsegpt block_size must be ..."); set by
+    #: :func:`register_method`
+    method_name: ClassVar[str] = ""
+
+    def __post_init__(self):
+        validate_dataclass(self, prefix=self.method_name)
 
     @classmethod
     def from_dict(cls, method: str, values: dict[str, Any] | None) -> MethodOptions:
@@ -60,10 +69,34 @@ class MethodOptions:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class PaperReference:
+    """The paper a method comes from, as the model card and ``hf-sparse methods`` cite it.
+
+    >>> PaperReference("SparseGPT", "Frantar and Alistarh", 2023, "https://arxiv.org/abs/2301.00774").citation
+    'Frantar and Alistarh (2023), SparseGPT'
+    """
+
+    title: str
+    authors: str
+    year: int
+    url: str
+
+    @property
+    def citation(self) -> str:
+        return f"{self.authors} ({self.year}), {self.title}"
+
+
 class PruningMethod(ABC):
     """One pruning method. Subclasses set the class attributes and implement :meth:`prune_weight`."""
 
     name: ClassVar[str]
+    #: how people write the method's name (model cards, ``hf-sparse methods``); defaults to ``name``
+    display_name: ClassVar[str | None] = None
+    #: where the method is published (``None`` for folklore baselines)
+    paper: ClassVar[PaperReference | None] = None
+    #: whether the method reads calibration data (a data-free method must ask for no statistics)
+    needs_calibration: ClassVar[bool] = True
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
     #: statistics the engine collects for every pruned linear (subset of STATISTICS); empty means no calibration
     statistics: ClassVar[frozenset[str]] = frozenset()
@@ -75,10 +108,6 @@ class PruningMethod(ABC):
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options if options is not None else self.options_class()
-
-    @property
-    def needs_calibration(self) -> bool:
-        return bool(self.statistics)
 
     @property
     def sequential_within_block(self) -> bool:
@@ -112,10 +141,26 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
     unknown = set(cls.statistics) - STATISTICS
     if unknown:
         raise ValueError(f"{cls.__name__} asks for unknown statistics {sorted(unknown)}; allowed: {sorted(STATISTICS)}")
+    _check_metadata(cls)
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"a pruning method named {cls.name!r} is already registered")
+    if cls.options_class is not MethodOptions and not cls.options_class.method_name:
+        cls.options_class.method_name = cls.name
     METHODS[cls.name] = cls
     return cls
+
+
+def _check_metadata(cls: type[PruningMethod]) -> None:
+    """The descriptive class attributes of a method being registered; ``display_name`` defaults to ``name``."""
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute name = '...' (the registry key)")
+    if cls.__dict__.get("display_name") is None:  # not inherited: a subclass is another method
+        cls.display_name = cls.name
+    if cls.paper is not None and not isinstance(cls.paper, PaperReference):
+        raise ValueError(f"{cls.__name__}.paper must be a PaperReference or None, got {cls.paper!r}")
+    if not cls.needs_calibration and cls.statistics:
+        raise ValueError(f"{cls.__name__} sets needs_calibration = False but asks for statistics "
+                         f"{sorted(cls.statistics)}, which come from calibration data")
 
 
 def get_method_class(name: str) -> type[PruningMethod]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..masks import SparsityPattern, select_mask
-from .base import LinearStatistics, MethodOptions, PruningMethod, register_method
+from .base import LinearStatistics, MethodOptions, PaperReference, PruningMethod, register_method
 from .sparsegpt import sparsegpt_prune
 from .wanda import WandaPruning
 
@@ -44,7 +44,7 @@ class FistaOptions(MethodOptions):
         default="sparsegpt",
         metadata={"help": "Warm start of the first round: 'sparsegpt' (SparseGPT on the least-squares target "
                           "C·G⁻¹, i.e. with the intra-block correction), 'wanda' (W masked by the Wanda score) or "
-                          "'dense' (W itself)."},
+                          "'dense' (W itself).", "choices": INITS},
     )
     error_correction: bool = field(
         default=True,
@@ -52,23 +52,26 @@ class FistaOptions(MethodOptions):
                           "on inputs through the already-pruned ones (X̂). False takes every input from the dense "
                           "block (X̂ = X), the paper's ablation."},
     )
-    iterations: int = field(default=20, metadata={"help": "Maximum FISTA iterations per λ round."})
-    rounds: int = field(default=3, metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each)."})
+    iterations: int = field(default=20, metadata={"help": "Maximum FISTA iterations per λ round.", "range": ">= 1"})
+    rounds: int = field(default=3, metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each).",
+                                                 "range": ">= 1"})
     tolerance: float = field(
-        default=1e-4, metadata={"help": "Stop a FISTA solve when ‖Ŵ_k+1 − Ŵ_k‖_F / ‖Ŵ_k‖_F falls below this."}
+        default=1e-4, metadata={"help": "Stop a FISTA solve when ‖Ŵ_k+1 − Ŵ_k‖_F / ‖Ŵ_k‖_F falls below this.",
+                                   "range": "[0, 1)"}
     )
     xi: float = field(
         default=0.3,
         metadata={"help": "Target share of the reconstruction error that the hard threshold may add; above it λ is "
-                          "raised, below it lowered."},
+                          "raised, below it lowered.", "range": "(0, 1)"},
     )
     lambda_init: float = field(
         default=1.0,
         metadata={"help": "First λ, relative to the λ at which a diagonal G would give exactly the target sparsity "
-                          "(the sparsity-quantile of |W|·diag G)."},
+                          "(the sparsity-quantile of |W|·diag G).", "range": "> 0"},
     )
     lambda_factor: float = field(
-        default=4.0, metadata={"help": "λ is multiplied or divided by this until the bisection has a bracket."}
+        default=4.0, metadata={"help": "λ is multiplied or divided by this until the bisection has a bracket.",
+                                  "range": "> 1"}
     )
     restart: bool = field(
         default=True,
@@ -78,7 +81,7 @@ class FistaOptions(MethodOptions):
     refit_iterations: int = field(
         default=15,
         metadata={"help": "Conjugate-gradient iterations refitting the kept weights by least squares on the final "
-                          "mask; 0 disables the refit."},
+                          "mask; 0 disables the refit.", "range": ">= 0"},
     )
     per_row: bool = field(
         default=False,
@@ -87,34 +90,10 @@ class FistaOptions(MethodOptions):
     dampening: float = field(
         default=0.01,
         metadata={"help": "Diagonal dampening (fraction of mean diag G) for the SparseGPT warm start and the "
-                          "least-squares target C·G⁻¹."},
+                          "least-squares target C·G⁻¹.", "range": "(0, 1)"},
     )
-    power_iterations: int = field(default=50, metadata={"help": "Power-iteration steps estimating L = λ_max(G)."})
-
-    def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f"fista init must be one of {INITS}, got {self.init!r}")
-        for name in ("error_correction", "restart", "per_row"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"fista {name} must be True or False, got {getattr(self, name)!r}")
-        for name, minimum in (("iterations", 1), ("rounds", 1), ("refit_iterations", 0), ("power_iterations", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"fista {name} must be an integer >= {minimum}, got {value!r}")
-        if not _is_number(self.tolerance) or not 0 <= self.tolerance < 1:
-            raise ValueError(f"fista tolerance must be in [0, 1), got {self.tolerance!r}")
-        if not _is_number(self.xi) or not 0 < self.xi < 1:
-            raise ValueError(f"fista xi must be in (0, 1), got {self.xi!r}")
-        if not _is_number(self.lambda_init) or not self.lambda_init > 0:
-            raise ValueError(f"fista lambda_init must be a positive number, got {self.lambda_init!r}")
-        if not _is_number(self.lambda_factor) or not self.lambda_factor > 1:
-            raise ValueError(f"fista lambda_factor must be a number > 1, got {self.lambda_factor!r}")
-        if not _is_number(self.dampening) or not 0 < self.dampening < 1:
-            raise ValueError(f"fista dampening must be in (0, 1), got {self.dampening!r}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    power_iterations: int = field(default=50, metadata={"help": "Power-iteration steps estimating L = λ_max(G).",
+                                                           "range": ">= 1"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,6 +343,11 @@ class FistaPruning(PruningMethod):
     """FISTAPruner: ℓ1-regularised layer-wise reconstruction with intra-block error correction, solved by FISTA."""
 
     name = "fista"
+    display_name = "FISTAPruner"
+    paper = PaperReference("A Convex-optimization-based Layer-wise Post-training Pruner for Large Language Models",
+                           "Zhao, Hu, Li, Zheng, Wang and Yuan", 2024, "https://arxiv.org/abs/2408.03728")
+    needs_calibration = True
+    supports_patterns = ("unstructured", "n:m")
     options_class = FistaOptions
     statistics = frozenset({"hessian", "cross", "dense_output_sq_norm"})
     propagate_dense = True

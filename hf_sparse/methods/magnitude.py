@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..masks import SparsityPattern, select_mask
-from .base import LinearStatistics, MethodOptions, PruningMethod, register_method
+from .base import LinearStatistics, MethodOptions, PaperReference, PruningMethod, register_method
 
 
 @dataclass
@@ -24,6 +24,11 @@ class MagnitudePruning(PruningMethod):
     """Zero the weights of smallest absolute value (one threshold per matrix by default)."""
 
     name = "magnitude"
+    display_name = "Magnitude"
+    paper = PaperReference("Learning both Weights and Connections for Efficient Neural Networks",
+                           "Han, Pool, Tran and Dally", 2015, "https://arxiv.org/abs/1506.02626")
+    needs_calibration = False
+    supports_patterns = ("unstructured", "n:m")
     options_class = MagnitudeOptions
 
     def prune_weight(self, weight: torch.Tensor, stats: LinearStatistics | None, pattern: SparsityPattern,

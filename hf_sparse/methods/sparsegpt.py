@@ -12,21 +12,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..masks import SparsityPattern, prune_counts, select_n_m, select_unstructured
-from .base import LinearStatistics, MethodOptions, PruningMethod, register_method
+from .base import LinearStatistics, MethodOptions, PaperReference, PruningMethod, register_method
 
 
 @dataclass
 class SparseGPTOptions(MethodOptions):
-    block_size: int = field(default=128, metadata={"help": "Columns processed (and masked) together."})
+    block_size: int = field(default=128, metadata={"help": "Columns processed (and masked) together.", "range": "> 0"})
     dampening: float = field(
-        default=0.01, metadata={"help": "Added to the Hessian diagonal, as a fraction of its mean diagonal."}
+        default=0.01,
+        metadata={"help": "Added to the Hessian diagonal, as a fraction of its mean diagonal.", "range": "(0, 1)"},
     )
-
-    def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"sparsegpt block_size must be a positive integer, got {self.block_size!r}")
-        if not 0 < float(self.dampening) < 1:
-            raise ValueError(f"sparsegpt dampening must be in (0, 1), got {self.dampening!r}")
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -92,6 +87,11 @@ class SparseGPTPruning(PruningMethod):
     """Second-order pruning with weight reconstruction; the strongest of the three baselines."""
 
     name = "sparsegpt"
+    display_name = "SparseGPT"
+    paper = PaperReference("SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+                           "Frantar and Alistarh", 2023, "https://arxiv.org/abs/2301.00774")
+    needs_calibration = True
+    supports_patterns = ("unstructured", "n:m")
     options_class = SparseGPTOptions
     statistics = frozenset({"hessian"})
 

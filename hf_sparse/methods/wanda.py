@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import SparsityPattern, select_mask
-from .base import LinearStatistics, PruningMethod, register_method
+from .base import LinearStatistics, PaperReference, PruningMethod, register_method
 
 
 @register_method
@@ -13,6 +13,11 @@ class WandaPruning(PruningMethod):
     """Pruning by weights and activations: no weight update, one forward pass of statistics per block."""
 
     name = "wanda"
+    display_name = "Wanda"
+    paper = PaperReference("A Simple and Effective Pruning Approach for Large Language Models",
+                           "Sun, Liu, Bair and Kolter", 2023, "https://arxiv.org/abs/2306.11695")
+    needs_calibration = True
+    supports_patterns = ("unstructured", "n:m")
     statistics = frozenset({"sq_norm"})
 
     def prune_weight(self, weight: torch.Tensor, stats: LinearStatistics | None, pattern: SparsityPattern,

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .masks import SparsityPattern
-from .methods import get_method_class
+from ..calibration.descriptors import check_descriptor, describe_calibration
+from ..masks import SparsityPattern
+from ..methods import get_method_class
+from .validation import regex_list, validate_dataclass
 
 QUANT_METHOD = "hf_sparse"
 
@@ -20,39 +20,32 @@ QUANT_METHOD = "hf_sparse"
 _RUNTIME_ONLY = ("tokenizer",)
 
 
-def describe_calibration(source: Any) -> dict[str, Any] | None:
-    """A small JSON descriptor of a calibration source: its kind, a name where it has one, and a content hash."""
-    if source is None:
-        return None
-    if isinstance(source, str):
-        return {"kind": "name_or_path", "name": source}
-    digest = hashlib.sha256()
-    if isinstance(source, torch.Tensor):
-        digest.update(source.detach().cpu().to(torch.int64).numpy().tobytes())
-        return {"kind": "token_ids", "count": int(source.shape[0]), "sha256": digest.hexdigest()}
-    items = list(source)
-    if all(isinstance(item, str) for item in items):
-        for item in items:
-            digest.update(item.encode("utf-8") + b"\x00")
-        return {"kind": "texts", "count": len(items), "sha256": digest.hexdigest()}
-    for item in items:
-        digest.update(torch.as_tensor(item, dtype=torch.int64).numpy().tobytes() + b"\x00")
-    return {"kind": "token_ids", "count": len(items), "sha256": digest.hexdigest()}
+def registered_method(name: str, value: Any) -> Any:
+    """A ``"check"`` (see :mod:`.validation`): ``value`` names a registered method; the error lists them."""
+    get_method_class(value)
+    return value
 
 
-def _check_regex_list(name: str, value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{name} must be a list of regular expressions on module names, got {value!r}")
-    for pattern in value:
+def pattern_name(name: str, value: Any) -> Any:
+    """A ``"check"``: ``value`` is a sparsity pattern, normalised (``" 2:4"`` -> ``"2:4"``)."""
+    return str(SparsityPattern.parse(value))
+
+
+def _empty_if_none(name: str, value: Any) -> Any:
+    return {} if value is None else value
+
+
+def _torch_device(name: str, value: Any) -> Any:
+    if value is not None:
         try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"{name} entry {pattern!r} is not a valid regular expression: {error}") from None
-    return list(value)
+            torch.device(value)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {value!r} is not a valid torch device (e.g. 'cpu', 'cuda:0')") from None
+    return value
+
+
+def _descriptor(name: str, value: Any) -> Any:
+    return None if value is None else check_descriptor(value, prefix="calibration.")
 
 
 @dataclass
@@ -69,20 +62,22 @@ class SparsityConfig(QuantizationConfigMixin):
     """
 
     quant_method: str = field(default=QUANT_METHOD, init=False, repr=False)
-    method: str = field(default="wanda", metadata={"help": "Registered method name: see hf_sparse.METHODS."})
+    method: str = field(default="wanda", metadata={"help": "Registered method name: see hf_sparse.METHODS.", "check": registered_method})
     sparsity: float | None = field(
         default=None,
         metadata={"help": "Fraction of weights to remove in each pruned module, in [0, 1). Defaults to 0.5, or to "
-                          "1 - N/M for an N:M pattern."},
+                          "1 - N/M for an N:M pattern.", "range": "[0, 1)", "none_is_default": True},
     )
-    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'."})
+    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'.", "check": pattern_name})
     include: list[str] | None = field(
         default=None,
         metadata={"help": "Regular expressions (re.search) on full module names; only matching linears inside the "
-                          "decoder blocks are pruned. Default: every linear of every decoder block."},
+                          "decoder blocks are pruned. Default: every linear of every decoder block.",
+                  "check": regex_list},
     )
     exclude: list[str] | None = field(
-        default=None, metadata={"help": "Regular expressions on full module names that are never pruned."}
+        default=None, metadata={"help": "Regular expressions on full module names that are never pruned.",
+                                 "check": regex_list}
     )
     calibration: Any = field(
         default=None,
@@ -92,82 +87,77 @@ class SparsityConfig(QuantizationConfigMixin):
     calibration_split: str = field(default="train", metadata={"help": "Dataset split, for dataset names."})
     calibration_column: str = field(default="text", metadata={"help": "Text column, for datasets and JSON."})
     calibration_subset: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    num_samples: int = field(default=128, metadata={"help": "Calibration sequences."})
-    sequence_length: int = field(default=2048, metadata={"help": "Tokens per calibration sequence."})
-    batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
+    num_samples: int = field(default=128, metadata={"help": "Calibration sequences.", "range": "> 0"})
+    sequence_length: int = field(default=2048, metadata={"help": "Tokens per calibration sequence.", "range": "> 0"})
+    batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass.", "range": "> 0"})
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and any randomness in methods."})
     method_options: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "Options of the chosen method, e.g. {'block_size': 128}."}
+        default_factory=dict, metadata={"help": "Options of the chosen method, e.g. {'block_size': 128}.",
+                                        "check": _empty_if_none}
     )
     parallel: bool = field(
         default=False,
         metadata={"help": "Prune blocks concurrently (worker threads on CPU). Only for methods that feed every block "
                           "dense inputs (fista), whose blocks are independent; results equal the sequential run."},
     )
-    num_workers: int | None = field(default=None, metadata={"help": "Worker threads for parallel=True."})
+    num_workers: int | None = field(default=None, metadata={"help": "Worker threads for parallel=True.",
+                                                                         "range": "> 0"})
     device: str | None = field(
         default=None,
         metadata={"help": "Device each block is pruned on. Default: the first CUDA device if there is one, else "
-                          "where the block already is."},
+                          "where the block already is.", "check": _torch_device},
     )
     tokenizer: Any = field(
         default=None, repr=False,
         metadata={"help": "Tokenizer for text calibration (run time only). Default: loaded from the model's id."},
     )
     calibration_descriptor: dict[str, Any] | None = field(
-        default=None, repr=False, metadata={"help": "Set when read back from JSON, where the data itself is absent."}
+        default=None, repr=False, metadata={"help": "Set when read back from JSON, where the data itself is absent.",
+                                      "check": _descriptor}
     )
 
     def __post_init__(self):
         self.quant_method = QUANT_METHOD
-        method_cls = get_method_class(self.method)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field and the rules between fields; raises ``ValueError`` naming the value and what is allowed.
+
+        Runs on construction and again in :func:`hf_sparse.prune` and prune on load, so a field changed after
+        construction (``cfg.sparsity = 1.5``) is refused before anything is pruned. Fields are not checked one by
+        one as they are set: transformers' ``from_dict``/``update`` set them in turn (``QuantizationConfigMixin``),
+        and a half-updated config (a new pattern before its sparsity) may be inconsistent for a moment.
+
+        >>> cfg = SparsityConfig(method="magnitude"); cfg.sparsity = 1.5
+        >>> cfg.validate()
+        Traceback (most recent call last):
+        ...
+        ValueError: sparsity must be in [0, 1), got 1.5
+        """
+        get_method_class(self.method)  # the method first: its name decides what else is allowed
         parsed = SparsityPattern.parse(self.pattern)
+        if self.sparsity is None:
+            self.sparsity = parsed.implied_sparsity if parsed.is_n_m else 0.5
+        validate_dataclass(self)
+        method_cls = get_method_class(self.method)
         if parsed.kind not in method_cls.supports_patterns:
             raise ValueError(
                 f"method {self.method!r} does not support pattern {self.pattern!r}; it supports {method_cls.supports_patterns}"
             )
-        self.pattern = str(parsed)
-        if self.sparsity is None:
-            self.sparsity = parsed.implied_sparsity if parsed.is_n_m else 0.5
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
-            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
-        self.sparsity = float(self.sparsity)
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         if parsed.is_n_m and abs(self.sparsity - parsed.implied_sparsity) > 1e-9:
             raise ValueError(
                 f"sparsity {self.sparsity!r} contradicts pattern {self.pattern!r}, which fixes sparsity at "
                 f"{parsed.implied_sparsity!r}; omit sparsity or set it to that value"
             )
-        self.include = _check_regex_list("include", self.include)
-        self.exclude = _check_regex_list("exclude", self.exclude)
-        for name in ("num_samples", "sequence_length", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.parallel, bool):
-            raise ValueError(f"parallel must be True or False, got {self.parallel!r}")
         if self.parallel and not method_cls.propagate_dense:
             raise ValueError(
                 f"parallel=True needs a method whose blocks are independent (dense inputs per block, e.g. 'fista'); "
                 f"{self.method!r} prunes each block on the outputs of the pruned blocks before it"
             )
-        if self.num_workers is not None and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
-                                             or self.num_workers < 1):
-            raise ValueError(f"num_workers must be a positive integer or None, got {self.num_workers!r}")
-        if self.method_options is None:
-            self.method_options = {}
-        if not isinstance(self.method_options, dict):
-            raise ValueError(f"method_options must be a dict, got {self.method_options!r}")
-        # Validate now, not after a long model load: unknown keys and bad values raise here.
-        method_cls.options_class.from_dict(self.method, self.method_options)
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"device {self.device!r} is not a valid torch device (e.g. 'cpu', 'cuda:0')") from None
+        # Validate now, not after a long model load: unknown keys and bad values raise here. The given keys keep
+        # their checked values ("False" from a command line is stored as False).
+        options = method_cls.options_class.from_dict(self.method, self.method_options)
+        self.method_options = {key: getattr(options, key) for key in self.method_options}
 
     @property
     def parsed_pattern(self) -> SparsityPattern:
@@ -212,4 +202,6 @@ class SparsityConfig(QuantizationConfigMixin):
         for key, value in kwargs.items():
             if hasattr(config, key):
                 setattr(config, key, value)
+        if len(unused) < len(kwargs):
+            config.validate()
         return (config, unused) if return_unused_kwargs else config

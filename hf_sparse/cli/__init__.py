@@ -1,0 +1,87 @@
+"""The ``hf-sparse`` command: prune a model, measure perplexity, list methods, recover with LoRA.
+
+    hf-sparse prune MODEL --method wanda --pattern 2:4 --calibration calibration.txt --output pruned/ \\
+        --eval-data wikitext2-test.txt --eval-sequence-length 256
+    hf-sparse eval pruned/ --data wikitext2-test.txt --sequence-length 256
+    hf-sparse methods
+    hf-sparse recover pruned/ --data train.txt --output recovered/
+
+Tables go to stdout, progress bars and logs to stderr. Bad input, and an operating-system error such as a full disk,
+exit with code 2 and one line naming the problem (as argparse does for malformed options).
+
+Each subcommand is one module of this package defining ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(args)``; adding one is a new module plus its name in :data:`COMMANDS`. Options every command has
+(``--threads``) are added here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .common import PROG, add_threads_argument, apply_threads
+
+logger = logging.getLogger("hf_sparse.cli")
+
+#: the subcommands, in the order ``hf-sparse --help`` lists them (module names in this package)
+COMMANDS = ("prune", "eval", "methods", "recover")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-sparse`` argument parser with every subcommand of :data:`COMMANDS`."""
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Post-training pruning of Hugging Face causal LMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        command = importlib.import_module(f".{name}", __name__)
+        sub = subparsers.add_parser(name, help=command.HELP, description=command.DESCRIPTION)
+        command.add_arguments(sub)
+        add_threads_argument(sub.add_argument_group("common options"))
+        sub.set_defaults(func=command.run)
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("hf_sparse").setLevel(level)
+    if verbosity >= 2:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_info()
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hf-sparse``; returns the exit code (0, or 2 for bad input or an OS error).
+
+    >>> main(["methods", "--threads", "1"])  # doctest: +SKIP
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        apply_threads(args)
+        args.func(args)
+    except ValueError as error:
+        print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        logger.debug("traceback of the error above", exc_info=True)
+        return 2
+    except OSError as error:  # a full disk, a read-only folder, a permission: not a bug, so no traceback
+        print(f"{PROG} {args.command}: error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
+        logger.debug("traceback of the error above", exc_info=True)
+        return 2
+    return 0
+
+
+__all__ = ["COMMANDS", "build_parser", "main"]

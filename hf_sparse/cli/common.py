@@ -1,0 +1,223 @@
+"""What the ``hf-sparse`` subcommands share: argument types, loading a model, evaluation data, the output options
+and the one save path (:func:`hf_sparse.saving.save_checkpoint`, through the model card when one is written)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+PROG = "hf-sparse"
+
+
+def parse_method_option(text: str) -> tuple[str, Any]:
+    """``"block_size=64"`` -> ``("block_size", 64)``; the value is JSON when it parses, else the raw string.
+
+    >>> parse_method_option("dampening=0.02"), parse_method_option("init=wanda"), parse_method_option("per_row=true")
+    (('dampening', 0.02), ('init', 'wanda'), ('per_row', True))
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--method-option {text!r} must look like key=value, e.g. block_size=64")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # plain strings need no quotes on the command line
+    return key, value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1.
+
+    >>> positive_int("3")
+    3
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; a positive integer is required") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; a positive integer is required")
+    return value
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``getrusage`` reports KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def format_bytes(n: int | None) -> str:
+    """``1536 * 2**20`` -> ``'1.50 GiB'``; ``None`` -> ``'-'``.
+
+    >>> format_bytes(3 * 2**20), format_bytes(None)
+    ('3 MiB', '-')
+    """
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def print_table(rows: Sequence[tuple[str, str]], file=None) -> None:
+    """A two-column plain-text table on stdout (the CLI's output; logs and progress go to stderr)."""
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}", file=file or sys.stdout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments every command has
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` (used by every subcommand and by the benchmark scripts in ``examples/``)."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for torch (default: $HF_SPARSE_NUM_THREADS or $OMP_NUM_THREADS if set, "
+                             "else the CPUs not busy with other work, at least 1; give N for reproducible timings)")
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set torch's thread count from ``args.threads`` (see :mod:`hf_sparse.threads`); returns it."""
+    from ..threads import set_num_threads
+
+    return set_num_threads(getattr(args, "threads", None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, dtypes: Sequence[str] = DTYPES) -> None:
+    """``--dtype`` and ``--gguf-file`` for the positional MODEL."""
+    parser.add_argument("--dtype", choices=dtypes, default="float32",
+                        help="dtype to load the model in (default float32; pruning math is float32 regardless)")
+    parser.add_argument("--gguf-file", default=None, metavar="FILE",
+                        help="load MODEL's GGUF file FILE (a name inside the MODEL folder or Hub repo); its weights "
+                             "are dequantized to --dtype, the tokenizer comes from the same file")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", gguf_file: str | None = None):
+    """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local folder or Hub id (or a GGUF file in it), errors
+    as ``ValueError``. A local folder that a killed save left half-swapped is repaired first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..saving import finish_interrupted_save
+
+    if not str(name_or_path).startswith(("http://", "https://")):
+        finish_interrupted_save(name_or_path)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype(dtype), **extra)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
+    except OSError as error:  # transformers reports a missing folder / unknown Hub id / no network as OSError
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"could not load model {name_or_path!r}" + (f" (GGUF file {gguf_file!r})" if gguf_file
+                                                                      else "")
+                         + f" (a local folder or Hub id is allowed): {first_line}") from error
+    return model, tokenizer
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether ``source`` is meant as a local path (a dataset name never starts with . / ~ or ends in .txt)."""
+    from ..calibration import JSON_SUFFIXES, TEXT_SUFFIXES
+
+    return source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def read_eval_texts(path: str) -> list[str]:
+    """Held-out text from a local file or folder (never a download: evaluation data is named explicitly)."""
+    from ..calibration import read_texts
+
+    if not Path(path).expanduser().exists():
+        raise ValueError(f"evaluation data {path!r} does not exist; give a local .txt/.json/.jsonl file or folder")
+    return read_texts(str(Path(path).expanduser()))
+
+
+def default_eval_length(model, requested: int | None) -> int:
+    """``requested``, or 2048 capped at the model's context (a default, never a silent change of the user's value)."""
+    if requested is not None:
+        return requested
+    context = getattr(model.config, "max_position_embeddings", None)
+    return min(2048, context) if context else 2048
+
+
+def evaluation_entry(perplexities: dict[str, float], data: str, sequence_length: int,
+                     max_windows: int | None) -> dict[str, Any]:
+    """The record's ``evaluation`` keys for perplexities measured by a command (``{"pruned": 62.1}`` ->
+    ``pruned_perplexity``) and the setup that produced them (file name only: paths stay private).
+
+    >>> evaluation_entry({"dense": 53.061234}, "/data/test.txt", 256, None)
+    {'dense_perplexity': 53.0612, 'eval_data': 'test.txt', 'eval_sequence_length': 256}
+    """
+    entry: dict[str, Any] = {f"{stage}_perplexity": round(value, 4) for stage, value in perplexities.items()}
+    entry.update(eval_data=Path(data).name, eval_sequence_length=sequence_length)
+    if max_windows:
+        entry["eval_windows"] = max_windows
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--output DIR``, ``--overwrite`` and the model card / Hub options (shared by ``prune`` and ``recover``)."""
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", required=True, metavar="DIR",
+                     help="folder for the checkpoint (must not exist); it appears only once it is complete")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace --output if it is a checkpoint (has config.json), only once the new one is complete")
+    group = parser.add_argument_group("model card and Hub")
+    group.add_argument("--model-card", action=argparse.BooleanOptionalAction, default=True,
+                       help="write README.md, a model card generated from the sparsity record (default: on)")
+    group.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                       help="also upload the output folder to this Hub repository (org/name)")
+    group.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    group.add_argument("--license", default=None, help="license for the card's metadata, e.g. apache-2.0")
+    group.add_argument("--base-model", default=None,
+                       help="Hub id of the model that was pruned, for the card (default: the model path given)")
+
+
+def check_output(args: argparse.Namespace) -> Path:
+    """Everything about the output that can be refused before a long load: the folder, the Hub id."""
+    from ..saving import check_destination
+
+    output = check_destination(args.output, args.overwrite, label="--output", overwrite_hint="pass --overwrite")
+    repo = args.push_to_hub
+    if repo and (repo.count("/") != 1 or repo.startswith(("/", ".", "~")) or repo.endswith("/")):
+        raise ValueError(f"--push-to-hub {repo!r} is not a Hub repository id; use org/name")
+    return output
+
+
+def save_output(model, tokenizer, args: argparse.Namespace, evaluation: dict[str, Any] | None = None) -> Path:
+    """Save as the options of :func:`add_output_arguments` say, atomically; push after the local copy is complete,
+    so a network failure never costs the saved model. Returns the output folder."""
+    from ..integrations import hub
+    from ..saving import save_checkpoint
+
+    # check_output() has refused a bad --output with the CLI's wording before the load; this re-checks.
+    if args.model_card:
+        card = hub.save_with_model_card(model, tokenizer, args.output, evaluation=evaluation,
+                                        base_model=args.base_model, license=args.license, overwrite=args.overwrite)
+        output = card.parent
+    else:
+        output = save_checkpoint(model, tokenizer, args.output, evaluation=evaluation, overwrite=args.overwrite)
+    if args.push_to_hub:
+        hub.upload_folder(output, args.push_to_hub, private=args.private or None)
+    return output

@@ -1,0 +1,138 @@
+"""``hf-sparse prune MODEL --method wanda --pattern 2:4 --calibration calib.txt --output pruned/``"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import (add_model_arguments, add_output_arguments, check_output, default_eval_length,
+                     evaluation_entry, format_bytes, load_model_and_tokenizer, looks_like_path, parse_method_option,
+                     peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
+
+HELP = "prune a model and save it (with perplexity before/after, if --eval-data is given)"
+DESCRIPTION = ("Load MODEL (local folder or Hub id), prune it with hf_sparse.prune, measure perplexity before and "
+               "after on --eval-data, and save model + tokenizer (+ model card) to --output. The output folder "
+               "appears only once it is complete.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="local folder or Hub id of a causal LM")
+    what = parser.add_argument_group("what to prune")
+    what.add_argument("--method", default="wanda", help="registered method (see `hf-sparse methods`; default wanda)")
+    what.add_argument("--sparsity", type=float, default=None,
+                      help="fraction of weights removed per module, in [0, 1) (default 0.5, or 1-N/M for N:M)")
+    what.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4 (default unstructured)")
+    what.add_argument("--method-option", dest="method_options", action="append", type=parse_method_option,
+                      default=[], metavar="KEY=VALUE",
+                      help="a method option, repeatable; the value is read as JSON when it parses (64, 0.01, true)")
+    what.add_argument("--include", action="append", default=None, metavar="REGEX",
+                      help="prune only linears whose full name matches (re.search); repeatable")
+    what.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+                      help="never prune linears whose full name matches; repeatable")
+    calib = parser.add_argument_group("calibration")
+    calib.add_argument("--calibration", default=None, metavar="PATH_OR_DATASET",
+                       help="text/JSON file or folder, or a Hugging Face dataset name (all methods but magnitude)")
+    calib.add_argument("--calibration-split", default="train", help="dataset split (default train)")
+    calib.add_argument("--calibration-column", default="text", help="text column of a dataset/JSON (default text)")
+    calib.add_argument("--calibration-subset", default=None, help="dataset configuration name")
+    calib.add_argument("--num-samples", type=positive_int, default=128, help="calibration sequences (default 128)")
+    calib.add_argument("--sequence-length", type=positive_int, default=2048,
+                       help="tokens per calibration sequence (default 2048)")
+    calib.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)")
+    calib.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--device", default=None, help="device blocks are pruned on (default: first GPU, else in place)")
+    run.add_argument("--parallel", action="store_true",
+                     help="prune blocks concurrently (only methods with dense propagation, e.g. fista): in worker "
+                          "threads, or across processes when started by torchrun/accelerate launch")
+    run.add_argument("--num-workers", type=positive_int, default=None, help="worker threads for --parallel")
+    add_model_arguments(run)
+    add_output_arguments(parser)
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-data", default=None, metavar="PATH",
+                            help="held-out text file or folder for perplexity")
+    evaluation.add_argument("--eval-sequence-length", type=positive_int, default=None,
+                            help="perplexity window (default 2048, or the model's context if shorter)")
+    evaluation.add_argument("--eval-max-windows", type=positive_int, default=None,
+                            help="evaluate on at most N windows")
+    evaluation.add_argument("--eval-batch-size", type=positive_int, default=8,
+                            help="windows per forward pass (default 8)")
+    evaluation.add_argument("--no-eval", action="store_true", help="skip perplexity even if --eval-data is given")
+
+
+def sparsity_config(args: argparse.Namespace):
+    """The :class:`hf_sparse.SparsityConfig` the options describe (validated on construction)."""
+    from .. import SparsityConfig
+
+    return SparsityConfig(
+        method=args.method, sparsity=args.sparsity, pattern=args.pattern, include=args.include,
+        exclude=args.exclude, calibration=args.calibration, calibration_split=args.calibration_split,
+        calibration_column=args.calibration_column, calibration_subset=args.calibration_subset,
+        num_samples=args.num_samples, sequence_length=args.sequence_length, batch_size=args.batch_size,
+        seed=args.seed, method_options=dict(args.method_options), parallel=args.parallel,
+        num_workers=args.num_workers, device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``hf-sparse prune``; returns the numbers it printed."""
+    import torch
+
+    from .. import distributed, prune
+    from ..evaluation import perplexity
+
+    # Everything that can be checked without the model is checked before a possibly long load.
+    config = sparsity_config(args)
+    if config.needs_calibration and isinstance(args.calibration, str) and looks_like_path(args.calibration) \
+            and not Path(args.calibration).expanduser().exists():
+        raise ValueError(f"--calibration {args.calibration!r} does not exist; give a text/JSON file or folder, "
+                         "or a Hugging Face dataset name")
+    check_output(args)
+    # Under torchrun/accelerate launch every process prunes its share of the blocks; one of them (the main process)
+    # evaluates, writes the output and prints, the others stop once the pruned weights are shared.
+    is_main = True
+    if args.parallel and distributed.launched_with_several_processes():
+        is_main = distributed.process_state(args.device).is_main_process
+    evaluate = bool(args.eval_data) and not args.no_eval and is_main
+    eval_texts = read_eval_texts(args.eval_data) if evaluate else None
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, gguf_file=args.gguf_file)
+    config.tokenizer = tokenizer
+    eval_length = default_eval_length(model, args.eval_sequence_length)
+
+    def measure() -> float:
+        return perplexity(model, tokenizer, eval_texts, sequence_length=eval_length,
+                          batch_size=args.eval_batch_size, max_windows=args.eval_max_windows)
+
+    dense_ppl = measure() if evaluate else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    record = prune(model, config, tokenizer=tokenizer)
+    prune_seconds = time.perf_counter() - start
+    if not is_main:
+        return {}
+    pruned_ppl = measure() if evaluate else None
+    evaluation = evaluation_entry({"dense": dense_ppl, "pruned": pruned_ppl}, args.eval_data, eval_length,
+                                  args.eval_max_windows) if evaluate else None
+    output = save_output(model, tokenizer, args, evaluation)
+
+    peak_rss = peak_rss_bytes()
+    peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    fmt = (lambda v: "-" if v is None else f"{v:.2f}")
+    print_table([
+        ("model", str(args.model) + (f" ({args.gguf_file})" if args.gguf_file else "")),
+        ("method", f"{config.method} ({config.pattern}, target sparsity {config.sparsity:.4f})"),
+        ("dense perplexity", fmt(dense_ppl)),
+        ("pruned perplexity", fmt(pruned_ppl)),
+        ("achieved sparsity", f"{record.overall_sparsity:.4f} over {len(record.modules)} modules"),
+        ("prune wall time", f"{prune_seconds:.1f} s ({torch.get_num_threads()} threads)"),
+        ("peak RSS", format_bytes(peak_rss)),
+        ("peak CUDA memory", format_bytes(peak_cuda)),
+        ("saved to", str(output) + (f" (pushed to {args.push_to_hub})" if args.push_to_hub else "")),
+    ])
+    return {"dense_perplexity": dense_ppl, "pruned_perplexity": pruned_ppl,
+            "overall_sparsity": record.overall_sparsity, "prune_seconds": prune_seconds, "peak_rss": peak_rss,
+            "peak_cuda": peak_cuda, "output": str(output)}
