@@ -249,11 +249,12 @@ def _remove(folder: Path | None) -> None:
 
 def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, overwrite: bool = False,
                     evaluation: Mapping[str, Any] | None = None,
-                    extra_files: Callable[[], Mapping[str, str]] | None = None) -> Path:
+                    extra_files: Callable[[], Mapping[str, str | bytes]] | None = None) -> Path:
     """Write ``model`` (+ ``tokenizer``, if not ``None``) to ``output`` atomically; returns ``output`` (absolute).
 
     ``evaluation`` is merged into the model's sparsity record first (:func:`hf_sparse.record.merge_evaluation`);
-    ``extra_files`` is then called and its ``{file name: text}`` (e.g. the model card) written beside the weights.
+    ``extra_files`` is then called and its ``{file name: text or bytes}`` (e.g. the model card and its pictures)
+    written beside the weights.
     Everything that can fail without touching the disk (the destination rules, the card) fails before writing.
 
     >>> save_checkpoint(model, tokenizer, "pruned", evaluation={"pruned_perplexity": 62.1})  # doctest: +SKIP
@@ -269,8 +270,11 @@ def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, ov
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
     logger.info("saved %s to %s", type(model).__name__, output)
     return output
 

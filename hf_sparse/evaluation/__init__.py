@@ -12,7 +12,7 @@
 from .bench import BenchResult, benchmark, compare
 from .perplexity import perplexity, token_windows
 from .sweep import SweepPoint, run_sweep
-from .zero_shot import record_zero_shot, zero_shot
+from .zero_shot import record_zero_shot, zero_shot, zero_shot_entry
 
 __all__ = [
     "BenchResult",
@@ -24,4 +24,5 @@ __all__ = [
     "run_sweep",
     "token_windows",
     "zero_shot",
+    "zero_shot_entry",
 ]

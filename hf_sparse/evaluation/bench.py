@@ -131,23 +131,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _forward_kwargs(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The name of the KV-cache argument of ``model.forward`` (``cache`` in recent transformers, ``past_key_values``
+    before) and ``logits_to_keep=1`` where supported: generation computes logits of the last position only."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in parameters else "past_key_values"
+    return cache_name, ({"logits_to_keep": 1} if "logits_to_keep" in parameters else {})
+
+
 @torch.no_grad()
 def _one_run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, float]:
     """(prefill seconds, time to first token, decode seconds) of one greedy generation."""
     device = prompt.device
+    cache_name, extra = _forward_kwargs(model)
+
+    def cache_of(output):
+        cache = getattr(output, "cache", None)
+        return output.past_key_values if cache is None else cache
+
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, **extra)
     _sync(device)
     prefill = time.perf_counter() - start
     next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (batch, 1)
     _sync(device)
     first_token = time.perf_counter() - start
-    past = out.past_key_values
+    cache = cache_of(out)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=next_token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=next_token, use_cache=True, **{cache_name: cache}, **extra)
+        cache = cache_of(out)
         next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     _sync(device)
     return prefill, first_token, time.perf_counter() - start

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ..record import RECORD_KEY, read_record, write_record
+from ..record import RECORD_KEY, merge_evaluation, read_record
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,14 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str], include_path: s
     was_training = model.training
     try:
         # HFLM keeps a reference to this very object: no reload, the pruned weights and shapes are what is scored.
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # lm-eval warns that an object passed as `pretrained` makes its loading options moot: true and expected here.
+        lm_eval_logger = logging.getLogger("lm_eval")
+        previous_level = lm_eval_logger.level
+        lm_eval_logger.setLevel(logging.ERROR)
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        finally:
+            lm_eval_logger.setLevel(previous_level)
         output = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -103,13 +110,36 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str], include_path: s
     return results
 
 
+def check_available() -> None:
+    """Raise ``ImportError`` with the install hint when lm-eval-harness is missing (cheap: no task index is built)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ImportError(INSTALL_HINT)
+
+
+def zero_shot_entry(results: dict[str, dict[str, float]], stage: str, *, limit: int | float | None = None,
+                    num_fewshot: int | None = None) -> dict[str, Any]:
+    """The record's ``evaluation`` keys for :func:`zero_shot` results: ``<stage>_<task>_<metric>`` (stderr values
+    left out: the card shows the metric) plus the setup (``zero_shot_limit``, ``zero_shot_num_fewshot``).
+
+    >>> zero_shot_entry({"arc_easy": {"acc": 0.61234567, "acc_stderr": 0.01}}, "pruned", limit=100)
+    {'pruned_arc_easy_acc': 0.612346, 'zero_shot_limit': 100}
+    """
+    if stage not in _STAGES:
+        raise ValueError(f"stage {stage!r} is not allowed; use one of {', '.join(_STAGES)}")
+    entry: dict[str, Any] = {f"{stage}_{task}_{metric}": round(value, 6) for task, metrics in results.items()
+                             for metric, value in metrics.items() if not metric.endswith("_stderr")}
+    entry.update({key: value for key, value in (("zero_shot_limit", limit), ("zero_shot_num_fewshot", num_fewshot))
+                  if value is not None})
+    return entry
+
+
 def record_zero_shot(model: nn.Module, results: dict[str, dict[str, float]], stage: str | None = None,
                      *, limit: int | float | None = None, num_fewshot: int | None = None) -> dict[str, Any]:
-    """Store :func:`zero_shot` results in the model's sparsity record (``record.evaluation``), for its model card.
-
-    Keys are ``<stage>_<task>_<metric>`` (stderr values are left out: the card shows the metric), e.g.
-    ``pruned_arc_easy_acc``; ``stage`` defaults to ``"recovered"`` after recovery, else ``"pruned"``. Returns the
-    entries added.
+    """Store :func:`zero_shot` results in the model's sparsity record (``record.evaluation``), for its model card;
+    ``stage`` defaults to ``"recovered"`` after recovery, else ``"pruned"``. Returns the entries added
+    (:func:`zero_shot_entry`).
 
     >>> record_zero_shot(model, {"arc_easy": {"acc": 0.61, "acc_stderr": 0.01}})  # doctest: +SKIP
     {'pruned_arc_easy_acc': 0.61}
@@ -117,13 +147,7 @@ def record_zero_shot(model: nn.Module, results: dict[str, dict[str, float]], sta
     record = read_record(model)
     if record is None:
         raise ValueError(f"the model has no {RECORD_KEY!r} record: only a model pruned by hf_sparse has one")
-    stage = stage or ("recovered" if record.recovery else "pruned")
-    if stage not in _STAGES:
-        raise ValueError(f"stage {stage!r} is not allowed; use one of {', '.join(_STAGES)}")
-    added = {f"{stage}_{task}_{metric}": round(value, 6) for task, metrics in results.items()
-             for metric, value in metrics.items() if not metric.endswith("_stderr")}
-    setup = {key: value for key, value in (("zero_shot_limit", limit), ("zero_shot_num_fewshot", num_fewshot))
-             if value is not None}
-    record.evaluation = {**record.evaluation, **added, **setup}
-    write_record(model, record)
-    return added
+    entry = zero_shot_entry(results, stage or ("recovered" if record.recovery else "pruned"), limit=limit,
+                            num_fewshot=num_fewshot)
+    merge_evaluation(model, entry)
+    return entry
