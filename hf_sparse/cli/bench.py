@@ -31,10 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
 
 
-def _label(source: str, other: str | None) -> str:
-    name = Path(str(source).rstrip("/")).name or str(source)
-    other_name = Path(str(other).rstrip("/")).name if other else None
-    return name if name != other_name else str(source)
+def _label(source: str) -> str:
+    return Path(str(source).rstrip("/")).name or str(source)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,9 +41,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.warmup < 0:
         raise ValueError(f"--warmup {args.warmup} is not allowed; 0 or more warm-up runs")
-    sources = {_label(args.model, args.baseline): args.model}
+    sources = {_label(args.model): args.model}
     if args.baseline:
-        sources[_label(args.baseline, args.model)] = args.baseline
+        name = _label(args.baseline)
+        sources[name if name not in sources else f"{name} (baseline)"] = args.baseline
     models = {}
     for name, source in sources.items():
         models[name], _tokenizer = load_model_and_tokenizer(source, args.dtype, gguf_file=args.gguf_file)

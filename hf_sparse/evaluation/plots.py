@@ -164,13 +164,15 @@ def _structure_figure(structure: dict[str, Any]):
         axes.bar(xs, ys, width=width, label=f"{label} (of {original[key]})", color=f"C{s}")
     for index in sorted(removed):
         axes.bar([index], [1.0], width=0.8, color="none", edgecolor="#d62728", hatch="//", linewidth=1)
-        axes.text(index, 0.5, "removed", rotation=90, ha="center", va="center", color="#d62728", fontsize="small")
-    axes.set_ylim(0, 1.05)
+        axes.text(index, 0.5, "removed", rotation=90, ha="center", va="center", color="#d62728", fontsize="small",
+                  bbox={"facecolor": "white", "edgecolor": "none", "pad": 2})
+    axes.set_ylim(0, 1.22)  # headroom for the legend above the full-width bars
+    axes.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     axes.set_xlim(-0.6, num_blocks - 0.4)
     axes.set_xticks(range(num_blocks))
     axes.set_xlabel("block (original index)")
     axes.set_ylabel("kept fraction of original width")
-    axes.legend(fontsize="small", loc="lower right")
+    axes.legend(fontsize="small", loc="upper center", ncol=len(series), frameon=False)
     removed_text = f", {len(removed)} of {num_blocks} blocks removed" if removed else ""
     axes.set_title(f"Width kept per block{removed_text}", fontsize="medium")
     return figure

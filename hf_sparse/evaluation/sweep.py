@@ -226,7 +226,7 @@ def run_sweep(model: nn.Module, tokenizer, base_config: SparsityConfig, methods:
     try:
         if dense_key not in done:
             bar.set_postfix_str("dense")
-            done[dense_key] = SweepPoint(DENSE, DENSE, 0.0, 0.0, measure(model))
+            done[dense_key] = SweepPoint(DENSE, DENSE, 0.0, 0.0, round(measure(model), 6))
             save()
             bar.update()
         for point in todo:
@@ -236,8 +236,9 @@ def run_sweep(model: nn.Module, tokenizer, base_config: SparsityConfig, methods:
             start = time.perf_counter()
             record = prune(candidate, config, tokenizer=tokenizer, show_progress=show_progress)
             seconds = time.perf_counter() - start
-            result = dataclasses.replace(point, achieved_sparsity=record.overall_sparsity,
-                                         perplexity=measure(candidate))
+            # Rounded as results.csv stores them, so a resumed sweep returns exactly what an uninterrupted one does.
+            result = dataclasses.replace(point, achieved_sparsity=round(record.overall_sparsity, 6),
+                                         perplexity=round(measure(candidate), 6))
             del candidate
             done[point.key] = result
             save()
@@ -266,9 +267,9 @@ def format_sweep_table(points: Sequence[SweepPoint]) -> str:
     >>> print(format_sweep_table(pts))
     | method | pattern | 0% | 50% |
     |---|---|---|---|
-    | dense | - | 53.10 | |
-    | wanda | unstructured | | 56.40 |
-    | wanda | 2:4 | | 62.10 |
+    | dense | - | 53.10 | - |
+    | wanda | unstructured | - | 56.40 |
+    | wanda | 2:4 | - | 62.10 |
     """
     levels = sorted({p.target_sparsity for p in points if p.method != DENSE} | {0.0})
     rows: dict[tuple[str, str], dict[float, float]] = {}
@@ -277,6 +278,6 @@ def format_sweep_table(points: Sequence[SweepPoint]) -> str:
     lines = ["| method | pattern | " + " | ".join(f"{level:.0%}" for level in levels) + " |",
              "|---|---|" + "---|" * len(levels)]
     for (method, pattern), values in rows.items():
-        cells = [f"{values[level]:.2f}" if level in values else "" for level in levels]
+        cells = [f"{values[level]:.2f}" if level in values else "-" for level in levels]
         lines.append(f"| {method} | {pattern} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -83,26 +83,25 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str], include_path: s
         raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    task_manager = TaskManager(verbosity="INFO" if show_progress else "ERROR",
-                               include_path=str(Path(include_path).expanduser()) if include_path else None)
-    tasks = _check_tasks(tasks, task_manager)
+    # lm-eval logs through the "lm_eval" logger; quiet runs keep only its errors. It warns, too, that an object passed
+    # as `pretrained` makes its loading options moot: true and expected here, so that warning is always held back.
+    lm_eval_logger = logging.getLogger("lm_eval")
+    previous_level = lm_eval_logger.level
     was_training = model.training
     try:
-        # HFLM keeps a reference to this very object: no reload, the pruned weights and shapes are what is scored.
-        # lm-eval warns that an object passed as `pretrained` makes its loading options moot: true and expected here.
-        lm_eval_logger = logging.getLogger("lm_eval")
-        previous_level = lm_eval_logger.level
         lm_eval_logger.setLevel(logging.ERROR)
-        try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        finally:
-            lm_eval_logger.setLevel(previous_level)
+        task_manager = TaskManager(include_path=str(Path(include_path).expanduser()) if include_path else None)
+        tasks = _check_tasks(tasks, task_manager)
+        # HFLM keeps a reference to this very object: no reload, the pruned weights and shapes are what is scored.
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm_eval_logger.setLevel(previous_level if show_progress else logging.ERROR)
         output = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed, verbosity="INFO" if show_progress else "ERROR",
+            fewshot_random_seed=seed,
         )
     finally:
+        lm_eval_logger.setLevel(previous_level)
         model.train(was_training)
     results = {task: _metrics(values) for task, values in output["results"].items()}
     for task, metrics in results.items():
