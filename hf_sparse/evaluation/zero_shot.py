@@ -49,6 +49,20 @@ def _check_tasks(tasks: Sequence[str], task_manager) -> list[str]:
     return tasks
 
 
+def _task_manager(TaskManager, tasks: Sequence[str], include_path: str | Path | None):
+    """A ``TaskManager`` that knows ``tasks`` (checked), and the task list. Indexing lm-eval's thousands of built-in
+    task files takes a while, so when every task is one of ``include_path``'s own, only that folder is indexed."""
+    folder = str(Path(include_path).expanduser()) if include_path else None
+    if folder is not None:
+        local = TaskManager(include_path=folder, include_defaults=False)
+        try:
+            return local, _check_tasks(tasks, local)
+        except ValueError:
+            pass  # some task is a built-in one: index everything
+    manager = TaskManager(include_path=folder)
+    return manager, _check_tasks(tasks, manager)
+
+
 def _metrics(task_results: dict[str, Any]) -> dict[str, float]:
     """``{"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...}`` -> ``{"acc": 0.5, "acc_stderr": 0.1}``."""
     metrics = {}
@@ -90,8 +104,7 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str], include_path: s
     was_training = model.training
     try:
         lm_eval_logger.setLevel(logging.ERROR)
-        task_manager = TaskManager(include_path=str(Path(include_path).expanduser()) if include_path else None)
-        tasks = _check_tasks(tasks, task_manager)
+        task_manager, tasks = _task_manager(TaskManager, tasks, include_path)
         # HFLM keeps a reference to this very object: no reload, the pruned weights and shapes are what is scored.
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         lm_eval_logger.setLevel(previous_level if show_progress else logging.ERROR)
