@@ -247,6 +247,26 @@ def _remove(folder: Path | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def atomic_write_file(path: str | os.PathLike, content: str | bytes) -> Path:
+    """Write one file so that readers see the old content or the new, never a part: into a temporary sibling,
+    fsynced, then renamed over ``path`` (sweep results, pictures).
+
+    >>> atomic_write_file("results.csv", "method,perplexity\\n")  # doctest: +SKIP
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP}-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, overwrite: bool = False,
                     evaluation: Mapping[str, Any] | None = None,
                     extra_files: Callable[[], Mapping[str, str | bytes]] | None = None) -> Path:
@@ -279,5 +299,5 @@ def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, ov
     return output
 
 
-__all__ = ["CHECKPOINT_MARKER", "atomic_directory", "check_destination", "finish_interrupted_save",
+__all__ = ["CHECKPOINT_MARKER", "atomic_directory", "atomic_write_file", "check_destination", "finish_interrupted_save",
            "save_checkpoint"]

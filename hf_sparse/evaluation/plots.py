@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,17 +64,10 @@ def _png(figure) -> bytes:
 
 
 def write_png(data: bytes, path: str | os.PathLike) -> Path:
-    """Write PNG bytes atomically (temporary sibling, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write PNG bytes atomically (:func:`hf_sparse.saving.atomic_write_file`)."""
+    from ..saving import atomic_write_file
+
+    return atomic_write_file(path, data)
 
 
 # ---------------------------------------------------------------------------------------------------------------

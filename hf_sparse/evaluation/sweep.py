@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import SparsityConfig
 from ..masks import SparsityPattern
+from ..saving import atomic_write_file
 from .perplexity import perplexity
 
 logger = logging.getLogger(__name__)
@@ -101,20 +101,6 @@ def _sha256_of_tensor(ids: torch.Tensor | None) -> str | None:
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: readers see the old or the new file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(points: list[SweepPoint]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
@@ -150,7 +136,7 @@ def _check_settings(output: Path, settings: dict[str, Any], restart: bool) -> No
                              "another output folder, or restart=True (--restart) to discard its results")
     elif restart:
         (output / RESULTS_NAME).unlink(missing_ok=True)
-    _atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    atomic_write_file(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def run_sweep(model: nn.Module, tokenizer, base_config: SparsityConfig, methods: Sequence[str],
@@ -215,7 +201,7 @@ def run_sweep(model: nn.Module, tokenizer, base_config: SparsityConfig, methods:
         ordered_keys += stale
 
     def save() -> None:
-        _atomic_write_text(output / RESULTS_NAME, _csv_text([done[k] for k in ordered_keys if k in done]))
+        atomic_write_file(output / RESULTS_NAME, _csv_text([done[k] for k in ordered_keys if k in done]))
 
     todo = [point for point in points if point.key not in done]
     if done:
