@@ -242,7 +242,7 @@ def test_the_model_card_embeds_its_pictures(demo, tmp_path):
     text = card.read_text()
     assert "## Pictures" in text
     assert "![Achieved sparsity per block and module](sparsity.png)" in text
-    assert "(evaluation.png)" in text
+    assert "![Evaluation: dense, pruned](evaluation.png)" in text
     for name in ("sparsity.png", "evaluation.png"):
         assert (card.parent / name).read_bytes().startswith(PNG_MAGIC)
 

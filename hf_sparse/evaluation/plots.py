@@ -144,7 +144,7 @@ def _structure_figure(structure: dict[str, Any]):
         num_blocks = len(kept) + len(removed)
     series = [(key, label) for key, label in (("attention_heads", "attention heads"), ("kv_heads", "key/value heads"),
                                               ("mlp_channels", "MLP channels")) if original.get(key)]
-    figure = _figure(max(6.0, 0.45 * num_blocks + 2), 3.6)
+    figure = _figure(min(11.0, max(6.0, 0.45 * num_blocks + 2)), 3.6)
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(series))
     for s, (key, label) in enumerate(series):
@@ -170,7 +170,7 @@ def _structure_figure(structure: dict[str, Any]):
     return figure
 
 
-def _mask_figure(modules: dict[str, float], overall: float | None):
+def _mask_figure(modules: dict[str, float], overall: float | None, pattern: str | None = None):
     blocks = sorted({b for b, _ in map(_block_and_type, modules) if b is not None})
     types = list(dict.fromkeys(t for _, t in map(_block_and_type, modules)))
     has_other = any(b is None for b, _ in map(_block_and_type, modules))
@@ -179,7 +179,7 @@ def _mask_figure(modules: dict[str, float], overall: float | None):
     for name, value in modules.items():
         block, kind = _block_and_type(name)
         grid[types.index(kind)][columns.index(block)] = value
-    figure = _figure(max(5.0, 0.42 * len(columns) + 2.6), max(2.6, 0.38 * len(types) + 1.4))
+    figure = _figure(min(10.0, max(5.0, 0.42 * len(columns) + 2.6)), max(2.6, 0.38 * len(types) + 1.4))
     axes = figure.add_subplot()
     image = axes.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     axes.set_yticks(range(len(types)), types)
@@ -196,7 +196,9 @@ def _mask_figure(modules: dict[str, float], overall: float | None):
                               color="white" if value < 0.6 else "black")
     figure.colorbar(image, ax=axes, label="sparsity", fraction=0.05)
     title = "Achieved sparsity per block and module"
-    axes.set_title(title + (f" (overall {overall:.1%})" if overall is not None else ""), fontsize="medium")
+    details = [p for p in (pattern if pattern and pattern != "unstructured" else None,
+                           f"overall {overall:.1%}" if overall is not None else None) if p]
+    axes.set_title(title + (f" ({', '.join(details)})" if details else ""), fontsize="medium")
     return figure
 
 
@@ -212,7 +214,7 @@ def sparsity_figure(record: Any, path: str | os.PathLike | None = None) -> bytes
     if structure:
         figure = _structure_figure(structure)
     elif data.get("modules"):
-        figure = _mask_figure(data["modules"], data.get("overall_sparsity"))
+        figure = _mask_figure(data["modules"], data.get("overall_sparsity"), data.get("pattern"))
     else:
         raise ValueError("the record has neither per-module sparsities nor a structure entry: nothing to draw")
     png = _png(figure)
@@ -275,8 +277,11 @@ def card_figures(record: Any) -> tuple[dict[str, bytes], str]:
     files = {SPARSITY_PNG: sparsity_figure(data)}
     kind = "Kept width per block" if data.get("structure") else "Achieved sparsity per block and module"
     lines = [f"![{kind}]({SPARSITY_PNG})"]
-    bars = evaluation_figure(data.get("evaluation") or {})
+    evaluation = data.get("evaluation") or {}
+    labels = {"pruned": f"pruned\n{data.get('method', '')} {data.get('pattern', '')}".rstrip()}
+    bars = evaluation_figure(evaluation, labels=labels)
     if bars is not None:
+        stages = [s for s in _STAGES if any(key.startswith(f"{s}_") for key in evaluation)]
+        lines.append(f"![Evaluation: {', '.join(stages)}]({EVALUATION_PNG})")
         files[EVALUATION_PNG] = bars
-        lines.append(f"![Evaluation: dense, pruned and recovered]({EVALUATION_PNG})")
     return files, "\n\n".join(lines)
