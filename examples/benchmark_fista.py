@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_sparse
 from hf_sparse.calibration import load_calibration
+from hf_sparse.cli.common import add_threads_argument, apply_threads
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
@@ -43,7 +44,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    add_threads_argument(parser)
     args = parser.parse_args()
+    apply_threads(args)
 
     model_dir = SHARED / "models" / "llama-7m-books"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

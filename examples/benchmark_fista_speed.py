@@ -41,6 +41,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_sparse
+from hf_sparse.cli.common import add_threads_argument, apply_threads
 
 # Llama shapes. num_key_value_heads < num_attention_heads is grouped-query attention (smaller k_proj and v_proj).
 PRESETS = {
@@ -82,13 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = parser.add_argument_group("run")
     run.add_argument("--device", help="'cuda', 'cuda:1', 'cpu'... (default: cuda if available, else cpu)")
     run.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: float16 on cuda, float32 on cpu)")
-    run.add_argument("--threads", type=int,
-                     help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here); on a CPU "
-                          "shared with other jobs, 1 can be much faster, as busy cores stall every multi-threaded op")
+    add_threads_argument(run)  # on a CPU shared with other jobs, busy cores stall every multi-threaded op
     run.add_argument("--repeats", type=int, default=1, help="runs per method; the table shows the fastest")
     run.add_argument("--seed", type=int, default=0, help="seeds the random weights and the random token ids")
     args = parser.parse_args(argv)
-    for name in ("blocks", "repeats", "threads"):
+    for name in ("blocks", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.methods = [name.strip() for name in args.methods.split(",") if name.strip()]
@@ -259,8 +258,7 @@ def format_report(args: argparse.Namespace, config: LlamaConfig, device: torch.d
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     config = llama_config(args)

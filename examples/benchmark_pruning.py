@@ -66,7 +66,9 @@ def worker_pretrained(job: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_sparse
+    from hf_sparse.threads import set_num_threads
 
+    set_num_threads(job["threads"])
     model_dir = Path(job["shared"]) / "models" / "llama-7m-books"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -100,7 +102,9 @@ def worker_depth(job: dict) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_sparse
+    from hf_sparse.threads import set_num_threads
 
+    set_num_threads(job["threads"])
     torch.manual_seed(0)
     # Same width as llama-7m-books; only the number of decoder blocks changes.
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8,
@@ -141,6 +145,8 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from hf_sparse.cli.common import add_threads_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt",
                         help="comma-separated registered methods (default: %(default)s)")
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-quality", action="store_true", help="only the memory-scaling part")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -166,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     import hf_sparse
+    from hf_sparse.threads import default_num_threads
 
+    # Each run is its own process: --jobs of them share the cores the default leaves free.
+    threads = args.threads or max(1, default_num_threads() // max(1, args.jobs))
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
         if method not in hf_sparse.METHODS:
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     common = dict(kind="pretrained", shared=str(SHARED), num_samples=args.num_samples,
                   sequence_length=args.sequence_length, seed=args.seed, eval_sequence_length=256,
-                  max_windows=args.max_windows)
+                  max_windows=args.max_windows, threads=threads)
     results: dict = {"settings": {k: v for k, v in common.items() if k != "kind"}, "quality": [], "depth": []}
     started = time.perf_counter()
 
@@ -205,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
 
     depths = [int(d) for d in args.depths.split(",") if d]
     if depths:
-        jobs = [dict(kind="depth", blocks=d, num_samples=args.num_samples, sequence_length=args.sequence_length)
+        jobs = [dict(kind="depth", blocks=d, num_samples=args.num_samples, sequence_length=args.sequence_length,
+                     threads=threads)
                 for d in depths]
         outputs = [run_worker(job) for job in jobs]  # one at a time: this part is about memory
         print(f"\nSparseGPT 2:4 on random Llamas of llama-7m-books' width (hidden 256, MLP 768), calibration "

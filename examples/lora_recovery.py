@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_sparse
+from hf_sparse.cli.common import add_threads_argument, apply_threads
 from hf_sparse.evaluation import perplexity
 from hf_sparse.masks import SparsityPattern, is_valid_n_m
 from hf_sparse.record import overall_sparsity
@@ -44,8 +45,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--mode", default="masked", choices=hf_sparse.peft.MODES)
     parser.add_argument("--output", default=None, help="save the recovered checkpoint (+ model card) here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it is a checkpoint")
+    add_threads_argument(parser)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    apply_threads(args)
 
     model_dir = SHARED / "models" / "llama-7m-books"
     calibration = SHARED / "data" / "calibration.txt"
@@ -88,7 +91,7 @@ def main() -> None:
         if max_windows:
             evaluation["eval_windows"] = max_windows
         card = hf_sparse.hub.save_with_model_card(recovered_model, tokenizer, args.output, evaluation=evaluation,
-                                                  base_model="llama-7m-books")
+                                                  base_model="llama-7m-books", overwrite=args.overwrite)
         print(f"saved to {args.output} (model card: {card})")
 
 

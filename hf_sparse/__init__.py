@@ -19,6 +19,8 @@ from .integrations.transformers import (
     uninstall_from_pretrained_hook,
 )
 from . import hub, peft, recovery, training  # public submodules: `from hf_sparse.peft import get_sparse_peft_model`
+from .integrations.compressed import install_save_hook  # save_pretrained(d, compressed=True); compact loading
+from . import formats, kernels  # compact storage; opt-in 2:4 kernels (hf_sparse.kernels.enable_2of4)
 
 # `hf_sparse.evaluate` is the first wave's name for the evaluation module; `import hf_sparse.evaluate` works too.
 evaluate = evaluation
@@ -26,6 +28,7 @@ _sys.modules[f"{__name__}.evaluate"] = evaluation
 
 # `from_pretrained(..., sparsity_config=cfg)` works once hf_sparse is imported; uninstall_from_pretrained_hook() undoes it.
 install_from_pretrained_hook()
+install_save_hook()
 
 __version__ = "0.1.0"
 
@@ -38,8 +41,10 @@ __all__ = [
     "SparsityRecord",
     "evaluate",
     "evaluation",
+    "formats",
     "get_masks",
     "hub",
+    "kernels",
     "install_from_pretrained_hook",
     "peft",
     "prune",

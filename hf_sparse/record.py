@@ -19,7 +19,9 @@ Shape (``format_version`` 1: one pruning pass)::
       "evaluation": {"dense_perplexity": 53.1, "pruned_perplexity": 56.4, ...},  # optional, for model cards
       "base_model": "org/name",                    # optional: a Hub id, or a local folder's base name ...
       "base_model_sha256": "...",                  # ... with the hash of that folder's files
-      "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...}   # optional: after recovery
+      "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...},  # optional: after recovery
+      "storage": {"format": "hf_sparse_compact", "version": 1, "dense_bytes": ..., "stored_bytes": ...}
+                                                   # optional: only in compact checkpoints (hf_sparse.formats)
     }
 
 ``format_version`` 2 is written when a model was pruned more than once (say ``include=mlp`` then ``include=attn``):
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import torch
@@ -148,6 +151,15 @@ class PruningPass:
     modules: list[str] = field(metadata={"help": "Modules this pass pruned."})
 
 
+def _storage(name: str, value: Any) -> Any:
+    """The optional ``storage`` entry (:mod:`hf_sparse.formats.compact`): an object naming format and version."""
+    if value is not None:
+        _json_object(name, value)
+        check_value(f"{name}.format", value.get("format"), str, {})
+        check_value(f"{name}.version", value.get("version"), int, {})
+    return value
+
+
 def _passes(name: str, value: Any) -> Any:
     if value is None:
         return None
@@ -185,9 +197,12 @@ class SparsityRecord:
                                                                     "check": _recovery})
     passes: list[dict[str, Any]] | None = field(default=None, metadata={"help": "Every pass, for a model pruned "
                                                                                 "more than once.", "check": _passes})
+    storage: dict[str, Any] | None = field(default=None, metadata={"help": "How a compact checkpoint stores the "
+                                                                          "weights; absent = dense.",
+                                                                  "check": _storage})
 
     # Optional keys are written only when set, so records of plain pruning keep their exact shape.
-    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes")
+    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "storage")
 
     def __post_init__(self):
         validate_dataclass(self, prefix=_PREFIX)
@@ -251,12 +266,14 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
     measure it on the weights.
     """
     passes = list(previous.passes or [previous.as_pass()]) + [new.as_pass()]
+    # A version-1 record may name its base model by an absolute local path: never write that out again.
+    keep_base = previous.base_model is not None and not PurePath(previous.base_model).is_absolute()
     return SparsityRecord(
         method=new.method, pattern=new.pattern, target_sparsity=new.target_sparsity,
         overall_sparsity=new.overall_sparsity, modules={**previous.modules, **new.modules},
         method_options=new.method_options, calibration=new.calibration,
-        base_model=previous.base_model if previous.base_model is not None else new.base_model,
-        base_model_sha256=previous.base_model_sha256 if previous.base_model is not None else new.base_model_sha256,
+        base_model=previous.base_model if keep_base else new.base_model,
+        base_model_sha256=previous.base_model_sha256 if keep_base else new.base_model_sha256,
         recovery=previous.recovery, passes=passes,
     )
 

@@ -115,6 +115,12 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
         for step in progress:
             ids = windows[step * config.batch_size : (step + 1) * config.batch_size].to(device)
             loss = peft_model(input_ids=ids, labels=ids).loss
+            if not torch.isfinite(loss):
+                # Never train on (or merge, or report) a NaN: say where it appeared and the usual causes.
+                raise ValueError(
+                    f"LoRA recovery loss is {loss.item()} at step {step + 1} of {config.steps}; the model is not "
+                    f"recovered (learning_rate={config.learning_rate!r}, sequence_length={config.sequence_length}: "
+                    "lower the learning rate, use windows of at least 2 tokens, or try float32)")
             loss.backward()
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

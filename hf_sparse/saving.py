@@ -260,6 +260,9 @@ def atomic_write_file(path: str | os.PathLike, content: str | bytes) -> Path:
             handle.write(content.encode("utf-8") if isinstance(content, str) else content)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a result file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -269,12 +272,14 @@ def atomic_write_file(path: str | os.PathLike, content: str | bytes) -> Path:
 
 def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, overwrite: bool = False,
                     evaluation: Mapping[str, Any] | None = None,
-                    extra_files: Callable[[], Mapping[str, str | bytes]] | None = None) -> Path:
+                    extra_files: Callable[[], Mapping[str, str | bytes]] | None = None,
+                    compressed: bool = False) -> Path:
     """Write ``model`` (+ ``tokenizer``, if not ``None``) to ``output`` atomically; returns ``output`` (absolute).
 
     ``evaluation`` is merged into the model's sparsity record first (:func:`hf_sparse.record.merge_evaluation`);
     ``extra_files`` is then called and its ``{file name: text or bytes}`` (e.g. the model card and its pictures)
-    written beside the weights.
+    written beside the weights. ``compressed`` writes the pruned linears in compact storage
+    (``save_pretrained(..., compressed=True)``).
     Everything that can fail without touching the disk (the destination rules, the card) fails before writing.
 
     >>> save_checkpoint(model, tokenizer, "pruned", evaluation={"pruned_perplexity": 62.1})  # doctest: +SKIP
@@ -287,7 +292,7 @@ def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, ov
         merge_evaluation(model, evaluation)
     files = dict(extra_files()) if extra_files is not None else {}
     with atomic_directory(output, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"compressed": True} if compressed else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in files.items():

@@ -213,3 +213,129 @@ def test_no_eval_skips_perplexity(tiny_dir, tmp_path, capsys):
     assert table["dense perplexity"] == table["pruned perplexity"] == "-"
     assert _saved_record(output)["evaluation"] == {}
     assert math.isclose(_saved_record(output)["overall_sparsity"], 0.5)
+
+
+def test_full_disk_exits_2_with_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from transformers import PreTrainedTokenizerBase
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    assert run(["prune", tiny_dir, "--method", "magnitude", "--output", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err  # progress bars go to stderr too; the error is one line, without a traceback
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "hf-sparse prune: error: OSError: [Errno 28] No space left on device"]
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tiny_dir, tmp_path, capsys):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text(r"\documentclass{book}")
+    assert run(["prune", tiny_dir, "--method", "magnitude", "--output", thesis, "--overwrite"]) == 2
+    assert "is not a checkpoint folder (no config.json), so it is never replaced" in capsys.readouterr().err
+    assert sorted(p.name for p in thesis.iterdir()) == ["thesis.tex"]
+
+
+def test_recover_refuses_an_existing_output_before_loading(tiny_dir, tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "config.json").write_text("{}")
+    assert run(["recover", tiny_dir, "--data", CALIBRATION, "--output", existing]) == 2
+    assert f"--output {str(existing)!r} already exists; choose a new folder or pass --overwrite" in \
+        capsys.readouterr().err
+    assert (existing / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("command", [["methods"], ["eval", "MODEL", "--data", HELDOUT, "--max-windows", 1,
+                                                   "--sequence-length", 16]])
+def test_threads_option_sets_torchs_thread_count(tiny_dir, command, capsys):
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        argv = [tiny_dir if part == "MODEL" else part for part in command]
+        assert run([*argv, "--threads", 1]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert run(["methods", "--threads", 0]) == 2
+    assert "0 is not allowed; a positive integer is required" in capsys.readouterr().err
+
+
+def test_default_thread_count_leaves_busy_cores_alone(monkeypatch):
+    from hf_sparse import threads
+
+    for name in threads.THREAD_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 8)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.4, 0.0, 0.0))
+    assert threads.default_num_threads() == 3
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (12.0, 0.0, 0.0))
+    assert threads.default_num_threads() == 1
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads.default_num_threads() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.default_num_threads() == 2
+    monkeypatch.setenv("HF_SPARSE_NUM_THREADS", "none")
+    with pytest.raises(ValueError, match="HF_SPARSE_NUM_THREADS='none' is not a positive integer"):
+        threads.default_num_threads()
+
+
+@pytest.mark.parametrize("command", ["prune", "eval"])
+def test_gguf_file_reaches_from_pretrained_for_model_and_tokenizer(tiny_dir, tmp_path, monkeypatch, command):
+    """`--gguf-file F` loads MODEL/F: from_pretrained(MODEL, gguf_file=F) for the model and the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calls = []
+    real_model, real_tokenizer = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def spy(real, kind):
+        def load(name, *args, gguf_file=None, **kwargs):
+            calls.append((kind, str(name), gguf_file))
+            return real(name, *args, **kwargs)  # the tiny folder stands in for the GGUF file's content
+        return load
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy(real_model, "model"))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy(real_tokenizer, "tokenizer"))
+    argv = (["prune", tiny_dir, "--method", "magnitude", "--no-model-card", "--output", tmp_path / "out"]
+            if command == "prune" else ["eval", tiny_dir, "--data", HELDOUT, "--sequence-length", 16,
+                                        "--max-windows", 1])
+    assert run([*argv, "--gguf-file", "tiny.Q4_1.gguf", "--threads", 1]) == 0
+    assert calls[:2] == [("model", str(tiny_dir), "tiny.Q4_1.gguf"), ("tokenizer", str(tiny_dir), "tiny.Q4_1.gguf")]
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("gguf", reason="writing a GGUF file needs the gguf package (pip install gguf)")
+    from tiny_gguf import write_tiny_gguf
+
+    folder = tmp_path_factory.mktemp("gguf")
+    write_tiny_gguf(folder / "tiny.gguf")
+    return folder
+
+
+def test_eval_loads_a_real_gguf_file(gguf_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert run(["eval", gguf_dir, "--gguf-file", "tiny.gguf", "--data", HELDOUT, "--sequence-length", 32,
+                "--max-windows", 3, "--threads", 1]) == 0
+    table = _table(capsys.readouterr().out)
+    assert table["model"] == f"{gguf_dir} (tiny.gguf)" and table["sparsity"] == "dense"
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="tiny.gguf", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="tiny.gguf")
+    expected = perplexity(model, tokenizer, HELDOUT.read_text(), sequence_length=32, max_windows=3,
+                          show_progress=False)
+    assert float(table["perplexity"]) == pytest.approx(expected, abs=0.006)
+
+
+@pytest.mark.xfail(reason="saving a GGUF-loaded model as safetensors is the library's part (issue 13 item 1, "
+                          "helper `testbed`); remove this mark once it is merged", strict=False)
+def test_prune_saves_a_gguf_loaded_model(gguf_dir, tmp_path):
+    output = tmp_path / "pruned"
+    assert run(["prune", gguf_dir, "--gguf-file", "tiny.gguf", "--method", "magnitude", "--pattern", "2:4",
+                "--output", output, "--threads", 1]) == 0
+    assert _saved_record(output)["overall_sparsity"] == 0.5

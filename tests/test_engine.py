@@ -8,7 +8,7 @@ import torch
 import hf_sparse
 from conftest import tiny_llama
 from hf_sparse.architectures import get_architecture
-from hf_sparse.engine import PruningTarget, _StatisticsCollector, capture_block_inputs
+from hf_sparse.engine import PruningTarget, StatisticsCollector, capture_block_inputs
 
 
 def _ids(samples=4, length=16, seed=0):
@@ -31,7 +31,7 @@ def test_statistics_match_explicit_forward():
     x = torch.cat(seen)  # (tokens, in)
 
     target = PruningTarget("q", block.self_attn.q_proj, 0.5)
-    collector = _StatisticsCollector([target], frozenset({"sq_norm", "hessian"}), torch.device("cpu"))
+    collector = StatisticsCollector([target], frozenset({"sq_norm", "hessian"}), torch.device("cpu"))
     collector.collect(block, inputs, None)
     stats = collector.stats["q"]
     assert stats.n_tokens == 64

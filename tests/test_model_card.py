@@ -135,3 +135,27 @@ def test_push_needs_a_repo_id(pruned, tmp_path):
         save_with_model_card(pruned, None, tmp_path, push_to_hub=True)
     with pytest.raises(ValueError, match="no 'sparsity_config' record"):
         render_model_card(tiny_llama())
+
+
+def test_untrusted_record_strings_reach_the_card_as_text_not_html(pruned, tmp_path):
+    """The record may come from someone's config.json: its strings are escaped, never HTML or markup in README.md."""
+    from hf_sparse.record import read_record, write_record
+
+    record = read_record(pruned)
+    record.calibration = {"kind": "name_or_path", "name": "<script>alert(1)</script>.txt", "num_samples": 4,
+                          "sequence_length": 16, "seed": 0}
+    record.base_model = "<img src=x onerror=alert(2)>"
+    record.recovery = {"method": "lora", "mode": "<b>masked</b>", "data": "a|b`c`.txt", "steps": 3}
+    write_record(pruned, record)
+    card = save_with_model_card(pruned, None, tmp_path / "out",
+                                evaluation={"pruned_perplexity": 9.5, "eval_data": "```\n<iframe>"})
+    text = card.read_text(encoding="utf-8")
+    for raw in ("<script", "<img", "<b>", "<iframe"):
+        assert raw not in text, raw
+    prose = text.split("## Sparsity record")[0]
+    assert "a|b" not in prose and "`c`" not in prose  # a table cell is not split, no code span is opened
+    # The calibration name is shown by its last path component ("script>.txt", after the "/"), escaped.
+    assert "| Calibration data | script&gt;.txt, 4 sequences" in text and "on a\\|b\\`c\\`.txt" in text
+    assert text.count("```") == 6  # the three code blocks of the template, nothing opened or closed by the record
+    record_block = text.split("```json\n")[1].split("\n```")[0]
+    assert json.loads(record_block)["calibration"]["name"] == "<script>alert(1)</script>.txt"  # same JSON value

@@ -77,7 +77,7 @@ def test_installed_wheel_renders_a_model_card(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr
     card = result.stdout
-    assert "| Pruning method | Magnitude (`magnitude`, options {\"per_row\": false}) |" in card
+    assert "| Pruning method | Magnitude (`magnitude`, options `{\"per_row\": false}`) |" in card
     assert "| pruned (Magnitude, 2:4) | 12.50 |" in card
     assert "## Sparsity record" in card
     console = Path(python).parent / ("hf-sparse.exe" if os.name == "nt" else "hf-sparse")

@@ -347,3 +347,16 @@ def test_lora_recovery_lowers_perplexity_and_keeps_2_4(tokenizer, heldout_text):
     assert_same_sparsity(result.model, masks, "2:4")
     assert recovered < pruned - 0.5, (pruned, recovered)
     assert hf_sparse.read_record(result.model).recovery["steps"] == 30
+
+
+@pytest.mark.parametrize("overrides, step", [({"learning_rate": 1e30}, 2), ({"sequence_length": 1}, 1)])
+def test_recover_fails_on_a_non_finite_loss_naming_the_step(overrides, step):
+    """A huge learning rate (NaN after the first update; an infinite one is refused up front) or 1-token windows
+    (no next token: NaN loss) stop the run with the step, instead of merging a NaN model and reporting it as recovered."""
+    from hf_sparse.recovery import recover
+
+    model = pruned_tiny("2:4")
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    options = {"steps": 3, "batch_size": 2, "sequence_length": 8, "rank": 2, **overrides}
+    with pytest.raises(ValueError, match=rf"LoRA recovery loss is nan at step {step} of 3; the model is not recovered"):
+        recover(model, None, ids, show_progress=False, **options)

@@ -129,13 +129,6 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", gguf_fil
     return model, tokenizer
 
 
-def looks_like_path(source: str) -> bool:
-    """Whether ``source`` is meant as a local path (a dataset name never starts with . / ~ or ends in .txt)."""
-    from ..calibration import JSON_SUFFIXES, TEXT_SUFFIXES
-
-    return source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -204,7 +197,9 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_calibration_path(calibration) -> None:
     """Refuse a ``--calibration`` that is meant as a local path but does not exist (before a long model load)."""
-    if isinstance(calibration, str) and looks_like_path(calibration) and not Path(calibration).expanduser().exists():
+    from ..calibration import missing_path
+
+    if missing_path(calibration):
         raise ValueError(f"--calibration {calibration!r} does not exist; give a text/JSON file or folder, "
                          "or a Hugging Face dataset name")
 
@@ -267,10 +262,12 @@ def save_output(model, tokenizer, args: argparse.Namespace, evaluation: dict[str
     # check_output() has refused a bad --output with the CLI's wording before the load; this re-checks.
     if args.model_card:
         card = hub.save_with_model_card(model, tokenizer, args.output, evaluation=evaluation,
-                                        base_model=args.base_model, license=args.license, overwrite=args.overwrite)
+                                        base_model=args.base_model, license=args.license, overwrite=args.overwrite,
+                                        compressed=getattr(args, "compressed", False))
         output = card.parent
     else:
-        output = save_checkpoint(model, tokenizer, args.output, evaluation=evaluation, overwrite=args.overwrite)
+        output = save_checkpoint(model, tokenizer, args.output, evaluation=evaluation, overwrite=args.overwrite,
+                                 compressed=getattr(args, "compressed", False))
     if args.push_to_hub:
         hub.upload_folder(output, args.push_to_hub, private=args.private or None)
     return output

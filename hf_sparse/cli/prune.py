@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 from .common import (add_calibration_arguments, add_model_arguments, add_output_arguments, add_perplexity_arguments,
-                     add_selection_arguments, check_calibration_path, check_output, default_eval_length, evaluation_entry, format_bytes,
-                     load_model_and_tokenizer, peak_rss_bytes, positive_int, print_table,
-                     read_eval_texts, save_output)
+                     add_selection_arguments, check_calibration_path, check_output, default_eval_length,
+                     evaluation_entry, format_bytes, load_model_and_tokenizer, peak_rss_bytes, positive_int,
+                     print_table, read_eval_texts, save_output)
 
 HELP = "prune a model and save it (with perplexity before/after, if --eval-data is given)"
 DESCRIPTION = ("Load MODEL (local folder or Hub id), prune it with hf_sparse.prune, measure perplexity before and "
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--num-workers", type=positive_int, default=None, help="worker threads for --parallel")
     add_model_arguments(run)
     add_output_arguments(parser)
+    parser.add_argument("--compressed", action="store_true",
+                        help="store the pruned linears compactly (N:M values + positions, or bitmask + values; "
+                             "loads with hf_sparse imported, `hf-sparse decompress` exports a dense copy)")
     add_perplexity_arguments(parser)
 
 
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse prune``; returns the numbers it printed."""
     import torch
 
-    from .. import distributed, prune
+    from .. import prune
+    from ..engine import distributed
     from ..evaluation import perplexity
 
     # Everything that can be checked without the model is checked before a possibly long load.

@@ -165,7 +165,7 @@ class SparsityConfig(QuantizationConfigMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        return bool(get_method_class(self.method).statistics)
+        return get_method_class(self.method).needs_calibration
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: calibration data is replaced by a descriptor, run-time fields are dropped."""

@@ -15,6 +15,7 @@ card that is already on the Hub.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -53,6 +54,42 @@ def hub_model_id(name: str | None) -> str | None:
     return name
 
 
+# Characters that start Markdown inline markup (HTML is escaped separately); escaping them keeps text inert.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+# Text that is safe inside a Markdown code span, even in a table cell (no backtick, no pipe, no HTML).
+_CODE_SAFE = re.compile(r"[\w .,:;=+@/(){}\[\]\"'-]+")
+
+
+def _text(value: Any) -> str:
+    r"""Untrusted text (the record comes from a config.json) as inert Markdown: one line, HTML escaped, markup
+    characters backslash-escaped.
+
+    >>> _text("<script>alert(1)</script> | *x*")
+    '&lt;script&gt;alert(1)&lt;/script&gt; \\| \\*x\\*'
+    """
+    one_line = " ".join(str(value).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))
+
+
+def _literal(value: Any) -> str:
+    """``value`` as a code span when that is safe, else as escaped text.
+
+    >>> _literal("calibration.txt"), _literal("<b>.txt")
+    ('`calibration.txt`', '&lt;b&gt;.txt')
+    """
+    text = " ".join(str(value).split())
+    return f"`{text}`" if _CODE_SAFE.fullmatch(text) else _text(text)
+
+
+def _inert_json(data: Any) -> str:
+    """Indented JSON whose strings cannot close the code fence or open HTML (``<`` ``>`` ``&`` and the backtick are
+    written as ``\\u`` escapes: the same JSON value)."""
+    text = json.dumps(data, indent=2, default=str)
+    for char in "<>&`":
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text
+
+
 def _short_name(name: str) -> str:
     """A Hub id as is; a local path by its last component (a card must not publish someone's file system)."""
     return name if hub_model_id(name) else Path(str(name).rstrip("/")).name or str(name)
@@ -85,29 +122,30 @@ def _calibration_text(calibration: dict[str, Any] | None) -> str:
     if not calibration:
         return "none (data-free method)"
     kind = calibration.get("kind")
-    source = (_short_name(calibration["name"]) if kind == "name_or_path" and calibration.get("name")
+    # A file or folder is recorded by base name + sha256, a dataset by its name: either way the name is what to show.
+    source = (_short_name(calibration["name"]) if kind in ("name_or_path", "file", "folder") and calibration.get("name")
               else f"{calibration.get('count', '?')} {'texts' if kind == 'texts' else 'token sequences'}"
                    f" (sha256 {str(calibration.get('sha256', ''))[:12]})")
     size = ""
     if calibration.get("num_samples") and calibration.get("sequence_length"):
         n, length = calibration["num_samples"], calibration["sequence_length"]
         size = f", {n} sequences × {length} tokens ({n * length:,} tokens), seed {calibration.get('seed', 0)}"
-    return f"`{source}`{size}"
+    return f"{_literal(source)}{_text(size)}"
 
 
 def _recovery_text(recovery: dict[str, Any] | None) -> str:
     if not recovery:
         return ""
     method = str(recovery.get("method", "lora"))
-    parts = [{"lora": "LoRA", "hira": "HiRA", "full": "full fine-tuning"}.get(method, method)]
+    parts = [{"lora": "LoRA", "hira": "HiRA", "full": "full fine-tuning"}.get(method, _text(method))]
     if recovery.get("mode"):
-        parts.append(f"mode `{recovery['mode']}` (sparsity kept)")
+        parts.append(f"mode {_literal(recovery['mode'])} (sparsity kept)")
     for key, label in (("rank", "rank"), ("alpha", "alpha"), ("steps", "steps"), ("batch_size", "batch"),
                        ("sequence_length", "tokens/seq"), ("learning_rate", "lr")):
         if recovery.get(key) is not None:
-            parts.append(f"{label} {recovery[key]}")
+            parts.append(f"{label} {_text(recovery[key])}")
     if recovery.get("data"):
-        parts.append(f"on `{_short_name(str(recovery['data']))}`")
+        parts.append(f"on {_literal(_short_name(str(recovery['data'])))}")
     return ", ".join(parts)
 
 
@@ -124,10 +162,10 @@ def _evaluation_table(evaluation: dict[str, Any], labels: dict[str, str]) -> tup
             values.setdefault(stage, {})[metric] = value
     rows = [{"label": labels[stage], "values": [_fmt(values[stage].get(m)) for m in metrics]}
             for stage in _STAGES if stage in values]
-    columns = [m.replace("_", " ") + (" ↓" if m == "perplexity" else "") for m in metrics]
+    columns = [_text(m.replace("_", " ")) + (" ↓" if m == "perplexity" else "") for m in metrics]
     setup = []
     if evaluation.get("eval_data"):
-        setup.append(f"on `{_short_name(str(evaluation['eval_data']))}`")
+        setup.append(f"on {_literal(_short_name(str(evaluation['eval_data'])))}")
     if evaluation.get("eval_sequence_length"):
         setup.append(f"non-overlapping windows of {int(evaluation['eval_sequence_length'])} tokens")
     if evaluation.get("eval_windows"):
@@ -171,7 +209,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     base = base_model or record.base_model or getattr(model, "name_or_path", None) or None
     pattern = SparsityPattern.parse(record.pattern)
     method_class = METHODS.get(record.method)  # the record names a registered method (checked when it was read)
-    method = method_class.display_name if method_class else record.method
+    method = _text(method_class.display_name if method_class else record.method)
     paper = method_class.paper if method_class else None
     pattern_tag = f"{pattern}-sparsity" if pattern.is_n_m else "unstructured-sparsity"
     card_tags = ["hf_sparse", "sparse", "pruned", record.method, pattern_tag]
@@ -188,27 +226,28 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     pruned_parameters = sum(row["weights"] for row in rows)
     overall = sum(row["sparsity"] * row["weights"] for row in rows) / pruned_parameters
     stage_labels = {
-        "dense": f"dense ({_short_name(base)})" if base else "dense (base model)",
-        "pruned": f"pruned ({method}, {pattern})",
+        "dense": f"dense ({_text(_short_name(base))})" if base else "dense (base model)",
+        "pruned": f"pruned ({_text(method)}, {pattern})",
         "recovered": f"recovered ({_recovery_text(record.recovery).split(',')[0] or 'fine-tuned'}, sparsity kept)",
     }
     columns, evaluation_rows, note = _evaluation_table(evaluation, stage_labels)
     from .. import __version__
 
-    name = model_name or (repo_id.split("/")[-1] if repo_id else None) or (
-        f"{_short_name(base)} pruned to {pattern if pattern.is_n_m else f'{record.target_sparsity:.0%}'} with {method}"
+    base_text = _text(_short_name(base)) if base else None
+    name = _text(model_name or (repo_id.split("/")[-1] if repo_id else "")) or (
+        f"{base_text} pruned to {pattern if pattern.is_n_m else f'{record.target_sparsity:.0%}'} with {method}"
         if base else f"{method} {pattern} pruned model")
     recovered = " and recovered with sparsity-keeping LoRA" if record.recovery else ""
-    summary = (f"{_short_name(base) if base else 'A causal language model'} pruned with {method} to "
+    summary = (f"{base_text or 'A causal language model'} pruned with {method} to "
                f"{'the ' + str(pattern) + ' pattern' if pattern.is_n_m else f'{record.target_sparsity:.0%} unstructured sparsity'}"
                f"{recovered}, using hf_sparse.")
     card = ModelCard.from_template(
         data, template_str=_template_text(template_path),
         model_name=name, summary=summary,
         base_model_display=f"[{base}](https://huggingface.co/{base})" if hub_model_id(base) else
-        (f"`{_short_name(base)}`" if base else "unknown"),
-        method_display=f"{method} (`{record.method}`" + (f", options {json.dumps(record.method_options)})"
-                                                        if record.method_options else ")"),
+        (_literal(_short_name(base)) if base else "unknown"),
+        method_display=f"{method} ({_literal(record.method)}" + (
+            f", options {_literal(json.dumps(record.method_options))})" if record.method_options else ")"),
         paper_display=f"[{paper.citation}]({paper.url})" if paper else "",
         pattern_display=f"{pattern} (N:M semi-structured)" if pattern.is_n_m else "unstructured",
         pattern_is_n_m=pattern.is_n_m, pattern_n=pattern.n, pattern_m=pattern.m,
@@ -217,10 +256,10 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         calibration_display=_calibration_text(record.calibration), recovery_display=_recovery_text(record.recovery),
         hf_sparse_version=__version__, sparsity_rows=[{**row, "weights": f"{row['weights']:,}"} for row in rows],
         evaluation_rows=evaluation_rows, evaluation_columns=columns, evaluation_note=note,
-        architecture=(getattr(model.config, "architectures", None) or [type(model).__name__])[0],
+        architecture=_literal((getattr(model.config, "architectures", None) or [type(model).__name__])[0]),
         repo_id=repo_id or "path/to/this-checkpoint",
-        record_json=json.dumps({**record.to_dict(), "modules": f"<{len(record.modules)} modules>",
-                                "evaluation": evaluation}, indent=2, default=str),
+        record_json=_inert_json({**record.to_dict(), "modules": f"{len(record.modules)} modules, listed in config.json",
+                                 "evaluation": evaluation}),
         pictures=pictures,
     )
     return card
@@ -230,7 +269,8 @@ def save_with_model_card(model: nn.Module, tokenizer, output_dir: str | os.PathL
                          repo_id: str | None = None, evaluation: dict[str, Any] | None = None, *,
                          overwrite: bool = False, base_model: str | None = None, license: str | None = None,
                          tags: list[str] | None = None, private: bool | None = None, token: str | bool | None = None,
-                         commit_message: str | None = None, template_path: str | os.PathLike | None = None) -> Path:
+                         commit_message: str | None = None, template_path: str | os.PathLike | None = None,
+                         compressed: bool = False) -> Path:
     """Save ``model`` (and ``tokenizer``, if given) to ``output_dir`` with a generated ``README.md``; optionally push.
 
     ``evaluation`` is merged into the record first, so ``config.json`` carries the numbers the card shows; a missing
@@ -263,7 +303,7 @@ def save_with_model_card(model: nn.Module, tokenizer, output_dir: str | os.PathL
         return {CARD_NAME: str(rendered), **figures}
 
     output = save_checkpoint(model, tokenizer, output_dir, overwrite=overwrite, evaluation=evaluation,
-                             extra_files=card)
+                             extra_files=card, compressed=compressed)
     if push_to_hub:
         upload_folder(output, repo_id, private=private, token=token, commit_message=commit_message)
     return output / CARD_NAME

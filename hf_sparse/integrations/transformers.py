@@ -160,22 +160,23 @@ def remove_quantization_state(model: PreTrainedModel) -> None:
                     delattr(cfg, attribute)
 
 
-def _register() -> None:
-    """Register the config and the quantizer under ``"hf_sparse"``; a second import (or a reload) is a no-op."""
+def _register(quant_method: str = QUANT_METHOD, config_cls: type = SparsityConfig,
+              quantizer_cls: type = HfSparseQuantizer) -> None:
+    """Register a config and its quantizer (by default ``"hf_sparse"``); a second import (or a reload) is a no-op."""
     for mapping, cls, register in (
-        (AUTO_QUANTIZATION_CONFIG_MAPPING, SparsityConfig, register_quantization_config),
-        (AUTO_QUANTIZER_MAPPING, HfSparseQuantizer, register_quantizer),
+        (AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls, register_quantization_config),
+        (AUTO_QUANTIZER_MAPPING, quantizer_cls, register_quantizer),
     ):
-        existing = mapping.get(QUANT_METHOD)
+        existing = mapping.get(quant_method)
         if existing is None:
-            register(QUANT_METHOD)(cls)
+            register(quant_method)(cls)
         elif existing is not cls:
             if (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise ValueError(
                     f"transformers already has {existing.__module__}.{existing.__qualname__} registered under "
-                    f"{QUANT_METHOD!r}; hf_sparse needs that name for {cls.__qualname__}"
+                    f"{quant_method!r}; hf_sparse needs that name for {cls.__qualname__}"
                 )
-            mapping[QUANT_METHOD] = cls  # the same class from a reloaded module: use the fresh one
+            mapping[quant_method] = cls  # the same class from a reloaded module: use the fresh one
 
 
 _register()

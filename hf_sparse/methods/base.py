@@ -5,7 +5,8 @@ for. Everything else (calibration data, walking the decoder blocks, hooks, devic
 engine's job and is written once in :mod:`hf_sparse.engine`.
 
 Adding a method is one new file in this folder with a class decorated by :func:`register_method`, plus one import
-line in ``methods/__init__.py``.
+line in ``methods/__init__.py``. A statistic the engine does not collect yet is registered in the same file with
+:func:`hf_sparse.engine.statistics.register_statistic`.
 """
 
 from __future__ import annotations
@@ -18,28 +19,12 @@ from typing import Any, ClassVar
 import torch
 
 from ..config.validation import validate_dataclass
+# LinearStatistics is part of a method's interface (what prune_weight is handed); the engine fills it.
+from ..engine.statistics import LinearStatistics, check_statistics
 from ..masks import SparsityPattern
 
-# Statistics a method can ask the engine for; see LinearStatistics for their meaning.
-STATISTICS = frozenset({"sq_norm", "hessian", "cross", "dense_hessian", "dense_output_sq_norm"})
-
-
-@dataclass
-class LinearStatistics:
-    """Calibration statistics of one linear operator's input, summed over all calibration tokens.
-
-    ``X`` is the operator's input in the dense model, ``X̂`` its input in the model being pruned (they coincide
-    unless the method asks for dense propagation, see :attr:`PruningMethod.propagate_dense`). Columns are tokens.
-    """
-
-    n_tokens: int
-    sq_norm: torch.Tensor | None = None  # (in,)      Σ_t x̂_t²  (per input feature)
-    hessian: torch.Tensor | None = None  # (in, in)   X̂ X̂ᵀ
-    cross: torch.Tensor | None = None  # (in, in)     X X̂ᵀ
-    dense_hessian: torch.Tensor | None = None  # (in, in)  X Xᵀ  (the dense model's own input Gram matrix)
-    # ‖W X‖²_F: the operator's squared output norm in the dense block, bias excluded. A scalar per operator, so it
-    # costs nothing, where tr(W·XXᵀ·Wᵀ) would need XXᵀ.
-    dense_output_sq_norm: float | None = None
+__all__ = ["METHODS", "LinearStatistics", "MethodOptions", "PruningMethod", "build_method", "get_method_class",
+           "register_method"]
 
 
 @dataclass
@@ -98,7 +83,8 @@ class PruningMethod(ABC):
     #: whether the method reads calibration data (a data-free method must ask for no statistics)
     needs_calibration: ClassVar[bool] = True
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
-    #: statistics the engine collects for every pruned linear (subset of STATISTICS); empty means no calibration
+    #: names of the statistics the engine collects for every pruned linear (registered in
+    #: :data:`hf_sparse.engine.statistics.STATISTICS`, which a method file can extend); empty means no calibration
     statistics: ClassVar[frozenset[str]] = frozenset()
     #: feed every block the *dense* model's activations (blocks become independent and can be pruned in parallel)
     #: instead of the outputs of the already-pruned blocks
@@ -138,9 +124,7 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
     """Class decorator adding a :class:`PruningMethod` subclass to the registry under ``cls.name``."""
     if not issubclass(cls, PruningMethod):
         raise TypeError(f"{cls!r} must subclass hf_sparse.methods.PruningMethod")
-    unknown = set(cls.statistics) - STATISTICS
-    if unknown:
-        raise ValueError(f"{cls.__name__} asks for unknown statistics {sorted(unknown)}; allowed: {sorted(STATISTICS)}")
+    check_statistics(cls.statistics, cls.__name__)
     _check_metadata(cls)
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"a pruning method named {cls.name!r} is already registered")

@@ -1,0 +1,182 @@
+"""The layer-by-layer engine, written once and shared by every pruning method: pruning one block, and running the
+pipeline that schedules the blocks.
+
+For each decoder block of the plan:
+
+1. take the block's inputs (captured at the first block, then the previous block's outputs);
+2. for each group of linear operators (all of them at once, or one execution-order group at a time for methods
+   with intra-block error correction), run the block with hooks that accumulate the statistics the method asked
+   for (:mod:`hf_sparse.engine.statistics`);
+3. ask the method for each operator's pruned weight and keep-mask, and write them back
+   (:mod:`hf_sparse.engine.devices`);
+4. compute the block's outputs, with pruned weights or, for methods that want it, dense weights, as the next
+   block's inputs.
+
+Only one block's activations and statistics are alive at a time. The order of the blocks (in order, in threads, in
+several processes, or without data) is the pipeline's (:mod:`hf_sparse.engine.pipelines`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..masks import SparsityPattern
+from .capture import BlockInputs
+from .devices import check_device_available, readable_weight, weight_copy, write_weight
+from .pipelines import Pipeline, infer_pipeline
+from .planning import PruningPlan, PruningTarget, TargetSparsity, plan_targets
+from .statistics import (
+    STATISTICS,
+    DenseInputCache,
+    DenseSource,
+    LinearStatistics,
+    Reads,
+    StatisticsCollector,
+    needs_dense_block,
+)
+
+if TYPE_CHECKING:
+    from ..methods.base import PruningMethod
+
+
+@dataclass
+class EngineResult:
+    """What the engine did: zero count and size of every pruned module, in pruning order."""
+
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (zeros, numel)
+
+    @property
+    def achieved(self) -> dict[str, float]:
+        """Achieved sparsity per pruned module."""
+        return {name: zeros / numel for name, (zeros, numel) in self.counts.items()}
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Zeros over all pruned weights together."""
+        zeros = sum(z for z, _ in self.counts.values())
+        return zeros / max(1, sum(n for _, n in self.counts.values()))
+
+
+@dataclass
+class BlockResult:
+    """What pruning one block gave: ``(zeros, numel)`` per operator, and the block's dense outputs when a dense pass
+    over the whole block was run anyway (so dense-propagating methods need not run it again)."""
+
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    dense_outputs: list[torch.Tensor] | None = None
+
+
+#: Largest cache of a block's dense operator inputs (see :class:`DenseInputCache`); above it every operator group
+#: reruns the dense block instead, which is slower but needs no memory beyond one batch.
+DENSE_CACHE_BYTES = 4 * 2**30
+
+
+class LayerwiseEngine:
+    """Prunes a model block by block with one :class:`PruningMethod`.
+
+    ``sparsity`` is the target sparsity of every module: one number, a ``{module name: sparsity}`` mapping, a
+    function of the module name, or a :class:`TargetSparsity`.
+
+    >>> engine = LayerwiseEngine(method, SparsityPattern.parse("2:4"), 0.5)  # doctest: +SKIP
+    >>> engine.run(model, calibration_ids, batch_size=8)  # doctest: +SKIP
+    """
+
+    def __init__(self, method: PruningMethod, pattern: SparsityPattern,
+                 sparsity: TargetSparsity | float | Mapping[str, float] | Callable[[str], float],
+                 include: list[str] | None = None, exclude: list[str] | None = None, device: str | None = None,
+                 parallel: bool = False, num_workers: int | None = None, show_progress: bool = True,
+                 dense_cache_bytes: int = DENSE_CACHE_BYTES):
+        self.method = method
+        self.pattern = pattern
+        self.sparsity = TargetSparsity.coerce(sparsity)
+        self.include = include
+        self.exclude = exclude
+        self.device = device
+        self.parallel = parallel
+        self.num_workers = num_workers
+        self.show_progress = show_progress
+        self.dense_cache_bytes = dense_cache_bytes
+        check_device_available(device)
+        if parallel and not method.propagate_dense:
+            raise ValueError(
+                f"parallel=True needs blocks that are independent of each other; method {method.name!r} feeds each "
+                "block the outputs of the already-pruned blocks, so its blocks must run in order"
+            )
+
+    def plan(self, model: nn.Module) -> PruningPlan:
+        """What this engine would prune in ``model``, and to which sparsity (checked, nothing changed)."""
+        return plan_targets(model, self.include, self.exclude, self.pattern, self.sparsity,
+                            sequential_within_block=self.method.sequential_within_block)
+
+    def pipeline(self) -> Pipeline:
+        """The scheduler of the blocks, chosen by what the method declares (and ``parallel``)."""
+        return infer_pipeline(self.method, self.parallel)(self)
+
+    # -- per operator -------------------------------------------------------------------------------------------
+    def _prune_target(self, target: PruningTarget, stats: LinearStatistics | None,
+                      device: torch.device) -> tuple[int, int]:
+        with readable_weight(target.module, device) as weight:
+            original_dtype = weight.dtype
+            new_weight, mask = self.method.prune_weight(
+                weight.to(device, torch.float32).clone(), stats, self.pattern, target.sparsity
+            )
+            final = (new_weight * mask).to(original_dtype)
+            write_weight(target.module, final)
+        return int((final == 0).sum().item()), final.numel()
+
+    # -- per block ----------------------------------------------------------------------------------------------
+    def prune_block(self, block: nn.Module, groups: list[list[PruningTarget]], inputs: BlockInputs | None,
+                    device: torch.device, dense_weights: dict[str, torch.Tensor] | None = None) -> BlockResult:
+        """Prune one block in place. ``dense_weights`` (the block's unpruned target weights, see
+        :meth:`dense_weights`) is needed by methods that collect a statistic of the dense block."""
+        result = BlockResult()
+        needs = self.method.statistics
+        dense, cache = DenseSource.RECOMPUTE, None
+        later = [t for group in groups[1:] for t in group]
+        if needs_dense_block(needs) and later and DenseInputCache.size_bound(later, inputs) <= self.dense_cache_bytes:
+            output_statistics = [STATISTICS[n] for n in sorted(needs) if STATISTICS[n].reads is Reads.DENSE_OUTPUT]
+            cache = DenseInputCache(block, later, inputs, dense_weights, device, output_statistics)
+            dense = DenseSource.CACHED
+            result.dense_outputs = cache.outputs
+        for index, group in enumerate(groups):
+            stats = {}
+            if needs:
+                # Nothing of this block is pruned before its first group: there X̂ is X.
+                collector = (StatisticsCollector(group, needs, device) if index == 0
+                             else StatisticsCollector(group, needs, device, dense, cache))
+                collector.collect(block, inputs, dense_weights)
+                stats = collector.stats
+            for target in group:
+                result.counts[target.name] = self._prune_target(target, stats.get(target.name), device)
+            del stats
+            if cache is not None:
+                cache.release(group)
+        return result
+
+    def dense_weights(self, block: nn.Module, targets: list[PruningTarget]) -> dict[str, torch.Tensor] | None:
+        """The unpruned weights of ``targets`` by name relative to ``block``, if the method will read the dense
+        block (dense propagation or a dense statistic); else ``None``."""
+        if not (self.method.propagate_dense or needs_dense_block(self.method.statistics)):
+            return None
+        modules = {id(t.module) for t in targets}
+        return {f"{rel}.weight": weight_copy(module) for rel, module in block.named_modules() if id(module) in modules}
+
+    # -- whole model --------------------------------------------------------------------------------------------
+    def run(self, model: nn.Module, calibration_ids: torch.Tensor | None, batch_size: int = 8) -> EngineResult:
+        """Prune ``model`` in place. ``calibration_ids`` (samples, seq) may be ``None`` for data-free methods."""
+        plan = self.plan(model)
+        pipeline = self.pipeline()
+        if pipeline.needs_calibration and calibration_ids is None:
+            raise ValueError(f"method {self.method.name!r} needs calibration data")
+        progress = tqdm(total=len(plan.blocks), desc=f"pruning ({self.method.name}, {self.pattern})", unit="block",
+                        disable=not self.show_progress)
+        try:
+            return EngineResult(pipeline.run(model, plan, calibration_ids, batch_size, progress))
+        finally:
+            progress.close()

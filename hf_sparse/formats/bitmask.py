@@ -1,0 +1,58 @@
+"""Bitmask storage: one bit per weight (kept or not) plus the kept values in row-major order.
+
+At sparsity ``s`` in fp16 that is ``(1 - s) + 1/16`` of the dense bytes: 0.5625 at 50%, 0.3625 at 70%.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bits import bit_view, nonzero_bits, pack_rows, row_chunks, unpack_rows
+
+
+def bitmask_bytes(rows: int, cols: int, element_size: int, kept: int) -> int:
+    """Stored bytes of a ``(rows, cols)`` matrix with ``kept`` non-zeros in bitmask form.
+
+    >>> bitmask_bytes(10, 80, 2, 240) / (10 * 80 * 2)  # 70% sparse fp16
+    0.3625
+    """
+    return kept * element_size + rows * -(-cols // 8)
+
+
+def encode_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, bitmask)`` of a 2-D weight: its non-zeros (1-D, weight dtype, row-major, bit for bit) and a
+    uint8 ``(rows, ceil(cols / 8))`` bitmask, most significant bit first.
+
+    >>> values, mask = encode_bitmask(torch.tensor([[0., 2., 0., 3.], [1., 0., 0., 0.]]))
+    >>> values.tolist(), mask.tolist()
+    ([2.0, 3.0, 1.0], [[80], [128]])
+    """
+    rows, cols = weight.shape
+    ints = bit_view(weight)
+    values, masks = [], []
+    for chunk in row_chunks(rows, cols):
+        kept = nonzero_bits(ints[chunk], weight)
+        values.append(ints[chunk][kept])
+        masks.append(pack_rows(kept))
+    flat = torch.cat(values) if values else ints.new_empty(0)
+    packed = torch.cat(masks) if masks else torch.empty((0, 0), dtype=torch.uint8)
+    return flat.view(weight.dtype), packed
+
+
+def decode_bitmask(values: torch.Tensor, bitmask: torch.Tensor, cols: int) -> torch.Tensor:
+    """The dense ``(rows, cols)`` weight from :func:`encode_bitmask`'s output, bit for bit."""
+    rows = bitmask.shape[0]
+    ints = bit_view(values)
+    dense = torch.zeros((rows, cols), dtype=ints.dtype, device=values.device)
+    offset = 0
+    for chunk in row_chunks(rows, cols):
+        kept = unpack_rows(bitmask[chunk], cols)
+        count = int(kept.sum())
+        if offset + count > ints.numel():
+            raise ValueError(f"bitmask marks more weights than the {ints.numel()} stored values")
+        dense[chunk] = dense[chunk].masked_scatter(kept, ints[offset:offset + count])
+        offset += count
+    if offset != ints.numel():
+        raise ValueError(f"bitmask marks {offset} weights but {ints.numel()} values are stored")
+    return dense.view(values.dtype)
+

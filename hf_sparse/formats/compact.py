@@ -1,0 +1,218 @@
+"""Compact storage of pruned weights: per matrix, the smallest of N:M, bitmask or dense, as safetensors entries.
+
+A compressed linear ``P`` is stored as
+
+* ``P.weight``: the kept values only (so its shape is *not* the layer's: a loader that does not know the format
+  fails on the size mismatch instead of loading wrong weights),
+* ``P.weight_positions`` (N:M, uint8) or ``P.weight_bitmask`` (unstructured, uint8),
+* ``P.weight_layout``: int64 ``[rows, cols, n, m]`` (``n = m = 0`` for a bitmask), so every entry decodes on its own.
+
+Everything else (embeddings, norms, ``lm_head``, biases, linears where dense is smaller) is stored as it was.
+Decoding restores every non-zero bit for bit in any dtype; pruned zeros come back as ``+0.0`` (see
+:mod:`hf_sparse.formats.bits` for why the sign of a pruned zero is not kept).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..masks import SparsityPattern
+from .bitmask import bitmask_bytes, decode_bitmask, encode_bitmask
+from .bits import is_kept, row_chunks
+from .n_m import decode_n_m, encode_n_m, fits_n_m, n_m_bytes
+
+logger = logging.getLogger(__name__)
+
+STORAGE_FORMAT = "hf_sparse_compact"
+STORAGE_VERSION = 1
+
+VALUES = "weight"
+POSITIONS = "weight_positions"
+BITMASK = "weight_bitmask"
+LAYOUT = "weight_layout"
+COMPANIONS = (POSITIONS, BITMASK, LAYOUT)
+
+N_M, UNSTRUCTURED, DENSE = "n:m", "bitmask", "dense"
+
+
+def count_kept(weight: torch.Tensor) -> int:
+    rows, cols = weight.shape
+    return sum(int(is_kept(weight[chunk]).sum()) for chunk in row_chunks(rows, cols))
+
+
+def choose_encoding(weight: torch.Tensor, pattern: SparsityPattern | str | None = None) -> tuple[str, int]:
+    """``(encoding, stored bytes)`` of the smallest form of a 2-D ``weight``: ``"n:m"`` (only if ``pattern`` is N:M
+    and the weight fits it), ``"bitmask"`` or ``"dense"``. Ties go to N:M, then to dense (2:4 in N:M and bitmask form
+    have the same size; N:M is the layout sparse kernels read).
+
+    >>> w = torch.tensor([[0., 1., 0., 2.] * 4] * 8, dtype=torch.float16)
+    >>> choose_encoding(w, "2:4"), choose_encoding(w), choose_encoding(torch.ones(8, 16))
+    (('n:m', 144), ('bitmask', 144), ('dense', 512))
+    """
+    rows, cols = weight.shape
+    size = weight.element_size()
+    candidates = [(rows * cols * size, 1, DENSE)]
+    pattern = SparsityPattern.parse(pattern) if pattern is not None else None
+    if pattern is not None and pattern.is_n_m and fits_n_m(weight, pattern.n, pattern.m):
+        candidates.append((n_m_bytes(rows, cols, size, pattern.n, pattern.m), 0, N_M))
+    candidates.append((bitmask_bytes(rows, cols, size, count_kept(weight)), 2, UNSTRUCTURED))
+    stored, _, encoding = min(candidates)
+    return encoding, stored
+
+
+def compress_weight(weight: torch.Tensor, pattern: SparsityPattern | str | None = None) -> dict[str, torch.Tensor]:
+    """The entries (suffix -> tensor) that store ``weight`` in its smallest form; ``{"weight": weight}`` if dense.
+
+    >>> parts = compress_weight(torch.tensor([[0., 1., 0., 2.] * 4] * 8), "2:4")
+    >>> sorted(parts), tuple(parts["weight"].shape), parts["weight_layout"].tolist()
+    (['weight', 'weight_layout', 'weight_positions'], (8, 8), [8, 16, 2, 4])
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"compact storage encodes 2-D weights, got shape {tuple(weight.shape)}")
+    weight = weight.detach().contiguous()
+    encoding, _ = choose_encoding(weight, pattern)
+    rows, cols = weight.shape
+    if encoding == N_M:
+        pattern = SparsityPattern.parse(pattern)
+        values, positions = encode_n_m(weight, pattern.n, pattern.m)
+        layout = [rows, cols, pattern.n, pattern.m]
+        return {VALUES: values, POSITIONS: positions, LAYOUT: torch.tensor(layout, dtype=torch.int64)}
+    if encoding == UNSTRUCTURED:
+        values, bitmask = encode_bitmask(weight)
+        return {VALUES: values, BITMASK: bitmask, LAYOUT: torch.tensor([rows, cols, 0, 0], dtype=torch.int64)}
+    return {VALUES: weight}
+
+
+def decompress_weight(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The dense weight from :func:`compress_weight`'s entries (a dense entry is returned as it is).
+
+    >>> w = torch.tensor([[0., -0., 3., 0.], [-1., 0., 0., 2.]])
+    >>> back = decompress_weight(compress_weight(w))
+    >>> torch.equal(back, w), back[0, 1].item()  # the pruned -0.0 comes back as +0.0
+    (True, 0.0)
+    """
+    if LAYOUT not in parts:
+        return parts[VALUES]
+    layout = parts[LAYOUT].tolist()
+    if len(layout) != 4:
+        raise ValueError(f"{LAYOUT} must hold [rows, cols, n, m], got {layout}")
+    rows, cols, n, m = layout
+    values = parts[VALUES]
+    if POSITIONS in parts:
+        if not (0 < n < m and cols % m == 0):
+            raise ValueError(f"{LAYOUT} {layout} is not a valid N:M layout")
+        dense = decode_n_m(values, parts[POSITIONS], cols, n, m)
+    elif BITMASK in parts:
+        dense = decode_bitmask(values, parts[BITMASK], cols)
+    else:
+        raise ValueError(f"a compact weight needs {POSITIONS!r} or {BITMASK!r} beside {LAYOUT!r}, got {sorted(parts)}")
+    if dense.shape != (rows, cols):
+        raise ValueError(f"decoded shape {tuple(dense.shape)} differs from the stored layout ({rows}, {cols})")
+    return dense
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"a.b.weight_bitmask"`` -> ``("a.b", "weight_bitmask")``."""
+    prefix, _, suffix = key.rpartition(".")
+    return prefix, suffix
+
+
+def compressed_groups(keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Module prefix -> {suffix: full key} for every compressed weight among ``keys`` (found by its layout entry)."""
+    keys = list(keys)
+    prefixes = {split_key(k)[0] for k in keys if split_key(k)[1] == LAYOUT}
+    groups: dict[str, dict[str, str]] = {p: {} for p in prefixes}
+    for key in keys:
+        prefix, suffix = split_key(key)
+        if prefix in groups and suffix in (VALUES, *COMPANIONS):
+            groups[prefix][suffix] = key
+    for prefix, group in groups.items():
+        if VALUES not in group:
+            raise ValueError(f"compressed weight {prefix!r} has {sorted(group)} but no {VALUES!r} (values) entry")
+    return groups
+
+
+@dataclass
+class StorageSummary:
+    """Bytes of the tensors as stored against the same tensors dense; encodings chosen per compressed module."""
+
+    dense_bytes: int = 0
+    stored_bytes: int = 0
+    encodings: dict[str, str] = field(default_factory=dict)  # module -> "n:m" | "bitmask" | "dense"
+
+    def add(self, dense: int, stored: int) -> None:
+        self.dense_bytes += dense
+        self.stored_bytes += stored
+
+    def record_entry(self) -> dict[str, Any]:
+        """The ``storage`` entry of the sparsity record."""
+        counts: dict[str, int] = {}
+        for encoding in self.encodings.values():
+            counts[encoding] = counts.get(encoding, 0) + 1
+        return {"format": STORAGE_FORMAT, "version": STORAGE_VERSION, "dense_bytes": self.dense_bytes,
+                "stored_bytes": self.stored_bytes, "encodings": counts}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def module_patterns(record) -> dict[str, SparsityPattern]:
+    """Each pruned module of a :class:`~hf_sparse.record.SparsityRecord` with the pattern it was (last) pruned with."""
+    return {name: record.pattern_of(name) for name in record.modules}
+
+
+def compress_entry(key: str, tensor: torch.Tensor, modules: Mapping[str, SparsityPattern | str | None],
+                   summary: StorageSummary) -> dict[str, torch.Tensor]:
+    """Full-key entries storing one state-dict entry: compressed when it is the weight of one of ``modules``
+    (module name -> its pattern, which decides whether N:M storage is tried)."""
+    prefix, suffix = split_key(key)
+    if suffix != VALUES or prefix not in modules or tensor.dim() != 2:
+        summary.add(tensor_bytes(tensor), tensor_bytes(tensor))
+        return {key: tensor}
+    parts = compress_weight(tensor, modules[prefix])
+    summary.encodings[prefix] = N_M if POSITIONS in parts else UNSTRUCTURED if BITMASK in parts else DENSE
+    summary.add(tensor_bytes(tensor), sum(tensor_bytes(t) for t in parts.values()))
+    return {f"{prefix}.{s}": t for s, t in parts.items()}
+
+
+def compress_state_dict(state_dict: Mapping[str, torch.Tensor],
+                        modules: Mapping[str, SparsityPattern | str | None]) -> tuple[dict[str, torch.Tensor],
+                                                                                    StorageSummary]:
+    """A state dict with the weights of ``modules`` (name -> pattern) in compact form, and the byte summary.
+
+    >>> sd = {"lin.weight": torch.tensor([[0., 1., 0., 2.] * 4] * 8, dtype=torch.float16), "lin.bias": torch.ones(8)}
+    >>> compact, summary = compress_state_dict(sd, {"lin": "2:4"})
+    >>> sorted(compact), summary.encodings, summary.stored_bytes < summary.dense_bytes
+    (['lin.bias', 'lin.weight', 'lin.weight_layout', 'lin.weight_positions'], {'lin': 'n:m'}, True)
+    """
+    summary = StorageSummary()
+    compact: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        compact.update(compress_entry(key, tensor, modules, summary))
+    return compact, summary
+
+
+def decompress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`compress_state_dict`: every compressed weight back to its dense tensor, bit for bit."""
+    groups = compressed_groups(state_dict)
+    grouped = {key for group in groups.values() for key in group.values()}
+    dense = {key: tensor for key, tensor in state_dict.items() if key not in grouped}
+    for prefix, group in groups.items():
+        dense[f"{prefix}.{VALUES}"] = decompress_weight({s: state_dict[k] for s, k in group.items()})
+    return dense
+
+
+def quantization_config_entry() -> dict[str, Any]:
+    """The ``quantization_config`` a compressed checkpoint carries in ``config.json``.
+
+    With hf_sparse imported it selects the decompressing loader (:mod:`hf_sparse.integrations.compressed`); plain
+    transformers does not know the method, warns naming it and then refuses the checkpoint on the size mismatch of
+    the stored values, so the weights are never loaded wrong.
+    """
+    return {"quant_method": STORAGE_FORMAT, "format_version": STORAGE_VERSION}

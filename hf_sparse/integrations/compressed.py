@@ -1,0 +1,182 @@
+"""Compact checkpoints in transformers: ``save_pretrained(d, compressed=True)`` and a decompressing ``from_pretrained``.
+
+Saving: ``import hf_sparse`` teaches ``PreTrainedModel.save_pretrained`` the ``compressed=True`` keyword
+(:func:`install_save_hook`). The pruned linears of the record are written in their smallest compact form
+(:mod:`hf_sparse.formats.compact`), the record gets a ``storage`` entry and ``config.json`` a ``quantization_config``
+with ``quant_method: "hf_sparse_compact"``; transformers' own writer does the rest (shards, index, config).
+
+Loading uses transformers' native path for pre-quantized checkpoints: the ``"hf_sparse_compact"`` quantizer
+registered here declares the stored names of a weight (``weight``, ``weight_positions``, ``weight_bitmask``,
+``weight_layout``) and a *dequantize* operation, so the core loader gathers the entries of one weight (across shards,
+on the device ``device_map`` gives it) and decodes them right before the weight is set: one dense matrix at a time.
+After loading the quantizer removes every trace of itself, as the prune-on-load quantizer does: the result is a plain
+dense model (its weights bit-identical to the pruned model that was saved), ready for PEFT, ``get_masks`` or saving.
+
+Without hf_sparse, transformers 5 does not raise on an unknown ``quant_method``: it logs "Unknown quantization type,
+got hf_sparse_compact ... we will skip the quantization" and loads as if dense. The stored values then do not fit the
+layers (half the columns for 2:4, a flat vector for a bitmask), so loading stops with a size-mismatch ``RuntimeError``
+instead of producing wrong weights; the log above it names hf_sparse_compact.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..formats.compact import (
+    COMPANIONS, STORAGE_FORMAT, STORAGE_VERSION, VALUES, compress_state_dict, decompress_weight, module_patterns,
+    quantization_config_entry,
+)
+from ..record import RECORD_KEY, read_record, write_record
+from .transformers import _register, remove_quantization_state
+
+logger = logging.getLogger(__name__)
+
+
+class CompactStorageConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a compact checkpoint (``{"quant_method": "hf_sparse_compact", ...}``).
+
+    It is only ever read from a checkpoint's ``config.json``: the weights are decompressed on load, so the loaded model
+    is dense and keeps no quantization config.
+
+    >>> CompactStorageConfig().to_dict()
+    {'quant_method': 'hf_sparse_compact', 'format_version': 1}
+    """
+
+    # Read by HfQuantizer.get_weight_conversions / postprocess_model: decode on load, then drop the config.
+    dequantize = True
+
+    def __init__(self, quant_method: str = STORAGE_FORMAT, format_version: int = STORAGE_VERSION, **kwargs: Any):
+        if quant_method != STORAGE_FORMAT:
+            raise ValueError(f"CompactStorageConfig is for quant_method {STORAGE_FORMAT!r}, got {quant_method!r}")
+        if format_version != STORAGE_VERSION:
+            raise ValueError(f"this checkpoint uses {STORAGE_FORMAT} format_version {format_version!r}; this hf_sparse "
+                             f"reads version {STORAGE_VERSION} (upgrade hf_sparse)")
+        self.quant_method = quant_method
+        self.format_version = format_version
+
+
+class DecompressCompactWeight(ConversionOps):
+    """Loader operation: the stored entries of one weight (values, positions or bitmask, layout) -> the dense weight.
+
+    Entries of a weight that was stored dense (embeddings, norms, ...) arrive alone and pass through unchanged.
+    """
+
+    def __init__(self, quantizer: HfQuantizer):
+        # Deliberately not kept as ``self.hf_quantizer``: transformers then casts floating entries (the kept values)
+        # to the layer's dtype as it reads them, exactly as for dense weights; zeros stay zeros, so this is exact.
+        self.quantizer_name = quantizer.quantization_config.quant_method
+
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, **kwargs) -> dict[str, Any]:
+        parts = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
+        if VALUES not in parts:
+            raise ValueError(f"{full_layer_name}: compact entries {sorted(parts)} without the {VALUES!r} values")
+        return {full_layer_name or VALUES: decompress_weight(parts)}
+
+
+class CompactStorageQuantizer(HfQuantizer):
+    """Decompresses a compact checkpoint while transformers loads it; leaves a plain dense model behind."""
+
+    # Only a checkpoint written in compact storage can be loaded through it (never "quantize on the fly").
+    requires_calibration = True
+    serialized_names = {VALUES: [VALUES, *COMPANIONS]}
+
+    def get_load_operations(self) -> dict:
+        return {"dequantize": DecompressCompactWeight}
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
+        remove_quantization_state(model)
+        record = read_record(model)
+        if record is not None and record.storage is not None:
+            record.storage = None  # the weights in memory are dense: saving them again writes a dense checkpoint
+            write_record(model, record)
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+_register(STORAGE_FORMAT, CompactStorageConfig, CompactStorageQuantizer)
+
+
+def save_compressed(model: PreTrainedModel, save_directory: str | os.PathLike, *args,
+                    state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
+    """``model.save_pretrained(save_directory, ...)`` with the pruned linears in compact storage.
+
+    Needs the model's sparsity record (the modules and pattern to compress). All of ``save_pretrained``'s keywords
+    (``max_shard_size``, ``push_to_hub``, ...) work as usual.
+
+    >>> model.save_pretrained("pruned-compact", compressed=True)  # doctest: +SKIP
+    """
+    record = read_record(model)
+    if record is None:
+        raise ValueError(f"compressed=True needs a pruned model: this one has no {RECORD_KEY!r} record "
+                         "(prune it with hf_sparse first)")
+    if getattr(model, "_hf_peft_config_loaded", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("compressed=True saves a plain pruned model; merge or remove PEFT adapters and quantization "
+                         "first (model.merge_and_unload())")
+    compact, summary = compress_state_dict(state_dict if state_dict is not None else model.state_dict(),
+                                           module_patterns(record))
+    original_storage, config = record.storage, model.config
+    had_quantization_config = "quantization_config" in vars(config)
+    record.storage = summary.record_entry()
+    write_record(model, record)
+    config.quantization_config = CompactStorageConfig()
+    try:
+        _ORIGINAL_SAVE(model, save_directory, *args, state_dict=compact, **kwargs)
+    finally:
+        if not had_quantization_config:
+            del config.quantization_config
+        record.storage = original_storage
+        write_record(model, record)
+    logger.info("saved %s in compact storage: %.4f of the dense tensor bytes (%s)", save_directory,
+                summary.stored_bytes / max(summary.dense_bytes, 1), quantization_config_entry()["quant_method"])
+
+
+_ORIGINAL_SAVE = PreTrainedModel.save_pretrained
+
+
+@functools.wraps(_ORIGINAL_SAVE)
+def _save_pretrained(self, save_directory, *args, compressed: bool = False, **kwargs):
+    if compressed:
+        return save_compressed(self, save_directory, *args, **kwargs)
+    return _ORIGINAL_SAVE(self, save_directory, *args, **kwargs)
+
+
+_save_pretrained._hf_sparse_hook = True
+
+
+def install_save_hook() -> None:
+    """Teach ``PreTrainedModel.save_pretrained`` the ``compressed=True`` keyword (idempotent; ``import hf_sparse``
+    calls it). Without the keyword ``save_pretrained`` is unchanged.
+
+    >>> install_save_hook(); is_save_hook_installed()
+    True
+    """
+    PreTrainedModel.save_pretrained = _save_pretrained
+
+
+def uninstall_save_hook() -> None:
+    """Restore transformers' own ``save_pretrained``.
+
+    >>> uninstall_save_hook(); is_save_hook_installed()
+    False
+    >>> install_save_hook()
+    """
+    PreTrainedModel.save_pretrained = _ORIGINAL_SAVE
+
+
+def is_save_hook_installed() -> bool:
+    return getattr(PreTrainedModel.save_pretrained, "_hf_sparse_hook", False)

@@ -1,0 +1,47 @@
+"""``hf-sparse compress`` / ``decompress`` / ``prune --compressed`` on a tiny pruned Llama."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_sparse
+from conftest import save_tiny_with_demo_tokenizer, tiny_llama
+from hf_sparse.cli import main
+
+
+def _pruned_dir(path):
+    model = tiny_llama(seed=0)
+    hf_sparse.prune(model, hf_sparse.SparsityConfig(method="magnitude", pattern="2:4"), show_progress=False)
+    model.half().save_pretrained(path)
+    return model.half()
+
+
+def test_compress_then_decompress_round_trip(tmp_path, capsys):
+    model = _pruned_dir(tmp_path / "pruned")
+    assert main(["compress", str(tmp_path / "pruned"), str(tmp_path / "compact")]) == 0
+    out = capsys.readouterr().out
+    assert "0.7" in out or "x dense" in out
+    assert json.loads((tmp_path / "compact" / "config.json").read_text())["quantization_config"]["quant_method"] \
+        == "hf_sparse_compact"
+    assert main(["decompress", str(tmp_path / "compact"), str(tmp_path / "dense")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_compress_refuses_an_existing_output_with_exit_code_2(tmp_path, capsys):
+    _pruned_dir(tmp_path / "pruned")
+    assert main(["compress", str(tmp_path / "pruned"), str(tmp_path / "pruned")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_prune_compressed_writes_compact_storage(tmp_path):
+    save_tiny_with_demo_tokenizer(tmp_path / "dense")
+    assert main(["prune", str(tmp_path / "dense"), "--method", "magnitude", "--pattern", "2:4", "--dtype", "float16",
+                 "--output", str(tmp_path / "out"), "--compressed", "--no-model-card"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["sparsity_config"]["storage"]["encodings"] == {"n:m": 14}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert hf_sparse.get_masks(loaded).keys() == set(config["sparsity_config"]["modules"])

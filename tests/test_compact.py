@@ -1,0 +1,320 @@
+"""Compact checkpoints: exact encodings (N:M, bitmask), the per-tensor choice, and the transformers round trip.
+
+Tiny Llamas keep these fast; the slow tests check the shared 7M model's sizes against the ideal and its bit-identical
+reload.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import hf_sparse
+from conftest import MODEL_DIR, load_pretrained, tiny_llama
+from hf_sparse.formats import (
+    checkpoint_bytes, choose_encoding, compress_checkpoint, compress_state_dict, compress_weight,
+    decompress_checkpoint, decompress_state_dict, decompress_weight,
+)
+from hf_sparse.formats.bitmask import decode_bitmask, encode_bitmask
+from hf_sparse.formats.bits import bit_view, is_kept
+from hf_sparse.formats.checkpoint import weight_files
+from hf_sparse.formats.n_m import decode_n_m, encode_n_m, fits_n_m
+from hf_sparse.masks import select_n_m, select_unstructured
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _pruned(rows: int, cols: int, pattern: str, sparsity: float = 0.5, dtype=torch.float16, seed: int = 0):
+    """A random weight with the pattern's zeros applied by multiplication (so half the zeros are -0.0)."""
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    mask = select_n_m(weight.abs(), 2, 4) if pattern == "2:4" else select_unstructured(weight.abs(), sparsity)
+    return (weight * mask).to(dtype)
+
+
+def _same_bits_up_to_zero_sign(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, except that a zero of either sign equals a zero of the other."""
+    kept = is_kept(a)
+    return torch.equal(kept, is_kept(b)) and torch.equal(bit_view(a)[kept], bit_view(b)[kept])
+
+
+# --- exact small cases -------------------------------------------------------------------------------------------
+
+def test_n_m_positions_are_two_bits_per_kept_value_msb_first():
+    weight = torch.tensor([[0.0, 5.0, 0.0, 7.0, 1.0, 0.0, 2.0, 0.0]])
+    values, positions = encode_n_m(weight, 2, 4)
+    assert values.tolist() == [[5.0, 7.0, 1.0, 2.0]]
+    # group 0 keeps 1, 3 -> 01 11; group 1 keeps 0, 2 -> 00 10: one byte 0111_0010
+    assert positions.tolist() == [[0b01110010]]
+    assert torch.equal(decode_n_m(values, positions, 8, 2, 4), weight)
+
+
+def test_n_m_group_with_fewer_kept_values_stores_zeros_at_its_lowest_free_positions():
+    weight = torch.tensor([[0.0, 0.0, 3.0, 0.0]])
+    values, positions = encode_n_m(weight, 2, 4)
+    assert values.tolist() == [[0.0, 3.0]] and positions.tolist() == [[0b00100000]]  # positions 0, 2
+    assert torch.equal(decode_n_m(values, positions, 4, 2, 4), weight)
+
+
+def test_bitmask_is_row_aligned_and_values_row_major():
+    weight = torch.tensor([[0.0, 2.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 4.0], [1.0] + [0.0] * 8])
+    values, bitmask = encode_bitmask(weight)
+    assert values.tolist() == [2.0, 3.0, 4.0, 1.0]
+    assert bitmask.tolist() == [[0b01010000, 0b10000000], [0b10000000, 0]]
+    assert torch.equal(decode_bitmask(values, bitmask, 9), weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_round_trip_restores_every_non_zero_bit_for_bit(dtype, pattern):
+    weight = _pruned(24, 64, pattern, dtype=dtype, seed=1)
+    parts = compress_weight(weight, pattern if pattern == "2:4" else None)
+    assert "weight_layout" in parts
+    back = decompress_weight(parts)
+    assert back.dtype == dtype and back.shape == weight.shape
+    assert _same_bits_up_to_zero_sign(back, weight)
+    assert torch.equal(back.float(), weight.float())  # -0.0 == 0.0: equal as values everywhere
+
+
+def test_nan_payloads_and_negative_values_survive():
+    weight = torch.zeros(4, 8)
+    weight.view(torch.int32)[0, 1] = 0x7FC00123  # a NaN with a payload
+    weight[1, 2], weight[2, 5] = -3.5, float("-inf")
+    back = decompress_weight(compress_weight(weight))
+    assert torch.equal(bit_view(back), bit_view(weight))
+
+
+def test_negative_zero_counts_as_pruned():
+    weight = torch.tensor([[-0.0, 1.0, -0.0, 2.0]] * 8, dtype=torch.float16)
+    assert fits_n_m(weight, 2, 4) and choose_encoding(weight, "2:4")[0] == "n:m"
+    assert decompress_weight(compress_weight(weight, "2:4"))[0, 0].item() == 0.0
+
+
+# --- the per-tensor choice and its sizes --------------------------------------------------------------------------
+
+def _ratio(weight: torch.Tensor, pattern=None) -> float:
+    parts = compress_weight(weight, pattern)
+    stored = sum(t.numel() * t.element_size() for name, t in parts.items() if name != "weight_layout")
+    return stored / (weight.numel() * weight.element_size())
+
+
+def test_sizes_are_the_ideal_fractions_of_fp16():
+    assert _ratio(_pruned(64, 128, "2:4"), "2:4") == 0.5625
+    assert _ratio(_pruned(64, 128, "unstructured", 0.5)) == 0.5625
+    assert _ratio(_pruned(64, 128, "unstructured", 0.7)) == pytest.approx(0.3625, abs=1 / (64 * 128))
+
+
+def test_choice_is_the_smallest_form():
+    dense_ish = _pruned(16, 64, "unstructured", 0.05)  # fp16: a bitmask pays off above 1/16 sparsity
+    assert choose_encoding(dense_ish)[0] == "dense" and compress_weight(dense_ish).keys() == {"weight"}
+    sparse = _pruned(16, 64, "unstructured", 0.7)
+    assert choose_encoding(sparse, "2:4")[0] == "bitmask"  # does not fit 2:4
+    one_of_four = torch.tensor([[0.0, 0.0, 1.0, 0.0] * 4] * 8)
+    assert choose_encoding(one_of_four, "1:4")[0] == "n:m"  # 2 bits per 4 weights beat 4 bits of bitmask
+    four_of_eight = torch.tensor([[1.0, 0.0] * 8] * 8)
+    assert choose_encoding(four_of_eight, "4:8")[0] == "bitmask"  # 12 bits per 8 weights lose to 8
+
+
+def test_state_dict_round_trip_and_only_listed_modules_compress():
+    state = {"a.weight": _pruned(8, 16, "2:4"), "a.bias": torch.ones(8), "b.weight": _pruned(8, 16, "2:4")}
+    compact, summary = compress_state_dict(state, {"a": "2:4"})
+    assert set(compact) == {"a.weight", "a.weight_positions", "a.weight_layout", "a.bias", "b.weight"}
+    assert summary.encodings == {"a": "n:m"} and summary.stored_bytes < summary.dense_bytes
+    back = decompress_state_dict(compact)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_corrupt_entries_are_refused():
+    parts = compress_weight(_pruned(8, 16, "2:4"), "2:4")
+    with pytest.raises(ValueError, match="weight_positions"):
+        decompress_weight({"weight": parts["weight"], "weight_layout": parts["weight_layout"]})
+    values, bitmask = encode_bitmask(_pruned(8, 16, "unstructured"))
+    with pytest.raises(ValueError, match="values are stored"):
+        decode_bitmask(torch.cat([values, values[:1]]), bitmask, 16)
+
+
+# --- transformers: save_pretrained(compressed=True) and from_pretrained ------------------------------------------
+
+def _pruned_tiny(pattern: str, sparsity: float = 0.5, dtype=torch.float32):
+    model = tiny_llama(seed=0)
+    hf_sparse.prune(model, hf_sparse.SparsityConfig(method="magnitude", pattern=pattern, sparsity=sparsity),
+                    show_progress=False)
+    return model.to(dtype)
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and _same_bits_up_to_zero_sign(sa[name], sb[name]), name
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A 2:4 tiny Llama in fp16, saved dense, compressed, and compressed in several shards."""
+    model = _pruned_tiny("2:4", dtype=torch.float16)
+    root = tmp_path_factory.mktemp("compact")
+    model.save_pretrained(root / "dense")
+    model.save_pretrained(root / "compact", compressed=True)
+    model.save_pretrained(root / "sharded", compressed=True, max_shard_size="20KB")
+    return model, root
+
+
+def test_compressed_checkpoint_is_smaller_and_marked(saved):
+    model, root = saved
+    config = json.loads((root / "compact" / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "hf_sparse_compact", "format_version": 1}
+    storage = config["sparsity_config"]["storage"]
+    assert storage["format"] == "hf_sparse_compact" and storage["encodings"] == {"n:m": 14}
+    assert checkpoint_bytes(root / "compact") < checkpoint_bytes(root / "dense")
+    # the model in memory is unchanged by saving
+    assert "quantization_config" not in vars(model.config) and "storage" not in model.config.sparsity_config
+
+
+@pytest.mark.parametrize("folder", ["compact", "sharded"])
+def test_reload_is_bit_identical_and_a_plain_model(saved, folder):
+    model, root = saved
+    files, index = weight_files(root / folder)
+    assert (len(files) > 1) == (folder == "sharded") and (index is not None) == (folder == "sharded")
+    loaded = AutoModelForCausalLM.from_pretrained(root / folder)
+    _assert_same_weights(model, loaded)
+    # Against the dense checkpoint loaded the same way (model.half() in memory also casts the rotary buffers).
+    dense = AutoModelForCausalLM.from_pretrained(root / "dense")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, dense(ids).logits)
+    assert not hasattr(loaded, "hf_quantizer") and getattr(loaded, "is_quantized", False) is False
+    assert "quantization_config" not in vars(loaded.config) and "storage" not in loaded.config.sparsity_config
+    masks, expected = hf_sparse.get_masks(loaded), hf_sparse.get_masks(model)
+    assert masks.keys() == expected.keys() and all(torch.equal(masks[k], expected[k]) for k in masks)
+
+
+def test_reload_with_a_device_map_and_another_dtype(saved):
+    model, root = saved
+    loaded = AutoModelForCausalLM.from_pretrained(root / "sharded", device_map="cpu", dtype=torch.float32)
+    assert loaded.dtype == torch.float32
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.float()), name
+
+
+def test_unstructured_70_percent_round_trip(tmp_path):
+    model = _pruned_tiny("unstructured", 0.7, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "c", compressed=True)
+    storage = json.loads((tmp_path / "c" / "config.json").read_text())["sparsity_config"]["storage"]
+    assert storage["encodings"] == {"bitmask": 14}
+    _assert_same_weights(model, AutoModelForCausalLM.from_pretrained(tmp_path / "c"))
+
+
+def test_saving_again_after_reload_writes_dense_unless_asked(saved, tmp_path):
+    _, root = saved
+    loaded = AutoModelForCausalLM.from_pretrained(root / "compact")
+    loaded.save_pretrained(tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "quantization_config" not in config and "storage" not in config["sparsity_config"]
+
+
+def test_compressed_needs_a_pruned_model(tmp_path):
+    with pytest.raises(ValueError, match="no 'sparsity_config' record"):
+        tiny_llama().save_pretrained(tmp_path / "x", compressed=True)
+
+
+def test_peft_recovery_on_a_compressed_checkpoint_keeps_the_mask(saved):
+    from peft import LoraConfig
+
+    model, root = saved
+    loaded = AutoModelForCausalLM.from_pretrained(root / "compact", dtype=torch.float32)
+    peft_model = hf_sparse.peft.get_sparse_peft_model(loaded, LoraConfig(r=4, target_modules=["q_proj", "up_proj"],
+                                                                         init_lora_weights=False))
+    merged = peft_model.merge_and_unload()
+    masks, expected = hf_sparse.get_masks(merged), hf_sparse.get_masks(model)
+    assert all(torch.equal(masks[k], expected[k]) for k in expected)
+
+
+_PLAIN = textwrap.dedent("""
+    import sys
+    sys.modules["hf_sparse"] = None  # make sure hf_sparse cannot be imported, even from the working directory
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(sys.argv[1])
+""")
+
+
+def test_plain_transformers_refuses_a_compressed_checkpoint_naming_it(saved):
+    _, root = saved
+    done = subprocess.run([sys.executable, "-c", _PLAIN, str(root / "compact")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "Unknown quantization type, got hf_sparse_compact" in done.stderr
+    assert "RuntimeError" in done.stderr and "size mismatch" in done.stderr
+
+
+# --- checkpoint folders -------------------------------------------------------------------------------------------
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    files, _ = weight_files(folder)
+    out = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as reader:
+            out.update({key: reader.get_tensor(key) for key in reader.keys()})
+    return out
+
+
+def test_compress_checkpoint_matches_save_pretrained_and_decompress_inverts_it(saved, tmp_path):
+    model, root = saved
+    summary = compress_checkpoint(root / "dense", tmp_path / "c", show_progress=False)
+    assert summary.encodings and summary.stored_bytes < summary.dense_bytes
+    ours, theirs = _tensors(tmp_path / "c"), _tensors(root / "compact")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (tmp_path / "c" / "generation_config.json").exists()
+    for source in ("compact", "sharded"):
+        decompress_checkpoint(root / source, tmp_path / f"d-{source}", show_progress=False)
+        config = json.loads((tmp_path / f"d-{source}" / "config.json").read_text())
+        assert "quantization_config" not in config and "storage" not in config["sparsity_config"]
+        dense = _tensors(tmp_path / f"d-{source}")
+        expected = _tensors(root / "dense")
+        assert dense.keys() == expected.keys()
+        assert all(_same_bits_up_to_zero_sign(dense[k], expected[k]) for k in dense)
+
+
+def test_checkpoint_tools_refuse_bad_inputs_and_existing_outputs(saved, tmp_path):
+    _, root = saved
+    with pytest.raises(ValueError, match="already in compact storage"):
+        compress_checkpoint(root / "compact", tmp_path / "x")
+    with pytest.raises(ValueError, match="not in compact storage"):
+        decompress_checkpoint(root / "dense", tmp_path / "x")
+    plain = tmp_path / "plain"
+    tiny_llama().save_pretrained(plain)
+    with pytest.raises(ValueError, match="no 'sparsity_config'"):
+        compress_checkpoint(plain, tmp_path / "x")
+    shutil.copytree(root / "dense", tmp_path / "exists")  # only a checkpoint folder is ever replaced
+    with pytest.raises(ValueError, match="already exists"):
+        compress_checkpoint(root / "dense", tmp_path / "exists")
+    compress_checkpoint(root / "dense", tmp_path / "exists", overwrite=True, show_progress=False)
+    assert checkpoint_bytes(tmp_path / "exists") == checkpoint_bytes(root / "compact")
+    assert not list(tmp_path.glob(".exists.*"))  # no temporary folder left behind
+
+
+# --- the shared 7M model ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern,sparsity,ideal", [("2:4", 0.5, 0.5625), ("unstructured", 0.7, 0.3625)])
+def test_shared_model_reloads_bit_identically_within_one_percent_of_ideal(tmp_path, pattern, sparsity, ideal):
+    model = load_pretrained()
+    hf_sparse.prune(model, hf_sparse.SparsityConfig(method="magnitude", pattern=pattern, sparsity=sparsity),
+                    show_progress=False)
+    model = model.half()
+    model.save_pretrained(tmp_path / "c", compressed=True)
+    stored = _tensors(tmp_path / "c")
+    modules = model.config.sparsity_config["modules"]
+    linear_dense = sum(dict(model.named_modules())[name].weight.numel() * 2 for name in modules)
+    linear_stored = sum(t.numel() * t.element_size() for key, t in stored.items() if key.rpartition(".")[0] in modules)
+    assert linear_stored / linear_dense == pytest.approx(ideal, rel=0.01)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    _assert_same_weights(model, loaded)
+    assert MODEL_DIR.exists()

@@ -1,0 +1,174 @@
+"""Checkpoints are written completely or not at all (hf_sparse.saving): refusal rules, failures before and during the
+write, and real processes killed mid-save (SIGKILL, SIGTERM, SIGINT) and between the two renames of a swap."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_sparse
+from conftest import tiny_llama
+from hf_sparse.integrations import hub
+from hf_sparse.saving import atomic_directory, check_destination, finish_interrupted_save, save_checkpoint
+
+WORKER = Path(__file__).with_name("crash_worker.py")
+
+
+@pytest.fixture
+def pruned():
+    model = tiny_llama()
+    hf_sparse.prune(model, hf_sparse.SparsityConfig(method="magnitude", pattern="2:4"), show_progress=False)
+    return model
+
+
+def _old_checkpoint(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text('{"run": "old"}')
+    (path / "model.safetensors").write_bytes(b"old weights")
+    return path
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_existing_folder_is_refused_without_overwrite(pruned, tmp_path):
+    existing = _old_checkpoint(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"already exists; choose a new folder or pass overwrite=True"):
+        hub.save_with_model_card(pruned, None, existing)
+    with pytest.raises(ValueError, match=r"already exists"):
+        save_checkpoint(pruned, None, existing)
+    assert (existing / "config.json").read_text() == '{"run": "old"}' and _names(tmp_path) == ["out"]
+    card = hub.save_with_model_card(pruned, None, existing, overwrite=True)
+    assert card == existing / "README.md" and "sparsity_config" in json.loads((existing / "config.json").read_text())
+    assert _names(tmp_path) == ["out"]  # no temporary or backup folder left
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(pruned, tmp_path):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text(r"\documentclass{book}")
+    with pytest.raises(ValueError, match=r"is not a checkpoint folder \(no config.json\), so it is never replaced"):
+        save_checkpoint(pruned, None, thesis, overwrite=True)
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(ValueError, match="is not a checkpoint folder"):
+        hub.save_with_model_card(pruned, None, tmp_path / "notes.txt", overwrite=True)
+    assert _names(thesis) == ["thesis.tex"] and _names(tmp_path) == ["notes.txt", "thesis"]
+
+
+def test_a_card_that_fails_to_render_leaves_nothing(pruned, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("record field 'evaluation' is not renderable (simulated)")
+
+    monkeypatch.setattr(hub, "render_model_card", broken)
+    with pytest.raises(ValueError, match="not renderable"):
+        hub.save_with_model_card(pruned, None, tmp_path / "out")
+    assert _names(tmp_path) == []
+
+
+def test_a_failing_write_leaves_nothing_and_keeps_the_old_checkpoint(pruned, tmp_path, monkeypatch):
+    old = _old_checkpoint(tmp_path / "out")
+
+    class FullDisk:
+        def save_pretrained(self, folder):
+            (Path(folder) / "config.json").write_text("{}")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(FullDisk(), None, old, overwrite=True)
+    assert _names(tmp_path) == ["out"] and (old / "config.json").read_text() == '{"run": "old"}'
+
+
+def test_push_to_hub_saves_through_the_atomic_path(pruned, monkeypatch):
+    seen = []
+    monkeypatch.setattr(hub, "upload_folder", lambda folder, repo_id, **kw: seen.append(sorted(
+        p.name for p in Path(folder).iterdir())))
+    hub.push_to_hub(pruned, "me/tiny", license="mit")
+    assert seen == [["README.md", "config.json", "generation_config.json", "model.safetensors"]]
+
+
+def _start(tmp_path: Path, phase: str, pause: float = 600.0) -> tuple[subprocess.Popen, Path, Path]:
+    output, ready = _old_checkpoint(tmp_path / "out"), tmp_path / "ready"
+    process = subprocess.Popen([sys.executable, str(WORKER), str(output), str(ready), phase, str(pause)])
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        assert process.poll() is None, f"the worker ended early with {process.returncode}"
+        assert time.monotonic() < deadline, "the worker never reached the point where it is killed"
+        time.sleep(0.05)
+    return process, output, ready
+
+
+def _hidden(tmp_path: Path) -> list[str]:
+    return sorted(p.name.split("-")[0] for p in tmp_path.glob(".out.*"))
+
+
+def test_sigkill_mid_write_keeps_the_old_checkpoint_and_the_next_save_cleans_up(tmp_path):
+    process, output, ready = _start(tmp_path, "write")
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    assert json.loads((output / "config.json").read_text()) == {"run": "old"}
+    assert _hidden(tmp_path) == [".out.tmp"]  # a SIGKILL cannot be caught: its half-written copy stays
+    check_destination(output, overwrite=True)  # what every save does first: the dead writer's copy goes
+    assert _hidden(tmp_path) == [] and (output / "model.safetensors").read_bytes() == b"old weights"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_mid_write_removes_the_temporary_folder(tmp_path, signum):
+    process, output, ready = _start(tmp_path, "write")
+    assert Path(ready.read_text()).exists()
+    process.send_signal(signum)
+    assert process.wait(timeout=120) != 0
+    assert _names(tmp_path) == ["out", "ready"] and _hidden(tmp_path) == []
+    assert json.loads((output / "config.json").read_text()) == {"run": "old"}
+
+
+def test_sigkill_between_the_renames_is_finished_by_the_next_run(tmp_path):
+    process, output, _ = _start(tmp_path, "swap")
+    process.kill()
+    process.wait()
+    assert not output.exists() and _hidden(tmp_path) == [".out.new", ".out.old"]
+    assert finish_interrupted_save(output) == output  # the new copy was complete: it is moved into place
+    assert json.loads((output / "config.json").read_text()) == {"run": "new"} and _hidden(tmp_path) == []
+
+
+def test_an_interrupted_swap_without_the_new_copy_restores_the_old_one(tmp_path):
+    process, output, _ = _start(tmp_path, "swap")
+    process.kill()
+    process.wait()
+    for new in tmp_path.glob(".out.new-*"):  # say the new copy was removed by hand
+        for path in new.iterdir():
+            path.unlink()
+        new.rmdir()
+    with pytest.raises(ValueError, match="already exists"):  # the old checkpoint is back, so it is refused
+        check_destination(output)
+    assert json.loads((output / "config.json").read_text()) == {"run": "old"} and _hidden(tmp_path) == []
+
+
+def test_sigterm_during_the_swap_waits_for_the_swap_to_finish(tmp_path):
+    process, output, _ = _start(tmp_path, "swap", pause=1.0)
+    process.send_signal(signal.SIGTERM)  # held back while the renames run, delivered right after
+    assert process.wait(timeout=120) == -signal.SIGTERM
+    assert json.loads((output / "config.json").read_text()) == {"run": "new"}
+    finish_interrupted_save(output)
+    assert _hidden(tmp_path) == []
+
+
+def test_atomic_directory_on_success_fsyncs_and_replaces(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    old = _old_checkpoint(tmp_path / "out")
+    with atomic_directory(old, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "weights.bin").write_bytes(torch.zeros(4).numpy().tobytes())
+    assert _names(old) == ["config.json", "weights.bin"] and _names(tmp_path) == ["out"]
+    assert len(synced) >= 4  # two files, the folder, the parent after each rename
