@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -59,12 +58,10 @@ def _configure_logging(verbosity: int, quiet: bool = False) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     if quiet:
         level = logging.ERROR
-        # Our bars take show_progress=not args.quiet; these silence the ones of the libraries (model loading,
-        # datasets, lm-eval) too.
+        # Our bars take show_progress=not args.quiet; this silences transformers' own (model loading).
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("hf_sparse").setLevel(level)
     if verbosity >= 2:

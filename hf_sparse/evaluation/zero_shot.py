@@ -8,6 +8,7 @@ is what gets evaluated. lm-eval is an optional dependency: ``pip install "hf-spa
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +109,9 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str], include_path: s
         # HFLM keeps a reference to this very object: no reload, the pruned weights and shapes are what is scored.
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         lm_eval_logger.setLevel(previous_level if show_progress else logging.ERROR)
+        if not show_progress:  # lm-eval's request loops take disable_tqdm, which its evaluator never passes
+            for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+                setattr(lm, request_type, functools.partial(getattr(lm, request_type), disable_tqdm=True))
         output = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
