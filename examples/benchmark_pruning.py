@@ -1,29 +1,47 @@
-"""Benchmark the pruning methods on the project's pretrained model: quality, wall time and peak memory.
+"""Benchmark the pruning methods on a pretrained model: quality, wall time and peak memory.
 
-Part 1, for every method x pattern on ``../shared/models/llama-7m-books`` (``HF_SPARSE_SHARED`` overrides ``../shared``):
-wall seconds of ``hf_sparse.prune`` (calibration included), peak RSS, and dense/pruned perplexity. Calibration is 32
-windows of 256 tokens drawn with seed 0 from ``calibration.txt``; perplexity is over every non-overlapping 256-token
-window of ``wikitext2-test.txt`` (``--max-windows`` shortens it) -- the settings of the reference table in
-``../shared/ASSETS.md``.
+Part 1, for every method x pattern on ``--model``: the project's 7M LLaMA ``../shared/models/llama-7m-books``
+(``HF_SPARSE_SHARED`` overrides ``../shared``), or ``smollm2``, SmolLM2-135M-Instruct from the test-bed
+(``examples/make_testbed.py``; built on first use), or any local folder: wall seconds of ``hf_sparse.prune``
+(calibration included), peak RSS, and dense/pruned perplexity, beside the reference code's perplexity where
+``../shared/ASSETS.md`` has one. Calibration is 32 windows of 256 tokens drawn with seed 0 from ``calibration.txt``;
+perplexity is over the non-overlapping 256-token windows of ``wikitext2-test.txt``: all of them for llama-7m-books,
+the first 64 for SmolLM2 (``--max-windows`` changes it) -- the settings of the reference tables in ASSETS.md.
 
 Part 2 shows that pruning memory does not grow with depth beyond the model's own weights: random Llamas of the same
 width with 6, 12 and 24 blocks are pruned with SparseGPT, and peak RSS minus the weight bytes stays flat, because the
 engine keeps only one block's activations and statistics alive.
 
-Every run is a fresh subprocess, so each peak RSS belongs to that run alone.
+``--depth-model DIR`` runs part 2 on a real checkpoint instead, cut to its first 6, 12, ... blocks (``--depths``).
+
+Part 3 (with ``--wanda-repo``, a checkout or bare git snapshot of locuslab/wanda) times the reference code against
+``hf_sparse.prune`` side by side: for each method x pattern, the Wanda authors' own ``lib/prune.py`` (run through
+``../shared/tools/peer_ref.py``'s adaptations to transformers 5 and CPU) and ``hf_sparse.prune`` prune the same model
+(``--reference-model``, default llama-7m-books) on the *same* calibration windows (the reference's own draw: python
+``random`` over the tokenized ``calibration.txt``), each in a fresh process with the same thread count, and the table
+shows both wall times, their ratio and both perplexities on the first ``--reference-eval-windows`` windows.
+
+Every run is a fresh subprocess, so each peak RSS belongs to that run alone. ``--threads N`` fixes torch's thread
+count in every run (on a shared machine use fewer threads than cores; see the README).
 
     python examples/benchmark_pruning.py                          # everything (~1 h on 2 busy CPU cores)
     python examples/benchmark_pruning.py --max-windows 200 --methods wanda,sparsegpt --patterns 2:4
+    python examples/benchmark_pruning.py --model smollm2 --methods magnitude,wanda,sparsegpt,fista --depths ''
+    python examples/benchmark_pruning.py --skip-quality --depths '' --wanda-repo WANDA \
+        --reference-model SMOLLM2_DIR --methods wanda,sparsegpt --patterns 50%,2:4 --threads 2
+    python examples/benchmark_pruning.py --skip-quality --depth-model SMOLLM2_DIR --depths 10,30
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +50,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
 RESULT_PREFIX = "BENCHMARK-RESULT "
 MB = 1024 * 1024
+SMOLLM2 = "smollm2"
+#: Default evaluation windows per model: the reference tables' settings (None: every window).
+DEFAULT_WINDOWS = {"llama-7m-books": None, SMOLLM2: 64}
+#: Perplexity of the reference code (the Wanda authors' lib/prune.py, calibration seed 0) from ../shared/ASSETS.md.
+REFERENCE = {
+    "llama-7m-books": {("dense", "-"): 53.06,
+                       ("magnitude", "50%"): 56.90, ("magnitude", "2:4"): 63.27, ("magnitude", "70%"): 80.02,
+                       ("wanda", "50%"): 56.37, ("wanda", "2:4"): 62.10, ("wanda", "70%"): 75.63,
+                       ("sparsegpt", "50%"): 55.08, ("sparsegpt", "2:4"): 57.73, ("sparsegpt", "70%"): 64.43},
+    SMOLLM2: {("dense", "-"): 33.94, ("wanda", "50%"): 63.12, ("wanda", "2:4"): 150.81,
+              ("sparsegpt", "50%"): 49.66, ("sparsegpt", "2:4"): 69.09},
+}
 
 
 def peak_rss_bytes() -> int:
@@ -69,7 +99,7 @@ def worker_pretrained(job: dict) -> dict:
     from hf_sparse.threads import set_num_threads
 
     set_num_threads(job["threads"])
-    model_dir = Path(job["shared"]) / "models" / "llama-7m-books"
+    model_dir = Path(job["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     heldout = (Path(job["shared"]) / "data" / "wikitext2-test.txt").read_text(encoding="utf-8")
@@ -97,22 +127,36 @@ def worker_pretrained(job: dict) -> dict:
     return result
 
 
-def worker_depth(job: dict) -> dict:
+def _depth_model(job: dict):
+    """A random Llama of llama-7m-books' width with ``blocks`` blocks, or ``--depth-model`` cut to its first blocks."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import hf_sparse
     from hf_sparse.threads import set_num_threads
 
     set_num_threads(job["threads"])
+    if job["kind"] == "depth_real":
+        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+        del model.model.layers[job["blocks"]:]
+        model.config.num_hidden_layers = job["blocks"]
+        return model
     torch.manual_seed(0)
     # Same width as llama-7m-books; only the number of decoder blocks changes.
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8,
                          num_key_value_heads=4, max_position_embeddings=1024, num_hidden_layers=job["blocks"],
                          tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def worker_depth(job: dict) -> dict:
+    import torch
+
+    import hf_sparse
+
+    model = _depth_model(job)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    calibration = torch.randint(0, 4096, (job["num_samples"], job["sequence_length"]),
+    calibration = torch.randint(0, model.config.vocab_size, (job["num_samples"], job["sequence_length"]),
                                 generator=torch.Generator().manual_seed(0))
     rss_loaded = current_rss_bytes()
     start = time.perf_counter()
@@ -122,6 +166,74 @@ def worker_depth(job: dict) -> dict:
                     show_progress=False)
     seconds = time.perf_counter() - start
     return {"weight_bytes": weight_bytes, "rss_loaded": rss_loaded, "peak_rss": peak_rss_bytes(), "seconds": seconds}
+
+
+def _set_threads(job: dict) -> None:
+    if job.get("threads"):
+        import torch
+
+        torch.set_num_threads(job["threads"])
+
+
+def _peer_ref(shared: str):
+    """The shared reference harness (``tools/peer_ref.py``): it runs the reference code, it is not part of hf_sparse."""
+    sys.path.insert(0, str(Path(shared) / "tools"))
+    import peer_ref
+
+    return peer_ref
+
+
+def worker_reference_speed(job: dict) -> dict:
+    """Prune with the reference code (``side == "reference"``) or with hf_sparse on the reference's windows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_sparse
+
+    peer_ref = _peer_ref(job["shared"])
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    calibration_text = (Path(job["shared"]) / "data" / "calibration.txt").read_text(encoding="utf-8")
+    stream = tokenizer(calibration_text, return_tensors="pt").input_ids[0]  # tokenized as the harness does
+    get_loaders = peer_ref.make_get_loaders(stream)
+    n, m = (0, 0) if job["pattern"] == "unstructured" else map(int, job["pattern"].split(":"))
+    sparsity = job["sparsity"] if job["sparsity"] is not None else 0.5
+    if job["side"] == "reference":
+        reference_dir, _commit = peer_ref.export_reference(job["wanda_repo"], job["wanda_src"])
+        reference, _digests = peer_ref.import_reference(reference_dir)
+        reference.get_loaders = get_loaders
+        model = peer_ref.load_model(job["model"], job["sequence_length"])
+        hooks = peer_ref.add_rope_hooks(model)
+        prune_fn = {"magnitude": reference.prune_magnitude, "wanda": reference.prune_wanda,
+                    "sparsegpt": reference.prune_sparsegpt}[job["method"]]
+        options = argparse.Namespace(sparsity_ratio=sparsity, nsamples=job["num_samples"], seed=job["seed"],
+                                     use_variant=False)
+        start = time.perf_counter()
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), peer_ref.tensor_cuda_is_identity():
+            prune_fn(options, model, tokenizer, torch.device("cpu"), prune_n=n, prune_m=m)
+        seconds = time.perf_counter() - start
+        for hook in hooks:
+            hook.remove()
+    else:
+        loader, _ = get_loaders("c4", nsamples=job["num_samples"], seed=job["seed"], seqlen=job["sequence_length"])
+        windows = torch.cat([inputs for inputs, _target in loader])  # (num_samples, sequence_length)
+        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+        config = hf_sparse.SparsityConfig(method=job["method"], pattern=job["pattern"], sparsity=job["sparsity"],
+                                          calibration=windows, num_samples=job["num_samples"],
+                                          sequence_length=job["sequence_length"], batch_size=8)
+        start = time.perf_counter()
+        hf_sparse.prune(model, config, show_progress=False)
+        seconds = time.perf_counter() - start
+    result = {"seconds": seconds, "peak_rss": peak_rss_bytes()}
+    if job["eval_windows"]:
+        heldout = (Path(job["shared"]) / "data" / "wikitext2-test.txt").read_text(encoding="utf-8")
+        result["perplexity"] = hf_sparse.evaluate.perplexity(model, tokenizer, heldout, sequence_length=256,
+                                                             max_windows=job["eval_windows"], show_progress=False)
+    return result
+
+
+REFERENCE_METHODS = ("magnitude", "wanda", "sparsegpt")
+WORKERS = {"pretrained": worker_pretrained, "depth": worker_depth, "depth_real": worker_depth,
+           "reference_speed": worker_reference_speed}
 
 
 def run_worker(job: dict) -> dict:
@@ -144,16 +256,39 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def resolve_model(name: str, parser: argparse.ArgumentParser) -> tuple[Path, str]:
+    """``(folder, display name)`` for ``--model``: the shared 7M LLaMA, the SmolLM2 test-bed, or a local folder."""
+    if name == SMOLLM2:
+        from hf_sparse import testbed
+
+        try:
+            return testbed.ensure_testbed(), SMOLLM2
+        except testbed.TestbedUnavailable as error:
+            parser.error(str(error))
+    folder = SHARED / "models" / name if name == "llama-7m-books" else Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        parser.error(f"--model {name!r}: no model folder at {folder} (for llama-7m-books set HF_SPARSE_SHARED)")
+    return folder, name
+
+
 def main(argv: list[str] | None = None) -> None:
     from hf_sparse.cli.common import add_threads_argument
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-7m-books",
+                        help=f"'llama-7m-books' (../shared), '{SMOLLM2}' (the test-bed) or a local model folder "
+                             "(default: %(default)s)")
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt",
                         help="comma-separated registered methods (default: %(default)s)")
     parser.add_argument("--patterns", default="50%,2:4,70%",
                         help="comma-separated: a percentage for unstructured, or N:M (default: %(default)s)")
     parser.add_argument("--max-windows", type=int, default=None,
-                        help="evaluate on the first N 256-token windows only (default: all 1458)")
+                        help="evaluate on the first N 256-token windows only (default: all 1458 for llama-7m-books, "
+                             "64 for smollm2; 0: all)")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -162,13 +297,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="runs at once (each still its own process; >1 makes wall times noisier)")
     parser.add_argument("--skip-quality", action="store_true", help="only the memory-scaling part")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
+    parser.add_argument("--depth-model", type=Path, default=None,
+                        help="run the memory-scaling part on this checkpoint cut to --depths blocks")
+    parser.add_argument("--wanda-repo", default=None,
+                        help="locuslab/wanda checkout or bare git dir: time the reference code side by side (part 3)")
+    parser.add_argument("--reference-model", type=Path, default=None,
+                        help="model for part 3 (default: llama-7m-books)")
+    parser.add_argument("--reference-eval-windows", type=int, default=64,
+                        help="perplexity windows after each part-3 run (0 skips the evaluation)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     add_threads_argument(parser)
     args = parser.parse_args(argv)
 
     if args.worker:
         job = json.loads(args.worker)
-        result = worker_depth(job) if job["kind"] == "depth" else worker_pretrained(job)
+        _set_threads(job)
+        result = WORKERS[job["kind"]](job)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
@@ -185,42 +329,54 @@ def main(argv: list[str] | None = None) -> None:
         patterns = [(text, *parse_pattern(text)) for text in args.patterns.split(",") if text]
     except ValueError as error:
         parser.error(str(error))
-    common = dict(kind="pretrained", shared=str(SHARED), num_samples=args.num_samples,
+    model_dir, model_name = resolve_model(args.model, parser) if not args.skip_quality else (None, args.model)
+    max_windows = DEFAULT_WINDOWS.get(model_name) if args.max_windows is None else (args.max_windows or None)
+    common = dict(kind="pretrained", shared=str(SHARED), model_dir=str(model_dir), num_samples=args.num_samples,
                   sequence_length=args.sequence_length, seed=args.seed, eval_sequence_length=256,
-                  max_windows=args.max_windows, threads=threads)
-    results: dict = {"settings": {k: v for k, v in common.items() if k != "kind"}, "quality": [], "depth": []}
+                  max_windows=max_windows, threads=threads)
+    results: dict = {"settings": {k: v for k, v in common.items() if k != "kind"}, "quality": [], "depth": [],
+                     "reference_speed": []}
     started = time.perf_counter()
 
     if not args.skip_quality:
-        if not (SHARED / "models" / "llama-7m-books").exists():
-            parser.error(f"the pretrained model is not at {SHARED / 'models' / 'llama-7m-books'}: set HF_SPARSE_SHARED")
         jobs = [dict(common, method="dense", pattern="unstructured", sparsity=None)]
-        jobs += [dict(common, method=m, pattern=p, sparsity=s, label=label) for m in methods for label, p, s in patterns]
+        # Pattern by pattern, so a run cut short has whole columns (every method at the first pattern) to show.
+        jobs += [dict(common, method=m, pattern=p, sparsity=s, label=label) for label, p, s in patterns for m in methods]
+        outputs = []
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            outputs = list(pool.map(run_worker, jobs))
+            # Each run is reported as it finishes, so a long benchmark cut short still shows what it measured.
+            for job, out in zip(jobs, pool.map(run_worker, jobs)):
+                outputs.append(out)
+                print(f"done: {job['method']} {job.get('label', '')}: perplexity {out['perplexity']:.2f}, "
+                      f"prune {out['seconds']:.1f} s, sparsity {out['sparsity']:.4f}", flush=True)
         dense = outputs[0]
-        windows = "all" if args.max_windows is None else f"first {args.max_windows}"
-        print(f"\nPruning llama-7m-books ({SHARED}); calibration {args.num_samples} x {args.sequence_length} tokens, "
+        windows = "all" if max_windows is None else f"first {max_windows}"
+        reference = REFERENCE.get(model_name, {})
+        print(f"\nPruning {model_name} ({model_dir}); calibration {args.num_samples} x {args.sequence_length} tokens, "
               f"seed {args.seed}; perplexity on {windows} non-overlapping 256-token windows of wikitext2-test.txt")
-        print(f"dense perplexity {dense['perplexity']:.2f}; loading the model + evaluating: peak RSS "
+        print(f"dense perplexity {dense['perplexity']:.2f} (reference code: "
+              f"{_fmt(reference.get(('dense', '-')))}); loading the model + evaluating: peak RSS "
               f"{dense['peak_rss'] / MB:.0f} MB\n")
         rows = []
         for job, out in zip(jobs[1:], outputs[1:]):
             results["quality"].append({**job, **out, "dense_perplexity": dense["perplexity"]})
+            ref = reference.get((job["method"], job["label"]))
+            delta = f"{out['perplexity'] / ref - 1:+.1%}" if ref else "-"
             rows.append([job["method"], job["label"], f"{dense['perplexity']:.2f}", f"{out['perplexity']:.2f}",
-                         f"{out['sparsity']:.4f}", f"{out['seconds']:.1f}", f"{out['peak_rss'] / MB:.0f}",
-                         f"{(out['peak_rss'] - out['rss_loaded']) / MB:.0f}"])
-        print(table(["method", "pattern", "dense ppl", "pruned ppl", "sparsity", "prune s", "peak RSS MB",
-                     "peak - loaded MB"], rows))
+                         _fmt(ref), delta, f"{out['sparsity']:.4f}", f"{out['seconds']:.1f}",
+                         f"{out['peak_rss'] / MB:.0f}", f"{(out['peak_rss'] - out['rss_loaded']) / MB:.0f}"])
+        print(table(["method", "pattern", "dense ppl", "pruned ppl", "reference ppl", "vs reference", "sparsity",
+                     "prune s", "peak RSS MB", "peak - loaded MB"], rows))
 
     depths = [int(d) for d in args.depths.split(",") if d]
     if depths:
-        jobs = [dict(kind="depth", blocks=d, num_samples=args.num_samples, sequence_length=args.sequence_length,
-                     threads=threads)
-                for d in depths]
+        kind = "depth" if args.depth_model is None else "depth_real"
+        jobs = [dict(kind=kind, blocks=d, num_samples=args.num_samples, sequence_length=args.sequence_length,
+                     model=str(args.depth_model), threads=threads) for d in depths]
         outputs = [run_worker(job) for job in jobs]  # one at a time: this part is about memory
-        print(f"\nSparseGPT 2:4 on random Llamas of llama-7m-books' width (hidden 256, MLP 768), calibration "
-              f"{args.num_samples} x {args.sequence_length} random tokens:\n")
+        subject = ("random Llamas of llama-7m-books' width (hidden 256, MLP 768)" if args.depth_model is None
+                   else f"{args.depth_model} cut to its first N blocks")
+        print(f"\nSparseGPT 2:4 on {subject}, calibration {args.num_samples} x {args.sequence_length} random tokens:\n")
         rows = []
         for job, out in zip(jobs, outputs):
             results["depth"].append({**job, **out})
@@ -229,6 +385,30 @@ def main(argv: list[str] | None = None) -> None:
                          f"{out['seconds']:.1f}"])
         print(table(["blocks", "weights MB", "RSS after build MB", "peak RSS MB", "peak RSS - weights MB",
                      "prune s"], rows))
+
+    if args.wanda_repo:
+        model_dir = args.reference_model or SHARED / "models" / "llama-7m-books"
+        base = dict(common, kind="reference_speed", model=str(model_dir), wanda_repo=args.wanda_repo,
+                    wanda_src=str(Path(tempfile.gettempdir()) / "benchmark-wanda-src"),
+                    eval_windows=args.reference_eval_windows)
+        rows = []
+        for method in [m for m in methods if m in REFERENCE_METHODS]:  # what the reference code implements
+            for label, pattern, sparsity in patterns:
+                # One after the other, never concurrently: the two runs of a row see the same machine.
+                pair = [run_worker(dict(base, side=side, method=method, pattern=pattern, sparsity=sparsity))
+                        for side in ("reference", "hf_sparse")]
+                reference, ours = pair
+                results["reference_speed"].append({"method": method, "pattern": label, "reference": reference,
+                                                   "hf_sparse": ours})
+                ppl = [f"{r['perplexity']:.2f}" if "perplexity" in r else "-" for r in pair]
+                rows.append([method, label, f"{reference['seconds']:.1f}", f"{ours['seconds']:.1f}",
+                             f"{ours['seconds'] / reference['seconds']:.2f}", *ppl])
+        print(f"\nPruning wall time, reference code (locuslab/wanda lib/prune.py via tools/peer_ref.py) vs hf_sparse, "
+              f"on {model_dir}, the same {args.num_samples} x {args.sequence_length} calibration windows (seed "
+              f"{args.seed}), threads {args.threads or 'torch default'}; perplexity on the first "
+              f"{args.reference_eval_windows} 256-token windows of wikitext2-test.txt:\n")
+        print(table(["method", "pattern", "reference s", "hf_sparse s", "ratio", "reference ppl", "hf_sparse ppl"],
+                    rows))
 
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
     if args.json:

@@ -2,10 +2,12 @@
 
     python examples/lora_recovery.py --output recovered-2of4   # 60 steps x 4 x 256 tokens (a few minutes on 2 cores)
     python examples/lora_recovery.py --max-windows 40 --steps 20   # quick look
+    python examples/lora_recovery.py --model smollm2 --method sparsegpt --max-windows 64   # the SmolLM2 test-bed
 
 Prints dense / pruned / recovered perplexity on the WikiText-2 test split (256-token windows), sparsity before and
 after recovery and whether every 2:4 group is still valid; with --output it saves the recovered checkpoint with its
-model card. Assets come from $HF_SPARSE_SHARED (default: <repo>/../shared).
+model card. Assets come from $HF_SPARSE_SHARED (default: <repo>/../shared); --model is resolved as in
+benchmark_pruning.py (llama-7m-books, smollm2 = the test-bed, or a local folder).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from hf_sparse.masks import SparsityPattern, is_valid_n_m
 from hf_sparse.record import overall_sparsity
 from hf_sparse.recovery import recover
 
+from benchmark_pruning import resolve_model  # examples/ is on sys.path when a script in it runs
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
 
@@ -36,6 +40,8 @@ def n_m_valid(model, pattern: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-7m-books",
+                        help="'llama-7m-books' (../shared), 'smollm2' (the test-bed) or a local folder")
     parser.add_argument("--method", default="wanda")
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--max-windows", type=int, default=100, help="test windows of 256 tokens (all: 0)")
@@ -50,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     apply_threads(args)
 
-    model_dir = SHARED / "models" / "llama-7m-books"
+    model_dir, model_name = resolve_model(args.model, parser)
     calibration = SHARED / "data" / "calibration.txt"
     test_text = (SHARED / "data" / "wikitext2-test.txt").read_text(encoding="utf-8")
     max_windows = args.max_windows or None
@@ -75,7 +81,7 @@ def main() -> None:
     valid = n_m_valid(recovered_model, args.pattern) if SparsityPattern.parse(args.pattern).is_n_m else "n/a"
 
     windows = f"first {max_windows}" if max_windows else "all"
-    print(f"\n{args.method} {args.pattern}, LoRA r={args.rank} mode={args.mode}, {args.steps} steps x "
+    print(f"\n{model_name}: {args.method} {args.pattern}, LoRA r={args.rank} mode={args.mode}, {args.steps} steps x "
           f"{args.batch_size} x 256 tokens ({result.seconds:.0f} s); perplexity on {windows} 256-token windows of "
           "wikitext2-test.txt")
     print("| model | perplexity | sparsity (pruned modules) |")
@@ -91,7 +97,7 @@ def main() -> None:
         if max_windows:
             evaluation["eval_windows"] = max_windows
         card = hf_sparse.hub.save_with_model_card(recovered_model, tokenizer, args.output, evaluation=evaluation,
-                                                  base_model="llama-7m-books", overwrite=args.overwrite)
+                                                  base_model=model_name, overwrite=args.overwrite)
         print(f"saved to {args.output} (model card: {card})")
 
 

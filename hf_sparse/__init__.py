@@ -18,6 +18,7 @@ from .integrations.transformers import (
     install_from_pretrained_hook,
     uninstall_from_pretrained_hook,
 )
+from .integrations import structured as _structured_loading  # noqa: F401  (registers the shape loader)
 from . import hub, peft, recovery, training  # public submodules: `from hf_sparse.peft import get_sparse_peft_model`
 from .integrations.compressed import install_save_hook  # save_pretrained(d, compressed=True); compact loading
 from . import formats, kernels  # compact storage; opt-in 2:4 kernels (hf_sparse.kernels.enable_2of4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -18,10 +19,71 @@ from .calibration import (
 )
 from .config import SparsityConfig
 from .engine import LayerwiseEngine
+from .integrations.gguf import check_gguf_weights_dense, detach_gguf, gguf_source
 from .methods import build_method
 from .record import SparsityRecord, merge_records, overall_sparsity, read_record, write_record
+from .surgery import removed_fraction
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _inference_mode(model: nn.Module, seed: int):
+    """Eval mode, no KV cache, and a seeded RNG forked from the caller's (so the caller's random stream is left as it
+    was), all restored afterwards."""
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+
+def _provenance(model: nn.Module, config: SparsityConfig, method, calibration_ids, gguf=None) -> dict:
+    """The record fields that say how the model was pruned: options, calibration actually used, base model (a GGUF
+    file by its name and content hash: the folder it was read from is a local path)."""
+    calibration = describe_calibration(config.calibration) or config.calibration_descriptor
+    if calibration is not None and method.needs_calibration:
+        calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
+                       "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
+    if gguf is not None:
+        base_model, base_model_sha256 = gguf.name, gguf.sha256()
+    else:
+        base_model, base_model_sha256 = describe_local_folder(getattr(model, "name_or_path", None) or None)
+    return {"method_options": method.options.to_dict(),
+            "calibration": calibration if method.needs_calibration else None,
+            "base_model": base_model, "base_model_sha256": base_model_sha256}
+
+
+def _prune_structured(model: nn.Module, config: SparsityConfig, method, calibration_ids, previous,
+                      show_progress: bool, gguf=None) -> SparsityRecord:
+    """pattern="structured": the method decides block edits, the surgery makes the modules smaller."""
+    from .structured_pipeline import run_structured
+
+    if previous is not None:
+        raise ValueError(f"this model was already pruned ({previous.method}, {previous.pattern}); structured pruning "
+                         "changes every shape and starts from the dense model")
+    with _inference_mode(model, config.seed):
+        structure = run_structured(model, method, calibration_ids, config.sparsity, batch_size=config.batch_size,
+                                   device=config.device, show_progress=show_progress)
+    if gguf is not None:
+        detach_gguf(model)  # the smaller weights are plain tensors: drop the GGUF quantizer so save_pretrained works
+    record = SparsityRecord(
+        method=config.method, pattern=config.pattern, target_sparsity=config.sparsity, modules={},
+        overall_sparsity=removed_fraction(structure), structure=structure,
+        **_provenance(model, config, method, calibration_ids, gguf),
+    )
+    write_record(model, record)
+    logger.info("%s removed %.4f of the decoder-block parameters (%d -> %d), %d blocks removed", config.method,
+                record.overall_sparsity, structure["original"]["block_parameters"], structure["block_parameters"],
+                len(structure["removed_blocks"]))
+    return record
 
 
 def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_progress: bool = True) -> SparsityRecord:
@@ -43,46 +105,35 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     config.validate()  # again: a field may have been changed since the config was built
     method = build_method(config.method, config.method_options)
     previous = read_record(model)  # an earlier pass (validated: a bad record raises before anything is pruned)
+    gguf = gguf_source(model)  # loaded from a .gguf file: its weights must be dense, its tokenizer is in the file
+    if gguf is not None:
+        check_gguf_weights_dense(model)
     calibration_ids = None
     if method.needs_calibration:
         check_source(config.calibration, config.method)
         check_fits_model(config.calibration, config.sequence_length, model)
         if not is_token_source(config.calibration):
-            tokenizer = tokenizer or config.tokenizer or tokenizer_for(model)
+            tokenizer = tokenizer or config.tokenizer or (gguf.load_tokenizer() if gguf else tokenizer_for(model))
         calibration_ids = load_calibration(
             config.calibration, tokenizer, config.num_samples, config.sequence_length, config.seed,
             split=config.calibration_split, column=config.calibration_column, subset=config.calibration_subset,
         )
 
+    if config.parsed_pattern.is_structured:
+        return _prune_structured(model, config, method, calibration_ids, previous, show_progress, gguf)
     engine = LayerwiseEngine(
         method, config.parsed_pattern, lambda _name: config.sparsity, include=config.include, exclude=config.exclude,
         device=config.device, parallel=config.parallel, num_workers=config.num_workers, show_progress=show_progress,
     )
-    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
-    model.eval()
-    if use_cache is not None:
-        model.config.use_cache = False
-    try:
-        # Seeded for reproducibility, in a forked RNG state so the caller's random stream is left as it was.
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            torch.manual_seed(config.seed)
-            result = engine.run(model, calibration_ids, batch_size=config.batch_size)
-    finally:
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+    with _inference_mode(model, config.seed):
+        result = engine.run(model, calibration_ids, batch_size=config.batch_size)
 
-    calibration = describe_calibration(config.calibration) or config.calibration_descriptor
-    if calibration is not None and method.needs_calibration:
-        calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
-                       "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
-    base_model, base_model_sha256 = describe_local_folder(getattr(model, "name_or_path", None) or None)
+    if gguf is not None:
+        detach_gguf(model)  # pruned weights are plain tensors: drop the GGUF quantizer so save_pretrained works
     record = SparsityRecord(
         method=config.method, pattern=config.pattern, target_sparsity=config.sparsity,
         modules={name: round(value, 6) for name, value in result.achieved.items()},
-        method_options=method.options.to_dict(), calibration=calibration if method.needs_calibration else None,
-        overall_sparsity=round(result.overall_sparsity, 6), base_model=base_model,
-        base_model_sha256=base_model_sha256,
+        overall_sparsity=round(result.overall_sparsity, 6), **_provenance(model, config, method, calibration_ids, gguf),
     )
     if previous is not None:
         # Pruned before (another include, another method): the record keeps every pass's modules, so get_masks

@@ -19,13 +19,14 @@ _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 @dataclass(frozen=True)
 class SparsityPattern:
-    """Where zeros may go: ``unstructured`` (anywhere) or ``N:M`` (N kept weights in every group of M inputs).
+    """Where zeros may go: ``unstructured`` (anywhere), ``N:M`` (N kept weights in every group of M inputs), or
+    ``structured`` (whole heads, channels or blocks are removed and the matrices become smaller: no zeros at all).
 
     >>> SparsityPattern.parse("2:4").implied_sparsity
     0.5
     """
 
-    kind: str  # "unstructured" | "n:m"
+    kind: str  # "unstructured" | "n:m" | "structured"
     n: int = 0  # weights kept per group (N:M only)
     m: int = 0  # group size along the input dimension (N:M only)
 
@@ -35,11 +36,12 @@ class SparsityPattern:
             return pattern
         if not isinstance(pattern, str):
             raise ValueError(f"pattern must be a string such as 'unstructured', '2:4' or '4:8', got {pattern!r}")
-        if pattern.strip().lower() == "unstructured":
-            return cls("unstructured")
+        if pattern.strip().lower() in ("unstructured", "structured"):
+            return cls(pattern.strip().lower())
         match = _NM_RE.match(pattern)
         if match is None:
-            raise ValueError(f"pattern {pattern!r} is not valid: use 'unstructured' or 'N:M' such as '2:4' or '4:8'")
+            raise ValueError(f"pattern {pattern!r} is not valid: use 'unstructured' or 'N:M' such as '2:4' or '4:8', "
+                             "or 'structured' for methods that remove whole heads, channels or blocks")
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
             raise ValueError(f"pattern {pattern!r} is not valid: N:M needs 0 < N < M (N weights kept in each group of M)")
@@ -55,7 +57,11 @@ class SparsityPattern:
         return 1.0 - self.n / self.m if self.is_n_m else None
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_n_m else "unstructured"
+        return f"{self.n}:{self.m}" if self.is_n_m else self.kind
+
+    @property
+    def is_structured(self) -> bool:
+        return self.kind == "structured"
 
 
 def prune_counts(group_sizes: list[int], sparsity: float) -> list[int]:
@@ -127,8 +133,15 @@ def select_unstructured(scores: torch.Tensor, sparsity: float, per_row: bool = F
     return _lowest_k_mask(scores.reshape(-1), k).reshape(scores.shape)
 
 
+#: Largest group size M for which :func:`select_n_m` ranks by pairwise comparisons (M·(M−1) element-wise passes);
+#: larger groups are sorted.
+_PAIRWISE_MAX_M = 8
+
+
 def select_n_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask with the ``n`` highest scores kept in every group of ``m`` consecutive inputs of each row.
+
+    Of equal scores the earliest is pruned first (the order of a stable ascending sort).
 
     >>> select_n_m(torch.tensor([[1., 4., 3., 2.]]), 2, 4).tolist()
     [[False, True, True, False]]
@@ -136,11 +149,29 @@ def select_n_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"an {n}:{m} pattern needs the input dimension to be a multiple of {m}, got {cols}")
-    groups = scores.reshape(rows, cols // m, m)
-    order = torch.argsort(groups, dim=-1, stable=True)
-    mask = torch.ones_like(groups, dtype=torch.bool)
-    mask.scatter_(-1, order[..., : m - n], False)
-    return mask.reshape(rows, cols)
+    if m > _PAIRWISE_MAX_M or torch.isnan(scores.sum()):  # (a sum is NaN when any score is; one cheap pass)
+        # Large groups, or NaN, which has no place in comparisons (a sort puts it last, as the largest score).
+        groups = scores.reshape(rows, cols // m, m)
+        order = torch.argsort(groups, dim=-1, stable=True)
+        mask = torch.ones_like(groups, dtype=torch.bool)
+        mask.scatter_(-1, order[..., : m - n], False)
+        return mask.reshape(rows, cols)
+    # A score's position in the stable ascending order of its group is the number of members sorting before it:
+    # smaller ones, and equal ones further left. It is kept when that position is at least m - n. That is m·(m−1)
+    # vectorised comparisons over all groups at once, several times faster than argsort, which sorts every tiny
+    # group separately. Buffers are reused: allocating large temporaries costs as much as the comparisons.
+    groups = scores.reshape(-1, m)  # (groups, m)
+    keep = torch.empty_like(groups, dtype=torch.bool)
+    position = torch.empty(groups.shape[0], dtype=torch.uint8, device=scores.device)
+    sorts_before = torch.empty(groups.shape[0], dtype=torch.bool, device=scores.device)
+    for i in range(m):
+        position.zero_()
+        for j in range(m):
+            if j != i:
+                (torch.le if j < i else torch.lt)(groups[:, j], groups[:, i], out=sorts_before)
+                position += sorts_before
+        torch.ge(position, m - n, out=keep[:, i])
+    return keep.reshape(rows, cols)
 
 
 def select_mask(scores: torch.Tensor, pattern: SparsityPattern, sparsity: float, per_row: bool = False) -> torch.Tensor:

@@ -18,7 +18,7 @@ Shape (``format_version`` 1: one pruning pass)::
                       "sequence_length": 2048, "seed": 0},     # a local file by base name + hash, a dataset by name
       "evaluation": {"dense_perplexity": 53.1, "pruned_perplexity": 56.4, ...},  # optional, for model cards
       "base_model": "org/name",                    # optional: a Hub id, or a local folder's base name ...
-      "base_model_sha256": "...",                  # ... with the hash of that folder's files
+      "base_model_sha256": "...",                  # ... with the hash of that folder's files (or of the GGUF file)
       "recovery": {"method": "lora", "mode": "masked", "rank": 16, "steps": 200, ...},  # optional: after recovery
       "storage": {"format": "hf_sparse_compact", "version": 1, "dense_bytes": ..., "stored_bytes": ...}
                                                    # optional: only in compact checkpoints (hf_sparse.formats)
@@ -28,6 +28,12 @@ Shape (``format_version`` 1: one pruning pass)::
 ``modules`` holds every pruned module of every pass, the top-level method/pattern/options/calibration are the last
 pass's, and ``"passes"`` lists each pass in order (method, pattern, target sparsity, options, calibration, the
 modules it pruned). Version 1 records read as one pass.
+
+A structurally pruned model (``pattern == "structured"``) has ``"structure"``: the original dimensions and, per
+remaining block, the head and channel counts kept (validated by :func:`hf_sparse.surgery.structure.validate_structure`);
+its ``modules`` is empty (the matrices are smaller, there are no zeros to keep) and ``overall_sparsity`` is the
+fraction of decoder-block parameters removed. Such records are written as ``format_version`` 2 too, so older readers
+refuse them rather than take a smaller model for a dense one.
 
 Masks are the exact zeros of the listed modules' weights: :func:`get_masks` restores them without calibration.
 ``config.json`` is untrusted input, so :meth:`SparsityRecord.from_dict` validates every field (with
@@ -47,6 +53,7 @@ from torch import nn
 from .calibration.descriptors import check_descriptor, sha256_hex
 from .config.sparsity import pattern_name, registered_method
 from .config.validation import check_value, to_json_dict, validate_dataclass, validate_mapping
+from .engine.devices import readable_weight
 from .masks import SparsityPattern, is_valid_n_m
 from .methods import get_method_class
 
@@ -64,11 +71,20 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
 def _module_sparsities(name: str, value: Any) -> Any:
-    if not isinstance(value, dict) or not value:
+    # Empty only for a structurally pruned model (checked in SparsityRecord.__post_init__, which sees "structure").
+    if not isinstance(value, dict):
         raise ValueError(f"{name} must be a non-empty object of module name -> sparsity, got {value!r}")
     for module, sparsity in value.items():
         check_value(f"{name}[{module!r}]", sparsity, float, {"range": "[0, 1]"})
     return {module: float(sparsity) for module, sparsity in value.items()}
+
+
+def _structure(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    from .surgery.structure import validate_structure  # surgery imports the architectures, not the record
+
+    return validate_structure(value)
 
 
 def _descriptor(name: str, value: Any) -> Any:
@@ -200,16 +216,21 @@ class SparsityRecord:
     storage: dict[str, Any] | None = field(default=None, metadata={"help": "How a compact checkpoint stores the "
                                                                           "weights; absent = dense.",
                                                                   "check": _storage})
+    structure: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Shapes after structured pruning: original dimensions, kept heads/channels per block, removed blocks "
+                "(hf_sparse.surgery.structure).", "check": _structure})
 
     # Optional keys are written only when set, so records of plain pruning keep their exact shape.
-    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "storage")
+    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "storage", "structure")
 
     def __post_init__(self):
         validate_dataclass(self, prefix=_PREFIX)
+        if not self.modules and self.structure is None:
+            raise ValueError(f"{_PREFIX}modules must be a non-empty object of module name -> sparsity, got {{}}")
 
     @property
     def format_version(self) -> int:
-        return MULTI_PASS_FORMAT_VERSION if self.passes else FORMAT_VERSION
+        return MULTI_PASS_FORMAT_VERSION if self.passes or self.structure is not None else FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": self.format_version,
@@ -234,8 +255,8 @@ class SparsityRecord:
             if values.get(key) is None:
                 values.pop(key, None)
         record = cls(**validate_mapping(values, cls, _PREFIX))
-        if (version == MULTI_PASS_FORMAT_VERSION) != bool(record.passes):
-            raise ValueError(f"{RECORD_KEY}.passes must be present exactly when format_version is "
+        if (version == MULTI_PASS_FORMAT_VERSION) != bool(record.passes or record.structure is not None):
+            raise ValueError(f"{RECORD_KEY}.passes or structure must be present exactly when format_version is "
                              f"{MULTI_PASS_FORMAT_VERSION}, got format_version {version!r}")
         options_class = get_method_class(record.method).options_class
         try:
@@ -274,7 +295,7 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
         method_options=new.method_options, calibration=new.calibration,
         base_model=previous.base_model if keep_base else new.base_model,
         base_model_sha256=previous.base_model_sha256 if keep_base else new.base_model_sha256,
-        recovery=previous.recovery, passes=passes,
+        recovery=previous.recovery, passes=passes, structure=previous.structure,
     )
 
 
@@ -308,7 +329,8 @@ def overall_sparsity(model: nn.Module, module_names) -> float:
 def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
     """Keep-masks (``True`` = kept) of every module in the model's sparsity record, read from its exact zeros.
 
-    No calibration is run: a pruned checkpoint carries its masks as the zeros of its weights. With ``strict``,
+    No calibration is run: a pruned checkpoint carries its masks as the zeros of its weights. A structurally pruned
+    model lists no modules (its matrices are smaller, every remaining weight is free): the result is empty. With ``strict``,
     a module whose zero count no longer matches the record (weights changed by dense training), or whose zeros do
     not follow the N:M pattern the record claims for it, raises.
 
@@ -325,7 +347,8 @@ def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
         module = modules.get(name)
         if module is None or not hasattr(module, "weight"):
             raise ValueError(f"{RECORD_KEY} names module {name!r}, which this model does not have")
-        mask = module.weight.detach() != 0
+        with readable_weight(module, torch.device("cpu")) as weight:  # offloaded weights are read from their store
+            mask = weight.detach() != 0
         achieved = 1.0 - mask.sum().item() / mask.numel()
         # The record keeps 6 significant digits at most after JSON round trips; compare with a tolerance of one weight.
         if strict and not math.isclose(achieved, expected, abs_tol=1.0 / mask.numel() + 1e-9):

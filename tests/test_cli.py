@@ -332,8 +332,6 @@ def test_eval_loads_a_real_gguf_file(gguf_dir, capsys):
     assert float(table["perplexity"]) == pytest.approx(expected, abs=0.006)
 
 
-@pytest.mark.xfail(reason="saving a GGUF-loaded model as safetensors is the library's part (issue 13 item 1, "
-                          "helper `testbed`); remove this mark once it is merged", strict=False)
 def test_prune_saves_a_gguf_loaded_model(gguf_dir, tmp_path):
     output = tmp_path / "pruned"
     assert run(["prune", gguf_dir, "--gguf-file", "tiny.gguf", "--method", "magnitude", "--pattern", "2:4",

@@ -105,3 +105,127 @@ def test_token_ids_are_cut_to_the_configured_shape_and_the_callers_rng_is_untouc
                                                         sequence_length=16), show_progress=False)
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offloaded blocks: pruned values must reach the offload store, or forward passes and saving see the dense weights.
+
+OFFLOAD_QUICK_FISTA = {"iterations": 3, "rounds": 1, "refit_iterations": 2}
+
+
+def _offload_device_map(n_layers: int, offloaded: range, where: str = "disk") -> dict[str, str]:
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": where if i in offloaded else "cpu" for i in range(n_layers)})
+    return device_map
+
+
+def _file_digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("method, options", [("magnitude", {}), ("sparsegpt", {}), ("fista", OFFLOAD_QUICK_FISTA)])
+@pytest.mark.parametrize("offload_folder", [True, False])
+def test_disk_offloaded_blocks_are_pruned_saved_and_masked(tmp_path, method, options, offload_folder):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = tmp_path / "dense"
+    tiny_llama(num_hidden_layers=4).save_pretrained(checkpoint)
+    checkpoint_digest = _file_digest(checkpoint / "model.safetensors")
+    cfg = dict(method=method, pattern="2:4", calibration=_ids(), num_samples=4, sequence_length=16, batch_size=2,
+               method_options=options)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, sparsity_config=hf_sparse.SparsityConfig(**cfg))
+    reference.save_pretrained(tmp_path / "reference")
+
+    # Blocks 2 and 3 on disk: with an offload folder, or read in place from the checkpoint file without one.
+    extra = {"offload_folder": str(tmp_path / "offload")} if offload_folder else {}
+    offloaded = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=_offload_device_map(4, range(2, 4)),
+                                                     sparsity_config=hf_sparse.SparsityConfig(**cfg), **extra)
+    assert offloaded.model.layers[3].mlp.up_proj.weight.device.type == "meta"  # really offloaded
+    offloaded.save_pretrained(tmp_path / "offloaded")
+
+    expected, saved = load_file(tmp_path / "reference" / "model.safetensors"), \
+        load_file(tmp_path / "offloaded" / "model.safetensors")
+    assert saved.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(saved[key], value), key
+    assert (saved["model.layers.3.mlp.up_proj.weight"] == 0).float().mean().item() == 0.5
+    masks, expected_masks = hf_sparse.get_masks(offloaded), hf_sparse.get_masks(reference)
+    assert masks.keys() == expected_masks.keys()
+    assert all(torch.equal(masks[name], expected_masks[name]) for name in masks)
+    ids = _ids(1, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(offloaded(ids).logits, reference(ids).logits)
+    assert _file_digest(checkpoint / "model.safetensors") == checkpoint_digest  # the checkpoint itself is untouched
+
+
+def test_cpu_offload_as_dispatched_for_an_accelerator_prunes_the_store():
+    """What ``dispatch_model`` builds for ``device_map`` blocks on "cpu" when a GPU computes: the blocks' weights in
+    an OffloadedWeightsLoader's CPU state dict, onloaded to the execution device (the CPU here) before each forward."""
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+    from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict
+
+    cfg = hf_sparse.SparsityConfig(method="fista", pattern="2:4", calibration=_ids(), num_samples=4,
+                                   sequence_length=16, batch_size=2, method_options=OFFLOAD_QUICK_FISTA)
+    reference = tiny_llama()
+    hf_sparse.prune(reference, cfg, show_progress=False)
+
+    model = tiny_llama()
+    blocks = [f"model.layers.{i}" for i in range(2)]
+    store = OffloadedWeightsLoader(state_dict=extract_submodules_state_dict(model.state_dict(), blocks))
+    top_level = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"]
+    attach_align_device_hook_on_blocks(model, execution_device={name: "cpu" for name in top_level + blocks},
+                                       offload={**dict.fromkeys(top_level, False), **dict.fromkeys(blocks, True)},
+                                       weights_map=store)
+    assert model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    hf_sparse.prune(model, cfg, show_progress=False)
+    for key, value in store.state_dict.items():
+        assert torch.equal(value, reference.state_dict()[key]), key
+    ids = _ids(1, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    masks = hf_sparse.get_masks(model)
+    assert all(torch.equal(mask, reference.get_submodule(name).weight != 0) for name, mask in masks.items())
+
+
+def test_write_parameter_takes_a_new_shape_in_the_module_and_in_the_offload_store():
+    from accelerate import cpu_offload
+
+    from hf_sparse.engine.devices import readable_weight, write_parameter
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    write_parameter(plain[0], "weight", torch.ones(3, 2))
+    assert plain[0].weight.shape == (3, 2) and plain[0].weight.requires_grad
+
+    offloaded = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    write_parameter(offloaded[0], "weight", torch.full((3, 2), 2.0))
+    with readable_weight(offloaded[0], torch.device("cpu")) as weight:
+        assert torch.equal(weight, torch.full((3, 2), 2.0))
+    with torch.no_grad():
+        output = offloaded(torch.ones(1, 2))  # the new shape computes: (1, 2) @ (2, 3) + bias
+    torch.testing.assert_close(output, 4.0 + offloaded[0]._hf_hook.weights_map["bias"].unsqueeze(0))
+
+
+@pytest.mark.parametrize("method, options", [("sparsegpt", {}), ("fista", OFFLOAD_QUICK_FISTA)])
+def test_pruning_does_not_depend_on_the_thread_count(method, options):
+    """One block with operators as wide as the shared model's, pruned with 1 and with 2 torch threads: the same
+    weights, bit for bit (the statistics, the Cholesky factorisations and the updates all reduce in an order that
+    does not depend on the thread count on this CPU backend; see the README's determinism note)."""
+    ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(2))
+    cfg = hf_sparse.SparsityConfig(method=method, pattern="2:4", calibration=ids, num_samples=8, sequence_length=64,
+                                   batch_size=4, method_options=options)
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model = tiny_llama(hidden_size=256, intermediate_size=768, num_hidden_layers=1)
+            hf_sparse.prune(model, cfg, show_progress=False)
+            weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    finally:
+        torch.set_num_threads(before)
+    for key, value in weights[0].items():
+        assert torch.equal(weights[1][key], value), key

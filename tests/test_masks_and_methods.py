@@ -77,6 +77,29 @@ def test_n_m_selection_is_valid(n, m):
     assert (kept.masked_fill(~groups, float("inf")).min(-1).values >= kept.masked_fill(groups, -1).max(-1).values).all()
 
 
+def _n_m_by_stable_argsort(scores, n, m):
+    """The former select_n_m: a stable argsort inside every group, the m - n first positions pruned."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.argsort(groups, dim=-1, stable=True)
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, order[..., : m - n], False)
+    return mask.reshape(rows, cols)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (1, 2), (4, 8), (2, 8), (7, 8), (8, 16)])
+def test_n_m_selection_equals_stable_argsort_with_ties(n, m):
+    generator = torch.Generator().manual_seed(n * 100 + m)
+    # Few distinct values: most groups hold ties, which the earliest-first rule must break as a stable sort does.
+    scores = torch.randint(0, 3, (37, 12 * m), generator=generator).float()
+    assert torch.equal(select_n_m(scores, n, m), _n_m_by_stable_argsort(scores, n, m))
+    scores[0, :m] = torch.tensor([-0.0, 0.0] * (m // 2))  # signed zeros compare equal
+    scores[1, :m] = float("inf")
+    assert torch.equal(select_n_m(scores, n, m), _n_m_by_stable_argsort(scores, n, m))
+    scores[2, 1] = float("nan")  # sorted last, as the largest score
+    assert torch.equal(select_n_m(scores, n, m), _n_m_by_stable_argsort(scores, n, m))
+
+
 def test_n_m_needs_divisible_inputs():
     with pytest.raises(ValueError, match=r"2:4 pattern needs the input dimension to be a multiple of 4, got 6"):
         select_n_m(torch.rand(2, 6), 2, 4)

@@ -23,7 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--method", default="wanda", help="registered method (see `hf-sparse methods`; default wanda)")
     what.add_argument("--sparsity", type=float, default=None,
                       help="fraction of weights removed per module, in [0, 1) (default 0.5, or 1-N/M for N:M)")
-    what.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4 (default unstructured)")
+    what.add_argument("--pattern", default="unstructured",
+                      help="'unstructured', N:M such as 2:4, or 'structured' (flap, shortgpt, sleb remove whole "
+                           "heads, channels or blocks; --sparsity is then the fraction of decoder-block parameters) "
+                           "(default unstructured)")
     add_selection_arguments(what)
     add_calibration_arguments(parser)
     run = parser.add_argument_group("execution")
@@ -105,7 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("method", f"{config.method} ({config.pattern}, target sparsity {config.sparsity:.4f})"),
         ("dense perplexity", fmt(dense_ppl)),
         ("pruned perplexity", fmt(pruned_ppl)),
-        ("achieved sparsity", f"{record.overall_sparsity:.4f} over {len(record.modules)} modules"),
+        ("achieved sparsity", f"{record.overall_sparsity:.4f} of the decoder-block parameters (structured)"
+         if record.structure is not None else f"{record.overall_sparsity:.4f} over {len(record.modules)} modules"),
         ("prune wall time", f"{prune_seconds:.1f} s ({torch.get_num_threads()} threads)"),
         ("peak RSS", format_bytes(peak_rss)),
         ("peak CUDA memory", format_bytes(peak_cuda)),

@@ -68,7 +68,9 @@ class SparsityConfig(QuantizationConfigMixin):
         metadata={"help": "Fraction of weights to remove in each pruned module, in [0, 1). Defaults to 0.5, or to "
                           "1 - N/M for an N:M pattern.", "range": "[0, 1)", "none_is_default": True},
     )
-    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'.", "check": pattern_name})
+    pattern: str = field(default="unstructured", metadata={
+        "help": "'unstructured', 'N:M' such as '2:4', '4:8', or 'structured' (whole heads/channels/blocks removed; "
+                "sparsity = fraction of decoder-block parameters).", "check": pattern_name})
     include: list[str] | None = field(
         default=None,
         metadata={"help": "Regular expressions (re.search) on full module names; only matching linears inside the "

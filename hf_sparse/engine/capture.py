@@ -3,13 +3,14 @@ block on them (with its own weights or, for one call, substitutes such as the de
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .devices import input_device
+from .devices import input_device, offloaded_weights_replaced
 
 
 class StopForward(Exception):
@@ -27,16 +28,26 @@ class BlockInputs:
 
     hidden_states: list[torch.Tensor]  # each (batch, seq, hidden)
     extra_args: list[tuple]  # positional arguments after hidden_states
-    kwargs: list[dict]  # attention mask, rotary embeddings, ... (identical in every block)
+    kwargs: list[dict]  # attention mask, rotary embeddings, ... of the block these inputs are for
+    # Every block's own keyword inputs, when the model does not give all blocks the same ones (sliding-window and
+    # full-attention layers with their own masks and rotary embeddings: Gemma 2/3, Qwen with sliding windows);
+    # None when they are alike, and ``kwargs`` then serves every block.
+    block_kwargs: list[list[dict]] | None = None
 
     def with_hidden_states(self, hidden_states: list[torch.Tensor]) -> BlockInputs:
-        return BlockInputs(hidden_states, self.extra_args, self.kwargs)
+        return dataclasses.replace(self, hidden_states=hidden_states)
+
+    def for_block(self, index: int) -> BlockInputs:
+        """These inputs with block ``index``'s own keyword inputs."""
+        return self if self.block_kwargs is None else dataclasses.replace(self, kwargs=self.block_kwargs[index])
 
     def to(self, device: torch.device) -> BlockInputs:
+        # Only the current block's keyword inputs move; the other blocks' move when their turn comes.
         return BlockInputs(
             [h.to(device) for h in self.hidden_states],
             [tuple(to_device(a, device) for a in args) for args in self.extra_args],
             [{k: to_device(v, device) for k, v in kw.items()} for kw in self.kwargs],
+            self.block_kwargs,
         )
 
     def batches(self) -> Iterator[BlockInputs]:
@@ -62,29 +73,66 @@ def _first_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _blocks_get_different_inputs(model: nn.Module, num_blocks: int) -> bool:
+    """Whether the model hands its blocks different masks/rotary embeddings: it declares per-layer attention types
+    (``config.layer_types``, e.g. sliding-window and full attention) and they are not all the same."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None)
+    return bool(layer_types) and len(set(layer_types[:num_blocks])) > 1
+
+
+def _block_kwargs(kwargs: dict, device: torch.device) -> dict:
+    kwargs = {k: to_device(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    return kwargs
+
+
+def _pass_through(*args, **kwargs):
+    """A block's forward during input capture: hand the hidden states on without computing anything."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, batch_size: int,
-                         device: torch.device) -> BlockInputs:
+                         device: torch.device, blocks: list[nn.Module] | None = None) -> BlockInputs:
     """Run the model up to its first decoder block on every calibration batch and keep what the block receives.
+
+    Given all ``blocks``, and when the model gives them different keyword inputs (see
+    :func:`_blocks_get_different_inputs`), each block's own are kept too (``BlockInputs.block_kwargs``): the
+    forward then runs through every block with the blocks computing nothing, which costs about an embedding lookup.
 
     >>> inputs = capture_block_inputs(model, model.model.layers[0], ids, 8, torch.device("cpu"))  # doctest: +SKIP
     """
     captured = BlockInputs([], [], [])
+    per_block = blocks is not None and len(blocks) > 1 and _blocks_get_different_inputs(model, len(blocks))
+    watched = list(blocks) if per_block else [first_block]
+    if per_block:
+        captured.block_kwargs = [[] for _ in watched]
 
-    def catch(_module, args, kwargs):
-        if args:
-            hidden, extra = args[0], tuple(args[1:])
-        else:
-            kwargs = dict(kwargs)
-            hidden, extra = kwargs.pop("hidden_states"), ()
-        captured.hidden_states.append(hidden.detach().to(device))
-        captured.extra_args.append(tuple(to_device(a, device) for a in extra))
-        kwargs = {k: to_device(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
-        captured.kwargs.append(kwargs)
-        raise StopForward
+    def catch_for(index: int):
+        def catch(_module, args, kwargs):
+            if args:
+                hidden, extra = args[0], tuple(args[1:])
+            else:
+                kwargs = dict(kwargs)
+                hidden, extra = kwargs.pop("hidden_states"), ()
+            if index == 0:
+                captured.hidden_states.append(hidden.detach().to(device))
+                captured.extra_args.append(tuple(to_device(a, device) for a in extra))
+                captured.kwargs.append(_block_kwargs(kwargs, device))
+            if per_block:
+                # The later blocks' stay where the model made them; BlockInputs.to moves them when their turn comes.
+                own = captured.kwargs[-1] if index == 0 else _block_kwargs(kwargs, hidden.device)
+                captured.block_kwargs[index].append(own)
+            if index == len(watched) - 1:
+                raise StopForward
+        return catch
 
     embedding_device = input_device(model)
-    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    handles = [block.register_forward_pre_hook(catch_for(i), with_kwargs=True) for i, block in enumerate(watched)]
+    # An instance-level forward (accelerate's hooks put one there) is put back exactly as it was.
+    own_forwards = [block.__dict__.get("forward") for block in watched[:-1]]
+    for block in watched[:-1]:
+        block.forward = _pass_through
     try:
         with torch.no_grad():
             for batch in input_ids.split(batch_size):
@@ -93,7 +141,13 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: to
                 except StopForward:
                     pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for block, forward in zip(watched[:-1], own_forwards):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     return captured
 
 
@@ -106,7 +160,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, weights: dict[str, torch.Te
     >>> outputs = run_block(model.model.layers[0], inputs)  # doctest: +SKIP
     """
     outputs = []
-    with torch.no_grad():
+    with torch.no_grad(), offloaded_weights_replaced(block, weights) as weights:
         for hidden, extra, kwargs in zip(inputs.hidden_states, inputs.extra_args, inputs.kwargs):
             try:
                 if weights:

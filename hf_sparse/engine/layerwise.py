@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..masks import SparsityPattern
 from .capture import BlockInputs
-from .devices import check_device_available, readable_weight, weight_copy, write_weight
+from .devices import check_device_available, execution_device, readable_weight, weight_copy, write_weight
 from .pipelines import Pipeline, infer_pipeline
 from .planning import PruningPlan, PruningTarget, TargetSparsity, plan_targets
 from .statistics import (
@@ -123,12 +123,15 @@ class LayerwiseEngine:
                       device: torch.device) -> tuple[int, int]:
         with readable_weight(target.module, device) as weight:
             original_dtype = weight.dtype
-            new_weight, mask = self.method.prune_weight(
-                weight.to(device, torch.float32).clone(), stats, self.pattern, target.sparsity
-            )
-            final = (new_weight * mask).to(original_dtype)
+            work = weight.to(device, torch.float32)
+            if work is weight:  # already float32 on the device: the method still gets a copy of its own
+                work = work.clone()
+            new_weight, mask = self.method.prune_weight(work, stats, self.pattern, target.sparsity)
+            # Methods without a weight update hand back the engine's own copy: mask it in place rather than allocate
+            # another full matrix (on a 135M model the copies cost as much as the N:M selection itself).
+            final = (new_weight.mul_(mask) if new_weight is work else new_weight * mask).to(original_dtype)
             write_weight(target.module, final)
-        return int((final == 0).sum().item()), final.numel()
+        return final.numel() - int(torch.count_nonzero(final)), final.numel()
 
     # -- per block ----------------------------------------------------------------------------------------------
     def prune_block(self, block: nn.Module, groups: list[list[PruningTarget]], inputs: BlockInputs | None,
@@ -165,7 +168,9 @@ class LayerwiseEngine:
         if not (self.method.propagate_dense or needs_dense_block(self.method.statistics)):
             return None
         modules = {id(t.module) for t in targets}
-        return {f"{rel}.weight": weight_copy(module) for rel, module in block.named_modules() if id(module) in modules}
+        device = execution_device(block, self.device)
+        return {f"{rel}.weight": weight_copy(module, device)
+                for rel, module in block.named_modules() if id(module) in modules}
 
     # -- whole model --------------------------------------------------------------------------------------------
     def run(self, model: nn.Module, calibration_ids: torch.Tensor | None, batch_size: int = 8) -> EngineResult:

@@ -54,7 +54,8 @@ class Pipeline(ABC):
         first = plan.blocks[0].block
         device = execution_device(first, self.engine.device)
         with block_on_device(first, device):
-            return capture_block_inputs(model, first, calibration_ids, batch_size, device)
+            return capture_block_inputs(model, first, calibration_ids, batch_size, device,
+                                        blocks=[block_plan.block for block_plan in plan.blocks])
 
 
 #: Every pipeline, by name.
@@ -120,7 +121,7 @@ class SequentialPipeline(Pipeline):
         for block_plan in plan.blocks[: last + 1]:
             block, index = block_plan.block, block_plan.index
             device = execution_device(block, engine.device)
-            inputs = inputs.to(device)
+            inputs = inputs.for_block(index).to(device)
             with block_on_device(block, device):
                 if owned is not None and index not in owned:
                     # Left to another process; still dense here, so running it gives the next block's dense inputs.
@@ -178,7 +179,7 @@ class ThreadedPipeline(Pipeline):
         per_block_inputs = []
         for block_plan in plan.blocks:
             device = execution_device(block_plan.block, engine.device)
-            inputs = inputs.to(device)
+            inputs = inputs.for_block(block_plan.index).to(device)
             per_block_inputs.append(inputs)
             with block_on_device(block_plan.block, device):
                 inputs = inputs.with_hidden_states(run_block(block_plan.block, inputs))

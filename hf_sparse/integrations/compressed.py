@@ -36,7 +36,7 @@ from ..formats.compact import (
     quantization_config_entry,
 )
 from ..record import RECORD_KEY, read_record, write_record
-from .transformers import _register, remove_quantization_state
+from .transformers import register_under, remove_quantization_state
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class CompactStorageQuantizer(HfQuantizer):
         return True
 
 
-_register(STORAGE_FORMAT, CompactStorageConfig, CompactStorageQuantizer)
+register_under(STORAGE_FORMAT, CompactStorageConfig, CompactStorageQuantizer)
 
 
 def save_compressed(model: PreTrainedModel, save_directory: str | os.PathLike, *args,

@@ -29,10 +29,12 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
+from ..architectures import get_architecture
 from ..masks import SparsityPattern
 from ..methods import METHODS
 from ..record import RECORD_KEY, SparsityRecord, read_record, write_record
 from ..saving import check_destination, save_checkpoint
+from ..surgery import shape_rows, shape_summary
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +213,8 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     method_class = METHODS.get(record.method)  # the record names a registered method (checked when it was read)
     method = _text(method_class.display_name if method_class else record.method)
     paper = method_class.paper if method_class else None
-    pattern_tag = f"{pattern}-sparsity" if pattern.is_n_m else "unstructured-sparsity"
+    pattern_tag = f"{pattern}-sparsity" if pattern.is_n_m else (
+        "structured-pruning" if pattern.is_structured else "unstructured-sparsity")
     card_tags = ["hf_sparse", "sparse", "pruned", record.method, pattern_tag]
     if record.recovery:
         card_tags.append("lora-recovery")
@@ -222,9 +225,16 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     )
     if license is None:
         logger.warning("the model card has no license: pass license=... (the base model's license usually applies)")
-    rows = sparsity_by_module_type(model, record)
-    pruned_parameters = sum(row["weights"] for row in rows)
-    overall = sum(row["sparsity"] * row["weights"] for row in rows) / pruned_parameters
+    if record.structure is not None and not record.modules:
+        # Structured: the matrices are smaller, so the rows are block shapes rather than zeros per module type.
+        rows = shape_rows(get_architecture(model), model, record.structure)
+        pruned_parameters, overall = record.structure["original"]["block_parameters"], record.overall_sparsity
+    else:
+        rows = sparsity_by_module_type(model, record)
+        pruned_parameters = sum(row["weights"] for row in rows)
+        overall = sum(row["sparsity"] * row["weights"] for row in rows) / pruned_parameters
+    amount = (f"{record.target_sparsity:.0%} of its decoder-block parameters removed (structured)"
+              if pattern.is_structured else f"{record.target_sparsity:.0%} unstructured sparsity")
     stage_labels = {
         "dense": f"dense ({_text(_short_name(base))})" if base else "dense (base model)",
         "pruned": f"pruned ({_text(method)}, {pattern})",
@@ -239,7 +249,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         if base else f"{method} {pattern} pruned model")
     recovered = " and recovered with sparsity-keeping LoRA" if record.recovery else ""
     summary = (f"{base_text or 'A causal language model'} pruned with {method} to "
-               f"{'the ' + str(pattern) + ' pattern' if pattern.is_n_m else f'{record.target_sparsity:.0%} unstructured sparsity'}"
+               f"{'the ' + str(pattern) + ' pattern' if pattern.is_n_m else amount}"
                f"{recovered}, using hf_sparse.")
     card = ModelCard.from_template(
         data, template_str=_template_text(template_path),
@@ -249,7 +259,9 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         method_display=f"{method} ({_literal(record.method)}" + (
             f", options {_literal(json.dumps(record.method_options))})" if record.method_options else ")"),
         paper_display=f"[{paper.citation}]({paper.url})" if paper else "",
-        pattern_display=f"{pattern} (N:M semi-structured)" if pattern.is_n_m else "unstructured",
+        pattern_display=f"{pattern} (N:M semi-structured)" if pattern.is_n_m else (
+            "structured (whole heads, MLP channels or blocks removed)" if pattern.is_structured else "unstructured"),
+        structure_display=shape_summary(record.structure) if record.structure is not None else "",
         pattern_is_n_m=pattern.is_n_m, pattern_n=pattern.n, pattern_m=pattern.m,
         target_sparsity=record.target_sparsity, overall_sparsity=overall,
         pruned_parameters=f"{pruned_parameters:,}", num_modules=len(record.modules),

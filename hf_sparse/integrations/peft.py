@@ -250,9 +250,13 @@ def get_sparse_peft_model(model: nn.Module, peft_config: LoraConfig | HiraConfig
     >>> merged = peft_model.merge_and_unload()  # same zeros, same N:M groups  # doctest: +SKIP
     """
     _check_mode(mode)
-    if read_record(unwrap_model(model)) is None:
+    record = read_record(unwrap_model(model))
+    if record is None:
         raise ValueError("this model has no sparsity_config record (it was not pruned by hf_sparse); use "
                          "peft.get_peft_model directly, or prune it first with hf_sparse.prune")
+    if record.structure is not None and not record.modules:
+        # Structurally pruned only: smaller matrices, no zeros to keep, so plain LoRA is exactly right.
+        return get_peft_model(model, peft_config, adapter_name=adapter_name, **kwargs)
     _warn_if_kbit_prepared(model)
     if isinstance(peft_config, HiraConfig):
         # HiRA's update is W ⊙ (B A): zero stays zero without any mask.

@@ -33,6 +33,9 @@ from ..api import prune
 from ..calibration import check_fits_model, check_source, is_token_source, tokenizer_for
 from ..config import QUANT_METHOD, SparsityConfig
 from ..engine import check_device_available, plan_targets
+from ..record import read_record
+from ..surgery import mark_for_loading
+from .gguf import from_pretrained_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,16 @@ class HfSparseQuantizer(HfQuantizer):
             return model
         # The model is still an empty (meta) skeleton: its layout and shapes are known, its weights are not loaded.
         config = self.quantization_config
+        # A structured checkpoint pruned again (say wanda on a FLAP model): first give the skeleton its smaller shapes.
+        from .structured import shape_for_record
+
+        shape_for_record(model)
+        if config.parsed_pattern.is_structured:
+            # Structured methods need the architecture's coupled structures: unsupported ones raise here.
+            from ..methods.structured import check_structures
+
+            check_structures(model, config.method)
+            return model
         # Unsupported architecture, include/exclude matching nothing, N:M not tiling a layer: all raise here.
         plan_targets(model, config.include, config.exclude, config.parsed_pattern, lambda _: config.sparsity)
         if config.needs_calibration:
@@ -121,6 +134,9 @@ class HfSparseQuantizer(HfQuantizer):
         else:
             prune(model, config, tokenizer=config.tokenizer or self._tokenizer)
         remove_quantization_state(model)
+        # A structured result whose blocks differ keeps the marker that makes it load only through hf_sparse.
+        record = read_record(model)
+        mark_for_loading(model, record.structure if record is not None else None)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -160,12 +176,12 @@ def remove_quantization_state(model: PreTrainedModel) -> None:
                     delattr(cfg, attribute)
 
 
-def _register(quant_method: str = QUANT_METHOD, config_cls: type = SparsityConfig,
-              quantizer_cls: type = HfSparseQuantizer) -> None:
-    """Register a config and its quantizer (by default ``"hf_sparse"``); a second import (or a reload) is a no-op."""
+def register_under(quant_method: str, config_class: type, quantizer_class: type) -> None:
+    """Register ``config_class`` and ``quantizer_class`` with transformers under ``quant_method``; a second import (or
+    a reload) is a no-op, another library's class under that name raises."""
     for mapping, cls, register in (
-        (AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls, register_quantization_config),
-        (AUTO_QUANTIZER_MAPPING, quantizer_cls, register_quantizer),
+        (AUTO_QUANTIZATION_CONFIG_MAPPING, config_class, register_quantization_config),
+        (AUTO_QUANTIZER_MAPPING, quantizer_class, register_quantizer),
     ):
         existing = mapping.get(quant_method)
         if existing is None:
@@ -177,6 +193,11 @@ def _register(quant_method: str = QUANT_METHOD, config_cls: type = SparsityConfi
                     f"{quant_method!r}; hf_sparse needs that name for {cls.__qualname__}"
                 )
             mapping[quant_method] = cls  # the same class from a reloaded module: use the fresh one
+
+
+def _register() -> None:
+    """Register the config and the quantizer under ``"hf_sparse"``."""
+    register_under(QUANT_METHOD, SparsityConfig, HfSparseQuantizer)
 
 
 _register()
@@ -237,6 +258,8 @@ def _wrap(original: classmethod) -> classmethod:
 
     @functools.wraps(function)
     def from_pretrained(cls, *args, **kwargs):
+        if kwargs.get("gguf_file"):  # transformers loads GGUF through its own quantizer: prune after the load
+            return from_pretrained_gguf(functools.partial(function, cls), *args, **kwargs)
         kwargs = _move_sparsity_kwarg(kwargs)
         with _explicit_config(kwargs):
             return function(cls, *args, **kwargs)
@@ -297,8 +320,11 @@ class AutoSparseModelForCausalLM:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args,
                         sparsity_config: SparsityConfig | dict | None = None, **kwargs) -> PreTrainedModel:
         """Load ``pretrained_model_name_or_path`` and, given a ``sparsity_config``, prune it as it loads."""
-        kwargs = _move_sparsity_kwarg(kwargs, sparsity_config)
-        # Call the unwrapped function: the keyword is already converted, and this must not depend on the hook.
+        # Call the unwrapped function: the keyword is converted here, and this must not depend on the hook.
         original = _ORIGINALS.get(AutoModelForCausalLM, AutoModelForCausalLM.__dict__["from_pretrained"]).__func__
+        if kwargs.get("gguf_file"):
+            return from_pretrained_gguf(functools.partial(original, AutoModelForCausalLM), pretrained_model_name_or_path,
+                                        *model_args, sparsity_config=sparsity_config, **kwargs)
+        kwargs = _move_sparsity_kwarg(kwargs, sparsity_config)
         with _explicit_config(kwargs):
             return original(AutoModelForCausalLM, pretrained_model_name_or_path, *model_args, **kwargs)

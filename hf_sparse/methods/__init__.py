@@ -4,6 +4,7 @@ from .base import (METHODS, LinearStatistics, MethodOptions, PaperReference, Pru
                    get_method_class, register_method)
 from . import magnitude, sparsegpt, wanda  # noqa: F401  (registration)
 from . import fista  # noqa: F401  (registration)
+from . import flap, shortgpt, sleb  # noqa: F401  (registration: structured methods)
 
 __all__ = ["METHODS", "LinearStatistics", "MethodOptions", "PaperReference", "PruningMethod", "build_method",
            "get_method_class", "register_method"]

@@ -1,0 +1,246 @@
+"""Benchmark structured pruning (FLAP, ShortGPT, SLEB): quality, speed against the ideal, checkpoint size, memory.
+
+Part 1, per method x sparsity (fraction of decoder-block parameters removed), each in a fresh subprocess (so its peak
+RSS is its own): prune with ``from_pretrained(..., sparsity_config=...)`` (32 windows of 256 tokens, seed 0, from
+``calibration.txt``), perplexity over the first ``--eval-windows`` non-overlapping 256-token windows of
+``wikitext2-test.txt``, the achieved fraction, wall seconds, peak RSS, and the saved checkpoint's bytes.
+
+Part 2, side by side in one process: CPU prefill tokens/s (one ``--prompt-tokens`` prompt) and decode tokens/s
+(``--decode-tokens`` greedy tokens with the KV cache) of the dense model and of each ``--speed-sparsity`` model, in
+interleaved rounds (median), next to the ideal speed-up = dense FLOPs / pruned FLOPs (every linear of the blocks,
+``lm_head`` and the attention products; the embedding lookup costs no FLOPs).
+
+Part 3 (``--memory-depths``): peak RSS minus weight bytes while FLAP prunes random Llamas of one width and growing
+depth: flat when only one block's activations are alive.
+
+    python examples/benchmark_structured.py                                  # the 7M model, everything
+    python examples/benchmark_structured.py --model /work/notes/smollm2-f32 --eval-windows 64 --methods flap,shortgpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
+RESULT_PREFIX = "BENCHMARK-RESULT "
+MB = 1024 * 1024
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers (one subprocess each)
+
+
+def worker(job: dict) -> dict:
+    import torch
+    import transformers
+
+    import hf_sparse
+
+    torch.manual_seed(0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(job["model"])
+    start = time.perf_counter()
+    if job["method"] == "dense":
+        model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+        fraction = 0.0
+    else:
+        cfg = hf_sparse.SparsityConfig(method=job["method"], pattern="structured", sparsity=job["sparsity"],
+                                       calibration=job["calibration"], num_samples=job["num_samples"],
+                                       sequence_length=job["sequence_length"], seed=0, tokenizer=tokenizer)
+        model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32,
+                                                                  sparsity_config=cfg)
+        fraction = hf_sparse.read_record(model).overall_sparsity
+    seconds = time.perf_counter() - start
+    peak = peak_rss_bytes()
+    text = Path(job["eval"]).read_text()
+    ppl = hf_sparse.evaluation.perplexity(model, tokenizer, text, sequence_length=256, max_windows=job["windows"],
+                                          show_progress=False)
+    out = Path(job["output"])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"method": job["method"], "sparsity": job["sparsity"], "achieved": fraction, "perplexity": ppl,
+            "seconds": seconds, "peak_rss": peak, "bytes": checkpoint_bytes(out), "output": str(out)}
+
+
+def memory_worker(job: dict) -> dict:
+    import torch
+    import transformers
+
+    import hf_sparse
+
+    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8,
+                                      num_key_value_heads=4, num_hidden_layers=job["depth"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, 4096, (16, 256), generator=torch.Generator().manual_seed(0))
+    before = peak_rss_bytes()
+    hf_sparse.prune(model, hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.3,
+                                                    calibration=ids, num_samples=16, sequence_length=256),
+                    show_progress=False)
+    return {"depth": job["depth"], "weights": weights, "peak_rss": peak_rss_bytes(), "before": before}
+
+
+def run_worker(job: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise RuntimeError(f"worker {job} failed:\n{done.stderr[-4000:]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed
+
+
+def flops(model, tokens: int, context: int) -> float:
+    """FLOPs of ``tokens`` new tokens each attending to ``context`` earlier positions on average: 2 per weight of
+    every block linear and lm_head per token, plus QKᵀ and AV (2·2·context·heads·head_dim per token and block)."""
+    from torch import nn
+
+    from hf_sparse.architectures import get_architecture
+    from hf_sparse.surgery import block_shape
+
+    adapter = get_architecture(model)
+    linear = sum(m.weight.numel() for m in adapter.blocks(model).modules() if isinstance(m, nn.Linear))
+    linear += model.get_output_embeddings().weight.numel()
+    attention = sum(4 * context * s.attention_heads * s.head_dim
+                    for s in (block_shape(adapter, b) for b in adapter.blocks(model)))
+    return tokens * (2 * linear + attention)
+
+
+def speed_table(models: dict, prompt_tokens: int, decode_tokens: int, rounds: int) -> list[dict]:
+    import torch
+
+    torch.manual_seed(0)
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_tokens))
+    prefill: dict[str, list[float]] = {name: [] for name in models}
+    decode: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():  # warm-up
+            model(prompt[:, :32])
+        for _ in range(rounds):
+            for name, model in models.items():  # interleaved: every model sees the same machine load
+                start = time.perf_counter()
+                model(prompt, use_cache=False)
+                prefill[name].append(prompt_tokens / (time.perf_counter() - start))
+                short = prompt[:, :64]
+                start = time.perf_counter()
+                model.generate(short, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
+                               use_cache=True, pad_token_id=0)
+                decode[name].append(decode_tokens / (time.perf_counter() - start))
+    dense = models["dense"]
+    rows = []
+    for name, model in models.items():
+        ideal_prefill = flops(dense, prompt_tokens, prompt_tokens) / flops(model, prompt_tokens, prompt_tokens)
+        mid = 64 + decode_tokens // 2
+        ideal_decode = flops(dense, 1, mid) / flops(model, 1, mid)
+        p = statistics.median(prefill[name]) / statistics.median(prefill["dense"])
+        d = statistics.median(decode[name]) / statistics.median(decode["dense"])
+        rows.append({"model": name, "prefill_tok_s": statistics.median(prefill[name]),
+                     "decode_tok_s": statistics.median(decode[name]), "prefill_speedup": p,
+                     "ideal_prefill": ideal_prefill, "decode_speedup": d, "ideal_decode": ideal_decode})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=str(SHARED / "models" / "llama-7m-books"))
+    parser.add_argument("--methods", default="flap,shortgpt,sleb")
+    parser.add_argument("--sparsities", default="0.2,0.3,0.5")
+    parser.add_argument("--eval-windows", type=int, default=100)
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--speed-sparsity", type=float, default=0.3)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-speed", action="store_true", help="skip part 2")
+    parser.add_argument("--memory-depths", default="", help="e.g. 6,12,24 (random Llamas pruned by FLAP)")
+    parser.add_argument("--output", default=None, help="folder for the pruned checkpoints (default: a temp dir)")
+    args = parser.parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        result = memory_worker(job) if job.get("kind") == "memory" else worker(job)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+
+    out_root = Path(args.output or tempfile.mkdtemp(prefix="structured-bench-"))
+    common = {"model": args.model, "calibration": str(SHARED / "data" / "calibration.txt"),
+              "eval": str(SHARED / "data" / "wikitext2-test.txt"), "windows": args.eval_windows,
+              "num_samples": args.num_samples, "sequence_length": args.sequence_length}
+    results = [run_worker({**common, "method": "dense", "sparsity": 0.0, "output": str(out_root / "dense")})]
+    dense = results[0]
+    print(f"model {args.model}: dense perplexity {dense['perplexity']:.2f} ({args.eval_windows} windows of 256), "
+          f"checkpoint {dense['bytes'] / MB:.1f} MB, load peak RSS {dense['peak_rss'] / MB:.0f} MB", flush=True)
+    print("\n| method | target | removed (exact) | perplexity | x dense | prune s | peak RSS MB | checkpoint vs dense |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method in args.methods.split(","):
+        for sparsity in (float(s) for s in args.sparsities.split(",")):
+            r = run_worker({**common, "method": method, "sparsity": sparsity,
+                            "output": str(out_root / f"{method}-{int(round(sparsity * 100))}")})
+            results.append(r)
+            print(f"| {method} | {sparsity:.0%} | {r['achieved']:.4f} | {r['perplexity']:.2f} | "
+                  f"{r['perplexity'] / dense['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss'] / MB:.0f} | "
+                  f"{r['bytes'] / dense['bytes']:.3f} |", flush=True)
+
+    import torch
+    import transformers
+
+    import hf_sparse  # noqa: F401  (loads the non-uniform FLAP checkpoints)
+
+    if args.no_speed:
+        models = {}
+    else:
+        models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(dense["output"]).eval()}
+    for r in results[1:] if models else ():
+        if abs(r["sparsity"] - args.speed_sparsity) < 1e-9:
+            models[f"{r['method']} {r['achieved']:.3f}"] = \
+                transformers.AutoModelForCausalLM.from_pretrained(r["output"]).eval()
+    speed_rows = speed_table(models, args.prompt_tokens, args.decode_tokens, args.rounds) if models else []
+    if speed_rows:
+        print(f"\nspeed, CPU float32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds: "
+              f"prefill of a {args.prompt_tokens}-token prompt, decode of {args.decode_tokens} tokens with the KV cache")
+        print("| model | prefill tok/s | speed-up | ideal | of ideal | decode tok/s | speed-up | ideal | of ideal |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    for row in speed_rows:
+        print(f"| {row['model']} | {row['prefill_tok_s']:.0f} | {row['prefill_speedup']:.2f} | "
+              f"{row['ideal_prefill']:.2f} | {row['prefill_speedup'] / row['ideal_prefill']:.2f} | "
+              f"{row['decode_tok_s']:.1f} | {row['decode_speedup']:.2f} | {row['ideal_decode']:.2f} | "
+              f"{row['decode_speedup'] / row['ideal_decode']:.2f} |", flush=True)
+
+    if args.memory_depths:
+        print("\npeak RSS while FLAP prunes random Llamas (hidden 256, 16 x 256 calibration tokens)")
+        print("| blocks | weights MB | peak RSS MB | peak minus weights MB |")
+        print("|---|---|---|---|")
+        for depth in (int(d) for d in args.memory_depths.split(",")):
+            r = run_worker({"kind": "memory", "depth": depth})
+            print(f"| {depth} | {r['weights'] / MB:.1f} | {r['peak_rss'] / MB:.0f} | "
+                  f"{(r['peak_rss'] - r['weights']) / MB:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""FLAP (An et al., AAAI 2024; CASIA-IVA-Lab/FLAP): fluctuation-based adaptive structured pruning.
+
+1. Fluctuation metric (WIFV): for each input channel j of ``o_proj`` and ``down_proj``, the sample variance of x_j over
+   the calibration tokens of the dense model times ‖W[:, j]‖². As in the authors' code the attention metric is
+   squared.
+2. Adaptive structure search ("AL-AM"): the channel scores are standardised within each layer (attention and MLP
+   separately), a head's score is the mean of its channels' standardised scores, and heads and MLP channels of all
+   layers are ranked together; removing a unit costs its parameter count (a head is worth
+   ``head parameters / MLP-channel parameters`` channels; 512/3 for LLaMA-7B in the paper's code, computed from the
+   model's own shapes here, with its real ``head_dim``). The lowest-scoring units go until the removed parameters are
+   closest to the target.
+3. Bias compensation: the removed channels' mean input times their weight columns becomes a bias of ``o_proj`` /
+   ``down_proj``, so the block's output keeps its mean.
+
+With grouped-query attention the unit is a whole key/value group (its query heads' channels averaged), so
+``num_attention_heads / num_key_value_heads`` stays an integer; for multi-head attention that is one head, as in the
+paper. Every block keeps at least one group and one MLP channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from typing import TYPE_CHECKING
+
+from ..surgery import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits
+from .base import MethodOptions, PaperReference, register_method
+from .structured import StructuredPruningMethod
+
+if TYPE_CHECKING:
+    from ..structured_pipeline import StructuredSession
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FLAPOptions(MethodOptions):
+    bias_compensation: bool = field(default=True, metadata={
+        "help": "Add the removed channels' mean contribution as a bias of o_proj / down_proj (the paper's baseline "
+                "bias compensation)."})
+
+    def __post_init__(self):
+        if not isinstance(self.bias_compensation, bool):
+            raise ValueError(f"flap option bias_compensation must be True or False, got {self.bias_compensation!r}")
+
+
+def _standardise(scores: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over one layer's channels (unbiased std, as torch.std and the reference)."""
+    std = scores.std()
+    return (scores - scores.mean()) / (std if std > 0 else 1.0)
+
+
+@dataclass
+class _Unit:
+    score: float
+    cost: int
+    block: int
+    kind: str  # "kv_group" | "mlp_channel"
+    index: int
+
+
+def choose_units(units: list[_Unit], budget: float, totals: dict[tuple[int, str], int]) -> list[_Unit]:
+    """Units in ascending score order, each taken when it brings the removed total closer to ``budget``; never the
+    last unit of a kind in a block.
+
+    >>> u = [_Unit(0.1, 3, 0, "mlp_channel", 0), _Unit(0.2, 3, 0, "mlp_channel", 1), _Unit(0.3, 5, 0, "kv_group", 0)]
+    >>> [x.index for x in choose_units(u, 4.0, {(0, "mlp_channel"): 3, (0, "kv_group"): 2})]
+    [0]
+    """
+    left = dict(totals)
+    chosen: list[_Unit] = []
+    removed = 0
+    for unit in sorted(units, key=lambda u: (u.score, u.block, u.kind, u.index)):
+        if left[(unit.block, unit.kind)] <= 1:
+            continue
+        # The reference stops at the first unit that overshoots; going on with the smaller units that still bring
+        # the total closer lands within one MLP channel of the target instead of within one head.
+        if abs(removed + unit.cost - budget) >= abs(removed - budget):
+            continue
+        chosen.append(unit)
+        removed += unit.cost
+        left[(unit.block, unit.kind)] -= 1
+    return chosen
+
+
+@register_method
+class FLAPPruning(StructuredPruningMethod):
+    """Remove attention heads (key/value groups) and MLP channels by fluctuation, ranked across all layers."""
+
+    name = "flap"
+    display_name = "FLAP"
+    paper = PaperReference("Fluctuation-based Adaptive Structured Pruning for Large Language Models",
+                           "An et al.", 2024, "https://arxiv.org/abs/2312.11983")
+    removes = ("attention_heads", "mlp_channels")
+    options_class = FLAPOptions
+
+    def plan_edits(self, session: StructuredSession, sparsity: float) -> StructuredEdits:
+        heads = session.require("attention_heads")
+        mlp = session.require("mlp_channels")
+        units: list[_Unit] = []
+        totals: dict[tuple[int, str], int] = {}
+        means: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for step in session.dense_block_passes(observe=(heads.output, mlp.output), desc="flap fluctuation"):
+            shape, costs = step.shape, session.unit_parameters(step.index)
+            w_out = session.weight(step.index, heads.output)  # (hidden, heads * head_dim)
+            w_down = session.weight(step.index, mlp.output)  # (hidden, channels)
+            attn = (step.moments[heads.output].variance.float() * w_out.pow(2).sum(0)).pow(2)  # (heads * head_dim,)
+            channel = step.moments[mlp.output].variance.float() * w_down.pow(2).sum(0)  # (channels,)
+            per_group = shape.attention_heads // shape.kv_heads
+            # A group's score is the mean over all its query heads' channels of the layer-standardised scores.
+            group_scores = _standardise(attn).reshape(shape.kv_heads, per_group * shape.head_dim).mean(1)
+            channel_scores = _standardise(channel)
+            units += [_Unit(float(s), costs["kv_group"], step.index, "kv_group", g) for g, s in enumerate(group_scores)]
+            units += [_Unit(float(s), costs["mlp_channel"], step.index, "mlp_channel", c)
+                      for c, s in enumerate(channel_scores)]
+            totals[(step.index, "kv_group")] = shape.kv_heads
+            totals[(step.index, "mlp_channel")] = shape.mlp_channels
+            means[step.index] = (step.moments[heads.output].mean.float(), step.moments[mlp.output].mean.float())
+
+        chosen = choose_units(units, sparsity * session.block_parameters, totals)
+        removed: dict[tuple[int, str], set[int]] = {}
+        for unit in chosen:
+            removed.setdefault((unit.block, unit.kind), set()).add(unit.index)
+        edits = StructuredEdits()
+        for index in range(session.num_blocks):
+            groups, channels = removed.get((index, "kv_group"), set()), removed.get((index, "mlp_channel"), set())
+            if not groups and not channels:
+                continue
+            shape = session.block_shape(index)
+            edit = BlockEdit()
+            mean_attn, mean_mlp = means[index]
+            if groups:
+                per_group = shape.attention_heads // shape.kv_heads
+                edit.attention = AttentionEdit.whole_groups(
+                    [g for g in range(shape.kv_heads) if g not in groups], per_group)
+                if self.options.bias_compensation:
+                    cols = torch.cat([torch.arange(g * per_group * shape.head_dim, (g + 1) * per_group * shape.head_dim)
+                                      for g in sorted(groups)])
+                    w_out = session.weight(index, heads.output)
+                    edit.new_biases[heads.output] = w_out[:, cols] @ mean_attn[cols]
+            if channels:
+                edit.mlp = MLPEdit(tuple(c for c in range(shape.mlp_channels) if c not in channels))
+                if self.options.bias_compensation:
+                    cols = torch.tensor(sorted(channels))
+                    w_down = session.weight(index, mlp.output)
+                    edit.new_biases[mlp.output] = w_down[:, cols] @ mean_mlp[cols]
+            edits.blocks[index] = edit
+        logger.info("flap: removing %d key/value groups and %d MLP channels",
+                    sum(u.kind == "kv_group" for u in chosen), sum(u.kind == "mlp_channel" for u in chosen))
+        return edits

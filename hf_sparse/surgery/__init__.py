@@ -1,0 +1,26 @@
+"""Structured surgery: block edits as data (:mod:`.edits`), the one module that applies them (:mod:`.apply`), and the
+shape record that lets a smaller model be saved and loaded again (:mod:`.structure`)."""
+
+from .apply import BlockShape, apply_edits, block_shape, remove_blocks
+from .edits import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits
+from .structure import (
+    STRUCTURED_QUANT_METHOD,
+    apply_and_describe,
+    block_parameters,
+    describe_structure,
+    finish_config,
+    mark_for_loading,
+    original_description,
+    removed_fraction,
+    shape_rows,
+    shape_summary,
+    shrink_to_structure,
+    unit_parameters,
+    validate_structure,
+)
+
+__all__ = [
+    "AttentionEdit", "BlockEdit", "BlockShape", "MLPEdit", "STRUCTURED_QUANT_METHOD", "StructuredEdits",
+    "apply_and_describe", "apply_edits", "block_parameters", "block_shape", "describe_structure", "finish_config", "mark_for_loading", "original_description",
+    "remove_blocks", "removed_fraction", "shape_rows", "shape_summary", "shrink_to_structure", "unit_parameters", "validate_structure",
+]
