@@ -252,14 +252,39 @@ def _remove(folder: Path | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def atomic_write_file(path: str | os.PathLike, content: str | bytes) -> Path:
+    """Write one file so that readers see the old content or the new, never a part: into a temporary sibling,
+    fsynced, then renamed over ``path`` (sweep results, pictures).
+
+    >>> atomic_write_file("results.csv", "method,perplexity\\n")  # doctest: +SKIP
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP}-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a result file is as readable as any other
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, overwrite: bool = False,
                     evaluation: Mapping[str, Any] | None = None,
-                    extra_files: Callable[[], Mapping[str, str]] | None = None, compressed: bool = False) -> Path:
+                    extra_files: Callable[[], Mapping[str, str | bytes]] | None = None,
+                    compressed: bool = False) -> Path:
     """Write ``model`` (+ ``tokenizer``, if not ``None``) to ``output`` atomically; returns ``output`` (absolute).
 
     ``evaluation`` is merged into the model's sparsity record first (:func:`hf_sparse.record.merge_evaluation`);
-    ``extra_files`` is then called and its ``{file name: text}`` (e.g. the model card) written beside the weights.
-    ``compressed`` writes the pruned linears in compact storage (``save_pretrained(..., compressed=True)``).
+    ``extra_files`` is then called and its ``{file name: text or bytes}`` (e.g. the model card and its pictures)
+    written beside the weights. ``compressed`` writes the pruned linears in compact storage
+    (``save_pretrained(..., compressed=True)``).
     Everything that can fail without touching the disk (the destination rules, the card) fails before writing.
 
     >>> save_checkpoint(model, tokenizer, "pruned", evaluation={"pruned_perplexity": 62.1})  # doctest: +SKIP
@@ -275,11 +300,14 @@ def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, ov
         model.save_pretrained(tmp, **({"compressed": True} if compressed else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
     logger.info("saved %s to %s", type(model).__name__, output)
     return output
 
 
-__all__ = ["CHECKPOINT_MARKER", "atomic_directory", "check_destination", "finish_interrupted_save",
+__all__ = ["CHECKPOINT_MARKER", "atomic_directory", "atomic_write_file", "check_destination", "finish_interrupted_save",
            "save_checkpoint"]

@@ -5,6 +5,9 @@
     hf-sparse eval pruned/ --data wikitext2-test.txt --sequence-length 256
     hf-sparse methods
     hf-sparse recover pruned/ --data train.txt --output recovered/
+    hf-sparse eval pruned/ --tasks arc_easy,piqa --limit 500
+    hf-sparse sweep MODEL --methods wanda,sparsegpt --sparsities 0.5,0.7 --calibration calib.txt --eval-data test.txt --output sweep/
+    hf-sparse bench pruned/ --baseline MODEL --prompt-length 512 --new-tokens 64
     hf-sparse compress pruned/ pruned-compact/        (and `hf-sparse decompress IN OUT` for a dense export)
 
 Tables go to stdout, progress bars and logs to stderr. Bad input, and an operating-system error such as a full disk,
@@ -28,7 +31,7 @@ from .common import PROG, add_threads_argument, apply_threads
 logger = logging.getLogger("hf_sparse.cli")
 
 #: the subcommands, in the order ``hf-sparse --help`` lists them (module names in this package)
-COMMANDS = ("prune", "eval", "methods", "recover", "compress", "decompress")
+COMMANDS = ("prune", "eval", "sweep", "bench", "methods", "recover", "compress", "decompress")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
         command = importlib.import_module(f".{name}", __name__)
         sub = subparsers.add_parser(name, help=command.HELP, description=command.DESCRIPTION)
         command.add_arguments(sub)
-        add_threads_argument(sub.add_argument_group("common options"))
+        common = sub.add_argument_group("common options")
+        add_threads_argument(common)
+        common.add_argument("-q", "--quiet", action="store_true",
+                            help="no progress bars and only errors in the log (-v on the main command explains more)")
         sub.set_defaults(func=command.run)
     return parser
 
 
-def _configure_logging(verbosity: int) -> None:
+def _configure_logging(verbosity: int, quiet: bool = False) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    if quiet:
+        level = logging.ERROR
+        # Our bars take show_progress=not args.quiet; this silences transformers' own (model loading).
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("hf_sparse").setLevel(level)
     if verbosity >= 2:
@@ -70,11 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, getattr(args, "quiet", False))
     try:
         apply_threads(args)
         args.func(args)
     except ValueError as error:
+        print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        logger.debug("traceback of the error above", exc_info=True)
+        return 2
+    except ImportError as error:  # an optional extra that is not installed (lm-eval, matplotlib)
         print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
         logger.debug("traceback of the error above", exc_info=True)
         return 2

@@ -166,6 +166,61 @@ def evaluation_entry(perplexities: dict[str, float], data: str, sequence_length:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Options shared by the commands that prune (prune, sweep)
+
+
+def add_selection_arguments(group) -> None:
+    """``--method-option``, ``--include`` and ``--exclude``: how the method runs and which linears it prunes."""
+    group.add_argument("--method-option", dest="method_options", action="append", type=parse_method_option,
+                       default=[], metavar="KEY=VALUE",
+                       help="a method option, repeatable; the value is read as JSON when it parses (64, 0.01, true)")
+    group.add_argument("--include", action="append", default=None, metavar="REGEX",
+                       help="prune only linears whose full name matches (re.search); repeatable")
+    group.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+                       help="never prune linears whose full name matches; repeatable")
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The calibration options: source, split/column/subset, number and length of windows, batch, seed."""
+    calib = parser.add_argument_group("calibration")
+    calib.add_argument("--calibration", default=None, metavar="PATH_OR_DATASET",
+                       help="text/JSON file or folder, or a Hugging Face dataset name (all methods but magnitude)")
+    calib.add_argument("--calibration-split", default="train", help="dataset split (default train)")
+    calib.add_argument("--calibration-column", default="text", help="text column of a dataset/JSON (default text)")
+    calib.add_argument("--calibration-subset", default=None, help="dataset configuration name")
+    calib.add_argument("--num-samples", type=positive_int, default=128, help="calibration sequences (default 128)")
+    calib.add_argument("--sequence-length", type=positive_int, default=2048,
+                       help="tokens per calibration sequence (default 2048)")
+    calib.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)")
+    calib.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+
+
+def check_calibration_path(calibration) -> None:
+    """Refuse a ``--calibration`` that is meant as a local path but does not exist (before a long model load)."""
+    from ..calibration import missing_path
+
+    if missing_path(calibration):
+        raise ValueError(f"--calibration {calibration!r} does not exist; give a text/JSON file or folder, "
+                         "or a Hugging Face dataset name")
+
+
+def add_perplexity_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--eval-data`` and the options of the perplexity measured before and after pruning (``required``: the
+    command always evaluates, so ``--eval-data`` must be given and there is no ``--no-eval``)."""
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-data", default=None, metavar="PATH", required=required,
+                            help="held-out text file or folder for perplexity")
+    evaluation.add_argument("--eval-sequence-length", type=positive_int, default=None,
+                            help="perplexity window (default 2048, or the model's context if shorter)")
+    evaluation.add_argument("--eval-max-windows", type=positive_int, default=None,
+                            help="evaluate on at most N windows")
+    evaluation.add_argument("--eval-batch-size", type=positive_int, default=8,
+                            help="windows per forward pass (default 8)")
+    if not required:
+        evaluation.add_argument("--no-eval", action="store_true", help="skip perplexity even if --eval-data is given")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Output
 
 

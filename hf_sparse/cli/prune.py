@@ -6,10 +6,10 @@ import argparse
 import time
 from typing import Any
 
-from ..calibration import missing_path
-from .common import (add_model_arguments, add_output_arguments, check_output, default_eval_length,
-                     evaluation_entry, format_bytes, load_model_and_tokenizer, parse_method_option,
-                     peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
+from .common import (add_calibration_arguments, add_model_arguments, add_output_arguments, add_perplexity_arguments,
+                     add_selection_arguments, check_calibration_path, check_output, default_eval_length,
+                     evaluation_entry, format_bytes, load_model_and_tokenizer, peak_rss_bytes, positive_int,
+                     print_table, read_eval_texts, save_output)
 
 HELP = "prune a model and save it (with perplexity before/after, if --eval-data is given)"
 DESCRIPTION = ("Load MODEL (local folder or Hub id), prune it with hf_sparse.prune, measure perplexity before and "
@@ -27,24 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="'unstructured', N:M such as 2:4, or 'structured' (flap, shortgpt, sleb remove whole "
                            "heads, channels or blocks; --sparsity is then the fraction of decoder-block parameters) "
                            "(default unstructured)")
-    what.add_argument("--method-option", dest="method_options", action="append", type=parse_method_option,
-                      default=[], metavar="KEY=VALUE",
-                      help="a method option, repeatable; the value is read as JSON when it parses (64, 0.01, true)")
-    what.add_argument("--include", action="append", default=None, metavar="REGEX",
-                      help="prune only linears whose full name matches (re.search); repeatable")
-    what.add_argument("--exclude", action="append", default=None, metavar="REGEX",
-                      help="never prune linears whose full name matches; repeatable")
-    calib = parser.add_argument_group("calibration")
-    calib.add_argument("--calibration", default=None, metavar="PATH_OR_DATASET",
-                       help="text/JSON file or folder, or a Hugging Face dataset name (all methods but magnitude)")
-    calib.add_argument("--calibration-split", default="train", help="dataset split (default train)")
-    calib.add_argument("--calibration-column", default="text", help="text column of a dataset/JSON (default text)")
-    calib.add_argument("--calibration-subset", default=None, help="dataset configuration name")
-    calib.add_argument("--num-samples", type=positive_int, default=128, help="calibration sequences (default 128)")
-    calib.add_argument("--sequence-length", type=positive_int, default=2048,
-                       help="tokens per calibration sequence (default 2048)")
-    calib.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)")
-    calib.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    add_selection_arguments(what)
+    add_calibration_arguments(parser)
     run = parser.add_argument_group("execution")
     run.add_argument("--device", default=None, help="device blocks are pruned on (default: first GPU, else in place)")
     run.add_argument("--parallel", action="store_true",
@@ -56,16 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compressed", action="store_true",
                         help="store the pruned linears compactly (N:M values + positions, or bitmask + values; "
                              "loads with hf_sparse imported, `hf-sparse decompress` exports a dense copy)")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval-data", default=None, metavar="PATH",
-                            help="held-out text file or folder for perplexity")
-    evaluation.add_argument("--eval-sequence-length", type=positive_int, default=None,
-                            help="perplexity window (default 2048, or the model's context if shorter)")
-    evaluation.add_argument("--eval-max-windows", type=positive_int, default=None,
-                            help="evaluate on at most N windows")
-    evaluation.add_argument("--eval-batch-size", type=positive_int, default=8,
-                            help="windows per forward pass (default 8)")
-    evaluation.add_argument("--no-eval", action="store_true", help="skip perplexity even if --eval-data is given")
+    add_perplexity_arguments(parser)
 
 
 def sparsity_config(args: argparse.Namespace):
@@ -92,9 +67,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Everything that can be checked without the model is checked before a possibly long load.
     config = sparsity_config(args)
-    if config.needs_calibration and missing_path(args.calibration):
-        raise ValueError(f"--calibration {args.calibration!r} does not exist; give a text/JSON file or folder, "
-                         "or a Hugging Face dataset name")
+    if config.needs_calibration:
+        check_calibration_path(args.calibration)
     check_output(args)
     # Under torchrun/accelerate launch every process prunes its share of the blocks; one of them (the main process)
     # evaluates, writes the output and prints, the others stop once the pruned weights are shared.
@@ -110,13 +84,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def measure() -> float:
         return perplexity(model, tokenizer, eval_texts, sequence_length=eval_length,
-                          batch_size=args.eval_batch_size, max_windows=args.eval_max_windows)
+                          batch_size=args.eval_batch_size, max_windows=args.eval_max_windows,
+                          show_progress=not args.quiet)
 
     dense_ppl = measure() if evaluate else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    record = prune(model, config, tokenizer=tokenizer)
+    record = prune(model, config, tokenizer=tokenizer, show_progress=not args.quiet)
     prune_seconds = time.perf_counter() - start
     if not is_main:
         return {}

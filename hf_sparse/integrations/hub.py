@@ -188,8 +188,12 @@ def _template_text(template_path: str | os.PathLike | None) -> str:
 
 def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = None, base_model: str | None = None,
                       repo_id: str | None = None, license: str | None = None, tags: list[str] | None = None,
-                      model_name: str | None = None, template_path: str | os.PathLike | None = None) -> ModelCard:
+                      model_name: str | None = None, template_path: str | os.PathLike | None = None,
+                      pictures: str | None = None) -> ModelCard:
     """The model card of a pruned (or recovered) model, as a ``huggingface_hub.ModelCard``.
+
+    ``pictures`` is Markdown for the card's "Pictures" section (see
+    :func:`hf_sparse.evaluation.plots.card_figures`; :func:`save_with_model_card` writes the PNG files beside it).
 
     ``evaluation`` adds to (and overrides) ``record.evaluation``: keys ``dense_perplexity``, ``pruned_perplexity``,
     ``recovered_perplexity`` (any ``<stage>_<metric>``), and ``eval_data``/``eval_sequence_length``/``eval_windows``
@@ -268,6 +272,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         repo_id=repo_id or "path/to/this-checkpoint",
         record_json=_inert_json({**record.to_dict(), "modules": f"{len(record.modules)} modules, listed in config.json",
                                  "evaluation": evaluation}),
+        pictures=pictures,
     )
     return card
 
@@ -300,10 +305,14 @@ def save_with_model_card(model: nn.Module, tokenizer, output_dir: str | os.PathL
         record.base_model = _short_name(source) if source else None
         write_record(model, record)
 
-    def card() -> dict[str, str]:
+    def card() -> dict[str, str | bytes]:
+        from ..evaluation.plots import card_figures
+
+        # Called after the evaluation is merged into the record, so the bars show the numbers the card lists.
+        figures, pictures = card_figures(read_record(model))
         rendered = render_model_card(model, base_model=base_model, repo_id=repo_id, license=license, tags=tags,
-                                     template_path=template_path)
-        return {CARD_NAME: str(rendered)}
+                                     template_path=template_path, pictures=pictures)
+        return {CARD_NAME: str(rendered), **figures}
 
     output = save_checkpoint(model, tokenizer, output_dir, overwrite=overwrite, evaluation=evaluation,
                              extra_files=card, compressed=compressed)

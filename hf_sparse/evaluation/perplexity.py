@@ -53,7 +53,8 @@ def perplexity(model: nn.Module, tokenizer, texts: str | Sequence[str], sequence
     model.eval()
     total_nll, total_tokens = 0.0, 0
     try:
-        for start in tqdm(range(0, len(spans), batch_size), desc="perplexity", unit="batch", disable=not show_progress):
+        progress = tqdm(range(0, len(spans), batch_size), desc="perplexity", unit="batch", disable=not show_progress)
+        for start in progress:
             chunk = spans[start : start + batch_size]
             ids = torch.stack([stream[b:e] for b, e, _ in chunk]).to(device)  # (batch, seq)
             logits = model(input_ids=ids, use_cache=False).logits.float()  # (batch, seq, vocab)
@@ -64,6 +65,7 @@ def perplexity(model: nn.Module, tokenizer, texts: str | Sequence[str], sequence
                 scored = nll[row, max(scored_from, 1) - 1 :]
                 total_nll += scored.double().sum().item()
                 total_tokens += scored.numel()
+            progress.set_postfix_str(f"{total_tokens:,} tokens, ppl so far {math.exp(total_nll / total_tokens):.2f}")
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
