@@ -129,7 +129,10 @@ class LayerwiseEngine:
             new_weight, mask = self.method.prune_weight(work, stats, self.pattern, target.sparsity)
             # Methods without a weight update hand back the engine's own copy: mask it in place rather than allocate
             # another full matrix (on a 135M model the copies cost as much as the N:M selection itself).
-            final = (new_weight.mul_(mask) if new_weight is work else new_weight * mask).to(original_dtype)
+            # masked_fill, not a product with the mask: a negative weight times 0 is -0.0, and pruned weights should
+            # be +0.0 bit for bit (compact checkpoints store no signs of zeros and must reload identical bytes).
+            final = (new_weight.masked_fill_(~mask, 0.0) if new_weight is work
+                     else new_weight.masked_fill(~mask, 0.0)).to(original_dtype)
             write_weight(target.module, final)
         return final.numel() - int(torch.count_nonzero(final)), final.numel()
 
