@@ -58,6 +58,14 @@ class Pipeline(ABC):
                                         blocks=[block_plan.block for block_plan in plan.blocks])
 
 
+def advance(progress, block_plan, achieved: Counts) -> None:
+    """One block done: the bar shows which block and the sparsity reached so far over what it counts."""
+    zeros = sum(z for z, _ in achieved.values())
+    numel = sum(n for _, n in achieved.values())
+    progress.set_postfix(block=block_plan.index, sparsity=f"{zeros / max(1, numel):.4f}", refresh=False)
+    progress.update()
+
+
 #: Every pipeline, by name.
 PIPELINES: dict[str, type[Pipeline]] = {}
 
@@ -99,7 +107,7 @@ class DataFreePipeline(Pipeline):
             device = execution_device(block_plan.block, self.engine.device)
             with block_on_device(block_plan.block, device):
                 achieved.update(self.engine.prune_block(block_plan.block, block_plan.groups, None, device).counts)
-            progress.update()
+            advance(progress, block_plan, achieved)
         return achieved
 
 
@@ -137,7 +145,7 @@ class SequentialPipeline(Pipeline):
                 else:
                     outputs = run_block(block, inputs, weights=dense if engine.method.propagate_dense else None)
                 inputs = inputs.with_hidden_states(outputs)
-            progress.update()
+            advance(progress, block_plan, achieved)
         return achieved
 
 
@@ -190,7 +198,7 @@ class ThreadedPipeline(Pipeline):
             with block_on_device(block_plan.block, device):
                 dense = engine.dense_weights(block_plan.block, block_plan.targets)
                 achieved = engine.prune_block(block_plan.block, block_plan.groups, block_inputs, device, dense).counts
-            progress.update()
+            advance(progress, block_plan, achieved)
             return achieved
 
         achieved: Counts = {}
