@@ -10,7 +10,8 @@ read, with any ``dtype`` and ``device_map``: the dense model is never built. Wit
 know the quant_method, says so naming it, and the smaller weights do not fit the dense modules, so loading fails
 instead of producing wrong weights.
 
->>> model = AutoModelForCausalLM.from_pretrained("flap-30")  # doctest: +SKIP  (import hf_sparse first)
+>>> import hf_sparse  # doctest: +SKIP
+>>> model = AutoModelForCausalLM.from_pretrained("flap-30")  # doctest: +SKIP
 """
 
 from __future__ import annotations
