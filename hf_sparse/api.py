@@ -17,7 +17,8 @@ from .calibration import (
     tokenizer_for,
 )
 from .config import SparsityConfig
-from .engine import LayerwiseEngine
+from .config.profiles import UNIFORM, allocate, profile_needs_calibration
+from .engine import LayerwiseEngine, TargetSparsity
 from .methods import build_method
 from .record import SparsityRecord, merge_records, overall_sparsity, read_record, write_record
 
@@ -44,8 +45,10 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     method = build_method(config.method, config.method_options)
     previous = read_record(model)  # an earlier pass (validated: a bad record raises before anything is pruned)
     calibration_ids = None
-    if method.needs_calibration:
-        check_source(config.calibration, config.method)
+    needs_calibration = method.needs_calibration or profile_needs_calibration(config.sparsity_profile)
+    if needs_calibration:
+        check_source(config.calibration, config.method if method.needs_calibration else
+                     f"{config.method} with sparsity_profile={config.sparsity_profile!r}")
         check_fits_model(config.calibration, config.sequence_length, model)
         if not is_token_source(config.calibration):
             tokenizer = tokenizer or config.tokenizer or tokenizer_for(model)
@@ -58,6 +61,7 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         method, config.parsed_pattern, lambda _name: config.sparsity, include=config.include, exclude=config.exclude,
         device=config.device, parallel=config.parallel, num_workers=config.num_workers, show_progress=show_progress,
     )
+    allocation = None
     was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
     model.eval()
     if use_cache is not None:
@@ -66,6 +70,11 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         # Seeded for reproducibility, in a forked RNG state so the caller's random stream is left as it was.
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(config.seed)
+            if config.sparsity_profile != UNIFORM:
+                # The profile's targets first (OWL: one dense statistics pass), then the pruning pass with them.
+                allocation = allocate(config.sparsity_profile, config.profile_options, config.sparsity, engine,
+                                      model, calibration_ids, config.batch_size)
+                engine.sparsity = TargetSparsity.per_module(allocation.module_sparsity)
             result = engine.run(model, calibration_ids, batch_size=config.batch_size)
     finally:
         model.train(was_training)
@@ -73,16 +82,19 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
             model.config.use_cache = use_cache
 
     calibration = describe_calibration(config.calibration) or config.calibration_descriptor
-    if calibration is not None and method.needs_calibration:
+    if calibration is not None and needs_calibration:
         calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
                        "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
     base_model, base_model_sha256 = describe_local_folder(getattr(model, "name_or_path", None) or None)
     record = SparsityRecord(
         method=config.method, pattern=config.pattern, target_sparsity=config.sparsity,
         modules={name: round(value, 6) for name, value in result.achieved.items()},
-        method_options=method.options.to_dict(), calibration=calibration if method.needs_calibration else None,
+        method_options=method.options.to_dict(), calibration=calibration if needs_calibration else None,
         overall_sparsity=round(result.overall_sparsity, 6), base_model=base_model,
         base_model_sha256=base_model_sha256,
+        sparsity_profile=allocation.to_record() if allocation is not None else None,
+        target_modules=({name: round(value, 6) for name, value in allocation.module_sparsity.items()}
+                        if allocation is not None else None),
     )
     if previous is not None:
         # Pruned before (another include, another method): the record keeps every pass's modules, so get_masks

@@ -93,6 +93,45 @@ def _json_object(name: str, value: Any) -> Any:
     return value
 
 
+def _block_values(name: str, value: Any, spec: dict) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be an object of block index -> number, got {value!r}")
+    for key, item in value.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise ValueError(f"{name} keys must be block indices, got {key!r}")
+        check_value(f"{name}[{key!r}]", item, float, spec)
+    return {key: float(item) for key, item in value.items()}
+
+
+@dataclass
+class ProfileEntry:
+    """``sparsity_config.sparsity_profile``: what a non-uniform sparsity profile decided."""
+
+    name: str = field(metadata={"help": "'owl' or 'explicit'.", "choices": ("uniform", "owl", "explicit")})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "The profile's options.",
+                                                                    "check": _json_object})
+    block_sparsity: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "Target per block (parameter-weighted over its pruned modules).",
+        "check": lambda name, value: _block_values(name, value, {"range": "[0, 1]"})})
+    block_outlier_ratio: dict[str, float] | None = field(default=None, metadata={
+        "help": "OWL: each block's share of outlier scores.",
+        "check": lambda name, value: None if value is None else _block_values(name, value, {"range": "[0, 1]"})})
+    explicit: dict[str, float] | None = field(default=None, metadata={
+        "help": "An explicit profile as given (block index or regular expression -> sparsity).",
+        "check": lambda name, value: None if value is None else _module_sparsities(name, value)})
+
+
+def _profile_entry(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    return to_json_dict(ProfileEntry(**validate_mapping(value, ProfileEntry, f"{name}.")), omit_none=(
+        "block_outlier_ratio", "explicit"))
+
+
+def _optional_module_sparsities(name: str, value: Any) -> Any:
+    return None if value is None else _module_sparsities(name, value)
+
+
 @dataclass
 class EvaluationEntry:
     """The known ``eval_*`` keys of ``sparsity_config.evaluation`` (what was measured on); every key not starting
@@ -186,9 +225,16 @@ class SparsityRecord:
                                                                     "check": _recovery})
     passes: list[dict[str, Any]] | None = field(default=None, metadata={"help": "Every pass, for a model pruned "
                                                                                 "more than once.", "check": _passes})
+    sparsity_profile: dict[str, Any] | None = field(
+        default=None, metadata={"help": "The sparsity profile of the last pass when not uniform: name, options, "
+                                        "target per block (and OWL's outlier ratio per block).",
+                                "check": _profile_entry})
+    target_modules: dict[str, float] | None = field(
+        default=None, metadata={"help": "Target sparsity per module of the last pass, when not uniform (`modules` "
+                                        "holds the achieved ones).", "check": _optional_module_sparsities})
 
     # Optional keys are written only when set, so records of plain pruning keep their exact shape.
-    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes")
+    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "sparsity_profile", "target_modules")
 
     def __post_init__(self):
         validate_dataclass(self, prefix=_PREFIX)
@@ -260,7 +306,8 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
         method_options=new.method_options, calibration=new.calibration,
         base_model=previous.base_model if keep_base else new.base_model,
         base_model_sha256=previous.base_model_sha256 if keep_base else new.base_model_sha256,
-        recovery=previous.recovery, passes=passes,
+        recovery=previous.recovery, passes=passes, sparsity_profile=new.sparsity_profile,
+        target_modules=new.target_modules,
     )
 
 

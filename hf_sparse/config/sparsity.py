@@ -12,6 +12,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..calibration.descriptors import check_descriptor, describe_calibration
 from ..masks import SparsityPattern
 from ..methods import get_method_class
+from .profiles import UNIFORM, check_profile, check_profile_options, profile_name
 from .validation import regex_list, validate_dataclass
 
 QUANT_METHOD = "hf_sparse"
@@ -78,6 +79,19 @@ class SparsityConfig(QuantizationConfigMixin):
     exclude: list[str] | None = field(
         default=None, metadata={"help": "Regular expressions on full module names that are never pruned.",
                                  "check": regex_list}
+    )
+    sparsity_profile: str | dict[str, float] = field(
+        default=UNIFORM,
+        metadata={"help": "How the target is shared out over the decoder blocks: 'uniform' (every module gets "
+                          "`sparsity`), 'owl' (outlier-weighted: blocks with more activation outliers keep more "
+                          "weights; overall sparsity stays `sparsity`), or an explicit dict from block index or "
+                          "module-name regular expression to sparsity. Unstructured patterns only.",
+                  "check": check_profile},
+    )
+    profile_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Options of the sparsity profile: for 'owl', m (outlier threshold, default 5) and lambda "
+                          "(sparsity range S ± lambda, default 0.08).", "check": _empty_if_none},
     )
     calibration: Any = field(
         default=None,
@@ -149,6 +163,13 @@ class SparsityConfig(QuantizationConfigMixin):
                 f"sparsity {self.sparsity!r} contradicts pattern {self.pattern!r}, which fixes sparsity at "
                 f"{parsed.implied_sparsity!r}; omit sparsity or set it to that value"
             )
+        if parsed.is_n_m and self.sparsity_profile != UNIFORM:
+            raise ValueError(
+                f"sparsity_profile={profile_name(self.sparsity_profile)!r} needs an unstructured pattern, got "
+                f"{self.pattern!r}: per-block N:M (a different N per block) is not supported; use "
+                "pattern='unstructured' with a sparsity, or the uniform profile with N:M"
+            )
+        self.profile_options = check_profile_options(self.sparsity_profile, self.profile_options)
         if self.parallel and not method_cls.propagate_dense:
             raise ValueError(
                 f"parallel=True needs a method whose blocks are independent (dense inputs per block, e.g. 'fista'); "

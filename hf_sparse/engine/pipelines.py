@@ -51,10 +51,16 @@ class Pipeline(ABC):
 
     def _first_block_inputs(self, model: nn.Module, plan: PruningPlan, calibration_ids: torch.Tensor,
                             batch_size: int) -> BlockInputs:
-        first = plan.blocks[0].block
-        device = execution_device(first, self.engine.device)
-        with block_on_device(first, device):
-            return capture_block_inputs(model, first, calibration_ids, batch_size, device)
+        return first_block_inputs(model, plan, calibration_ids, batch_size, self.engine.device)
+
+
+def first_block_inputs(model: nn.Module, plan: PruningPlan, calibration_ids: torch.Tensor, batch_size: int,
+                       device: str | None) -> BlockInputs:
+    """The calibration inputs of the plan's first block, captured on the device it computes on."""
+    first = plan.blocks[0].block
+    target = execution_device(first, device)
+    with block_on_device(first, target):
+        return capture_block_inputs(model, first, calibration_ids, batch_size, target)
 
 
 #: Every pipeline, by name.
