@@ -15,7 +15,7 @@ DTYPES = ("float32", "float16", "bfloat16", "auto")
 PROG = "hf-sparse"
 
 
-def parse_method_option(text: str) -> tuple[str, Any]:
+def parse_method_option(text: str, flag: str = "--method-option", example: str = "block_size=64") -> tuple[str, Any]:
     """``"block_size=64"`` -> ``("block_size", 64)``; the value is JSON when it parses, else the raw string.
 
     >>> parse_method_option("dampening=0.02"), parse_method_option("init=wanda"), parse_method_option("per_row=true")
@@ -24,12 +24,42 @@ def parse_method_option(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--method-option {text!r} must look like key=value, e.g. block_size=64")
+        raise argparse.ArgumentTypeError(f"{flag} {text!r} must look like key=value, e.g. {example}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw  # plain strings need no quotes on the command line
     return key, value
+
+
+def parse_profile_option(text: str) -> tuple[str, Any]:
+    """``--profile-option`` values: ``"lambda=0.08"`` -> ``("lambda", 0.08)``."""
+    return parse_method_option(text, "--profile-option", "lambda=0.08")
+
+
+def parse_sparsity_profile(text: str) -> str | dict[str, float]:
+    """``--sparsity-profile`` values: ``uniform``, ``owl``, or a JSON file holding an explicit profile
+    (``{"0": 0.4, "mlp\\.down_proj": 0.6}``: block index or module-name regular expression -> sparsity).
+
+    >>> parse_sparsity_profile("owl")
+    'owl'
+    """
+    from ..config.profiles import NAMED_PROFILES
+
+    if text in NAMED_PROFILES:
+        return text
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"--sparsity-profile {text!r} is neither one of {NAMED_PROFILES} nor a JSON "
+                                         "file of block index or module-name regex -> sparsity")
+    try:
+        profile = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"--sparsity-profile {text!r} is not valid JSON: {error}") from None
+    if not isinstance(profile, dict):
+        raise argparse.ArgumentTypeError(f"--sparsity-profile {text!r} must hold a JSON object, got "
+                                         f"{type(profile).__name__}")
+    return profile
 
 
 def positive_int(text: str) -> int:

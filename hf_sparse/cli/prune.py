@@ -9,7 +9,8 @@ from typing import Any
 
 from .common import (add_model_arguments, add_output_arguments, check_output, default_eval_length,
                      evaluation_entry, format_bytes, load_model_and_tokenizer, looks_like_path, parse_method_option,
-                     peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
+                     parse_profile_option, parse_sparsity_profile, peak_rss_bytes, positive_int, print_table,
+                     read_eval_texts, save_output)
 
 HELP = "prune a model and save it (with perplexity before/after, if --eval-data is given)"
 DESCRIPTION = ("Load MODEL (local folder or Hub id), prune it with hf_sparse.prune, measure perplexity before and "
@@ -27,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--method-option", dest="method_options", action="append", type=parse_method_option,
                       default=[], metavar="KEY=VALUE",
                       help="a method option, repeatable; the value is read as JSON when it parses (64, 0.01, true)")
+    what.add_argument("--sparsity-profile", type=parse_sparsity_profile, default="uniform",
+                      metavar="uniform|owl|FILE.json",
+                      help="how the sparsity is shared out over the blocks: uniform (default), owl (outlier-weighted, "
+                           "same overall sparsity), or a JSON file {block index or module regex: sparsity}")
+    what.add_argument("--profile-option", dest="profile_options", action="append", type=parse_profile_option,
+                      default=[], metavar="KEY=VALUE", help="a sparsity-profile option, repeatable (owl: m=5, lambda=0.08)")
     what.add_argument("--include", action="append", default=None, metavar="REGEX",
                       help="prune only linears whose full name matches (re.search); repeatable")
     what.add_argument("--exclude", action="append", default=None, metavar="REGEX",
@@ -68,6 +75,7 @@ def sparsity_config(args: argparse.Namespace):
 
     return SparsityConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, include=args.include,
+        sparsity_profile=args.sparsity_profile, profile_options=dict(args.profile_options),
         exclude=args.exclude, calibration=args.calibration, calibration_split=args.calibration_split,
         calibration_column=args.calibration_column, calibration_subset=args.calibration_subset,
         num_samples=args.num_samples, sequence_length=args.sequence_length, batch_size=args.batch_size,
