@@ -7,6 +7,8 @@ import logging
 import torch
 from torch import nn
 
+from .calibration.domain import check_domain
+from .calibration.mixes import load_mix
 from .calibration import (
     check_fits_model,
     check_source,
@@ -49,13 +51,27 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     if needs_calibration:
         check_source(config.calibration, config.method if method.needs_calibration else
                      f"{config.method} with sparsity_profile={config.sparsity_profile!r}")
-        check_fits_model(config.calibration, config.sequence_length, model)
-        if not is_token_source(config.calibration):
+        mixed = config.calibration_weights is not None
+        sources = list(config.calibration) if mixed else [config.calibration]
+        for source in sources:
+            check_fits_model(source, config.sequence_length, model)
+        if not all(is_token_source(source) for source in sources):
             tokenizer = tokenizer or config.tokenizer or tokenizer_for(model)
-        calibration_ids = load_calibration(
-            config.calibration, tokenizer, config.num_samples, config.sequence_length, config.seed,
-            split=config.calibration_split, column=config.calibration_column, subset=config.calibration_subset,
-        )
+        options = dict(split=config.calibration_split, column=config.calibration_column,
+                       subset=config.calibration_subset)
+        if mixed:
+            calibration_ids = load_mix(sources, config.calibration_weights, tokenizer, config.num_samples,
+                                       config.sequence_length, config.seed, **options)
+        else:
+            calibration_ids = load_calibration(config.calibration, tokenizer, config.num_samples,
+                                               config.sequence_length, config.seed, **options)
+    domain_report = None
+    if config.target_data is not None:
+        if calibration_ids is None:
+            raise ValueError(f"target_data is compared with the calibration data, and method {config.method!r} "
+                             "uses none: set calibration=... or leave target_data out")
+        domain_report = check_domain(model, calibration_ids, config.target_data,
+                                     tokenizer or config.tokenizer or tokenizer_for(model), config.batch_size)
 
     engine = LayerwiseEngine(
         method, config.parsed_pattern, lambda _name: config.sparsity, include=config.include, exclude=config.exclude,
@@ -81,7 +97,8 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         if use_cache is not None:
             model.config.use_cache = use_cache
 
-    calibration = describe_calibration(config.calibration) or config.calibration_descriptor
+    calibration = describe_calibration(config.calibration, config.calibration_weights) \
+        or config.calibration_descriptor
     if calibration is not None and needs_calibration:
         calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
                        "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
@@ -93,6 +110,7 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         overall_sparsity=round(result.overall_sparsity, 6), base_model=base_model,
         base_model_sha256=base_model_sha256,
         sparsity_profile=allocation.to_record() if allocation is not None else None,
+        domain_check=domain_report.to_dict() if domain_report is not None else None,
         target_modules=({name: round(value, 6) for name, value in allocation.module_sparsity.items()}
                         if allocation is not None else None),
     )

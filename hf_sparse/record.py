@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .calibration.descriptors import check_descriptor, sha256_hex
+from .calibration.domain import DomainReport
 from .config.sparsity import pattern_name, registered_method
 from .config.validation import check_value, to_json_dict, validate_dataclass, validate_mapping
 from .masks import SparsityPattern, is_valid_n_m
@@ -126,6 +127,15 @@ def _profile_entry(name: str, value: Any) -> Any:
         return None
     return to_json_dict(ProfileEntry(**validate_mapping(value, ProfileEntry, f"{name}.")), omit_none=(
         "block_outlier_ratio", "explicit"))
+
+
+def _domain_check(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    checked = validate_mapping(value, DomainReport, f"{name}.")
+    if checked.get("target") is not None:
+        checked["target"] = check_descriptor(checked["target"], prefix=f"{name}.target.")
+    return DomainReport(**checked).to_dict()
 
 
 def _optional_module_sparsities(name: str, value: Any) -> Any:
@@ -229,12 +239,16 @@ class SparsityRecord:
         default=None, metadata={"help": "The sparsity profile of the last pass when not uniform: name, options, "
                                         "target per block (and OWL's outlier ratio per block).",
                                 "check": _profile_entry})
+    domain_check: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Calibration vs. target data on the dense model (SparsityConfig.target_data).",
+                                "check": _domain_check})
     target_modules: dict[str, float] | None = field(
         default=None, metadata={"help": "Target sparsity per module of the last pass, when not uniform (`modules` "
                                         "holds the achieved ones).", "check": _optional_module_sparsities})
 
     # Optional keys are written only when set, so records of plain pruning keep their exact shape.
-    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "sparsity_profile", "target_modules")
+    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "sparsity_profile", "domain_check",
+                       "target_modules")
 
     def __post_init__(self):
         validate_dataclass(self, prefix=_PREFIX)

@@ -39,8 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                       help="never prune linears whose full name matches; repeatable")
     calib = parser.add_argument_group("calibration")
-    calib.add_argument("--calibration", default=None, metavar="PATH_OR_DATASET",
-                       help="text/JSON file or folder, or a Hugging Face dataset name (all methods but magnitude)")
+    calib.add_argument("--calibration", action="append", default=None, metavar="PATH_OR_DATASET",
+                       help="text/JSON file or folder, or a Hugging Face dataset name (all methods but magnitude); "
+                            "repeat it for a mix (equal shares unless --calibration-weight is given)")
+    calib.add_argument("--calibration-weight", dest="calibration_weights", action="append", type=float,
+                       default=None, metavar="W",
+                       help="share of the windows from each --calibration, in the same order (repeatable)")
+    calib.add_argument("--target-data", default=None, metavar="PATH",
+                       help="a sample of the text the model will serve: compared with the calibration data before "
+                            "pruning, with a warning when they differ enough to hurt (recorded either way)")
     calib.add_argument("--calibration-split", default="train", help="dataset split (default train)")
     calib.add_argument("--calibration-column", default="text", help="text column of a dataset/JSON (default text)")
     calib.add_argument("--calibration-subset", default=None, help="dataset configuration name")
@@ -73,10 +80,19 @@ def sparsity_config(args: argparse.Namespace):
     """The :class:`hf_sparse.SparsityConfig` the options describe (validated on construction)."""
     from .. import SparsityConfig
 
+    sources = args.calibration or []
+    weights = args.calibration_weights
+    if weights is not None and len(weights) != len(sources):
+        raise ValueError(f"--calibration-weight was given {len(weights)} time(s) for {len(sources)} --calibration "
+                         "source(s): give one weight per source, in the same order")
+    if len(sources) > 1 and weights is None:
+        weights = [1.0] * len(sources)  # several sources on a command line are a mix, never raw texts
+    calibration = sources if weights is not None else (sources[0] if sources else None)
     return SparsityConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, include=args.include,
         sparsity_profile=args.sparsity_profile, profile_options=dict(args.profile_options),
-        exclude=args.exclude, calibration=args.calibration, calibration_split=args.calibration_split,
+        exclude=args.exclude, calibration=calibration, calibration_weights=weights, target_data=args.target_data,
+        calibration_split=args.calibration_split,
         calibration_column=args.calibration_column, calibration_subset=args.calibration_subset,
         num_samples=args.num_samples, sequence_length=args.sequence_length, batch_size=args.batch_size,
         seed=args.seed, method_options=dict(args.method_options), parallel=args.parallel,
@@ -94,10 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Everything that can be checked without the model is checked before a possibly long load.
     config = sparsity_config(args)
-    if config.needs_calibration and isinstance(args.calibration, str) and looks_like_path(args.calibration) \
-            and not Path(args.calibration).expanduser().exists():
-        raise ValueError(f"--calibration {args.calibration!r} does not exist; give a text/JSON file or folder, "
-                         "or a Hugging Face dataset name")
+    for source in (args.calibration or []) if config.needs_calibration else []:
+        if looks_like_path(source) and not Path(source).expanduser().exists():
+            raise ValueError(f"--calibration {source!r} does not exist; give a text/JSON file or folder, "
+                             "or a Hugging Face dataset name")
+    if args.target_data is not None and not Path(args.target_data).expanduser().exists():
+        raise ValueError(f"--target-data {args.target_data!r} does not exist; give a text/JSON file or folder")
     check_output(args)
     # Under torchrun/accelerate launch every process prunes its share of the blocks; one of them (the main process)
     # evaluates, writes the output and prints, the others stop once the pruned weights are shared.
