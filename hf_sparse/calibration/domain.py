@@ -12,7 +12,11 @@ of the served text; before pruning, :func:`check_domain` compares it with the ca
   disjoint vocabularies.
 
 It warns, with the numbers, when ``|loss_gap| > MAX_LOSS_GAP`` or ``token_overlap < MIN_TOKEN_OVERLAP``; the report
-goes into the record (``sparsity_config.domain_check``) and the model card.
+goes into the record (``sparsity_config.domain_check``) and the model card. Measured on the 7M model (32 × 256
+calibration windows vs 32 target windows): WikiText/WikiText overlap 0.65 (loss gap +0.52: the calibration split
+was in its training data), Grimm/Grimm 0.73 (+0.02), WikiText→Grimm 0.32 (+0.76), Grimm→WikiText 0.35 (−0.22).
+The overlap separates the domains; the loss gap is confounded by what the model was trained on, so its threshold
+is loose.
 
 >>> token_overlap(torch.tensor([[1, 1, 2, 3]]), torch.tensor([[1, 2, 2, 2]]))
 0.5
@@ -32,10 +36,10 @@ from .sources import read_texts
 
 logger = logging.getLogger(__name__)
 
-#: Thresholds of the warning, set from the measurements in the README (WikiText vs. Grimm's fairy tales on the 7M
-#: model: the pair where Wanda/SparseGPT fall behind magnitude).
-MAX_LOSS_GAP = 0.5
-MIN_TOKEN_OVERLAP = 0.6
+#: Thresholds of the warning, set from the measurements above (WikiText vs. Grimm's fairy tales on the 7M model: the
+#: pair where Wanda/SparseGPT fall behind magnitude).
+MAX_LOSS_GAP = 1.0
+MIN_TOKEN_OVERLAP = 0.5
 #: Target windows compared (at most; fewer when the target text is short).
 MAX_TARGET_WINDOWS = 32
 

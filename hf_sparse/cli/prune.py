@@ -81,6 +81,10 @@ def sparsity_config(args: argparse.Namespace):
     from .. import SparsityConfig
 
     sources = args.calibration or []
+    for source in sources:  # before the config, whose mix check would name the path less helpfully
+        if looks_like_path(source) and not Path(source).expanduser().exists():
+            raise ValueError(f"--calibration {source!r} does not exist; give a text/JSON file or folder, "
+                             "or a Hugging Face dataset name")
     weights = args.calibration_weights
     if weights is not None and len(weights) != len(sources):
         raise ValueError(f"--calibration-weight was given {len(weights)} time(s) for {len(sources)} --calibration "
@@ -110,10 +114,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Everything that can be checked without the model is checked before a possibly long load.
     config = sparsity_config(args)
-    for source in (args.calibration or []) if config.needs_calibration else []:
-        if looks_like_path(source) and not Path(source).expanduser().exists():
-            raise ValueError(f"--calibration {source!r} does not exist; give a text/JSON file or folder, "
-                             "or a Hugging Face dataset name")
     if args.target_data is not None and not Path(args.target_data).expanduser().exists():
         raise ValueError(f"--target-data {args.target_data!r} does not exist; give a text/JSON file or folder")
     check_output(args)
