@@ -99,10 +99,13 @@ def worker_pretrained(job: dict) -> dict:
     from hf_sparse.threads import set_num_threads
 
     set_num_threads(job["threads"])
-    model_dir = Path(job["model_dir"])
+    # Optional job keys (other benchmarks reuse this worker): model_dir, heldout, calibration, sparsity_profile,
+    # profile_options.
+    model_dir = Path(job.get("model_dir") or Path(job["shared"]) / "models" / "llama-7m-books")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    heldout = (Path(job["shared"]) / "data" / "wikitext2-test.txt").read_text(encoding="utf-8")
+    heldout_path = job.get("heldout") or Path(job["shared"]) / "data" / "wikitext2-test.txt"
+    heldout = Path(heldout_path).read_text(encoding="utf-8")
     result: dict = {"rss_loaded": current_rss_bytes()}
     if job["method"] == "dense":
         result["seconds"] = 0.0
@@ -111,8 +114,9 @@ def worker_pretrained(job: dict) -> dict:
     else:
         config = hf_sparse.SparsityConfig(
             method=job["method"], pattern=job["pattern"], sparsity=job["sparsity"],
-            calibration=str(Path(job["shared"]) / "data" / "calibration.txt"), num_samples=job["num_samples"],
-            sequence_length=job["sequence_length"], seed=job["seed"], batch_size=8,
+            calibration=job.get("calibration") or str(Path(job["shared"]) / "data" / "calibration.txt"),
+            num_samples=job["num_samples"], sequence_length=job["sequence_length"], seed=job["seed"], batch_size=8,
+            sparsity_profile=job.get("sparsity_profile", "uniform"), profile_options=job.get("profile_options", {}),
         )
         start = time.perf_counter()
         record = hf_sparse.prune(model, config, tokenizer=tokenizer, show_progress=False)
@@ -120,6 +124,7 @@ def worker_pretrained(job: dict) -> dict:
         # Read before the evaluation so the number is the pruning step's peak (model load included).
         result["peak_rss"] = peak_rss_bytes()
         result["sparsity"] = record.overall_sparsity
+        result["block_sparsity"] = (record.sparsity_profile or {}).get("block_sparsity")
     result["perplexity"] = hf_sparse.evaluate.perplexity(
         model, tokenizer, heldout, sequence_length=job["eval_sequence_length"], max_windows=job["max_windows"],
         show_progress=False,

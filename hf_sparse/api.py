@@ -8,6 +8,8 @@ import logging
 import torch
 from torch import nn
 
+from .calibration.domain import check_domain
+from .calibration.mixes import load_mix
 from .calibration import (
     check_fits_model,
     check_source,
@@ -18,7 +20,8 @@ from .calibration import (
     tokenizer_for,
 )
 from .config import SparsityConfig
-from .engine import LayerwiseEngine
+from .config.profiles import UNIFORM, allocate, profile_needs_calibration
+from .engine import LayerwiseEngine, TargetSparsity
 from .integrations.gguf import check_gguf_weights_dense, detach_gguf, gguf_source
 from .methods import build_method
 from .record import SparsityRecord, merge_records, overall_sparsity, read_record, write_record
@@ -48,8 +51,11 @@ def _inference_mode(model: nn.Module, seed: int):
 def _provenance(model: nn.Module, config: SparsityConfig, method, calibration_ids, gguf=None) -> dict:
     """The record fields that say how the model was pruned: options, calibration actually used, base model (a GGUF
     file by its name and content hash: the folder it was read from is a local path)."""
-    calibration = describe_calibration(config.calibration) or config.calibration_descriptor
-    if calibration is not None and method.needs_calibration:
+    # Calibration ids exist exactly when the method (or the sparsity profile, e.g. OWL) read calibration data.
+    used_calibration = calibration_ids is not None
+    calibration = describe_calibration(config.calibration, config.calibration_weights) \
+        or config.calibration_descriptor
+    if calibration is not None and used_calibration:
         calibration = {**calibration, "num_samples": int(calibration_ids.shape[0]),
                        "sequence_length": int(calibration_ids.shape[1]), "seed": config.seed}
     if gguf is not None:
@@ -57,7 +63,7 @@ def _provenance(model: nn.Module, config: SparsityConfig, method, calibration_id
     else:
         base_model, base_model_sha256 = describe_local_folder(getattr(model, "name_or_path", None) or None)
     return {"method_options": method.options.to_dict(),
-            "calibration": calibration if method.needs_calibration else None,
+            "calibration": calibration if used_calibration else None,
             "base_model": base_model, "base_model_sha256": base_model_sha256}
 
 
@@ -109,15 +115,31 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     if gguf is not None:
         check_gguf_weights_dense(model)
     calibration_ids = None
-    if method.needs_calibration:
-        check_source(config.calibration, config.method)
-        check_fits_model(config.calibration, config.sequence_length, model)
-        if not is_token_source(config.calibration):
+    needs_calibration = method.needs_calibration or profile_needs_calibration(config.sparsity_profile)
+    if needs_calibration:
+        check_source(config.calibration, config.method if method.needs_calibration else
+                     f"{config.method} with sparsity_profile={config.sparsity_profile!r}")
+        mixed = config.calibration_weights is not None
+        sources = list(config.calibration) if mixed else [config.calibration]
+        for source in sources:
+            check_fits_model(source, config.sequence_length, model)
+        if not all(is_token_source(source) for source in sources):
             tokenizer = tokenizer or config.tokenizer or (gguf.load_tokenizer() if gguf else tokenizer_for(model))
-        calibration_ids = load_calibration(
-            config.calibration, tokenizer, config.num_samples, config.sequence_length, config.seed,
-            split=config.calibration_split, column=config.calibration_column, subset=config.calibration_subset,
-        )
+        options = dict(split=config.calibration_split, column=config.calibration_column,
+                       subset=config.calibration_subset)
+        if mixed:
+            calibration_ids = load_mix(sources, config.calibration_weights, tokenizer, config.num_samples,
+                                       config.sequence_length, config.seed, **options)
+        else:
+            calibration_ids = load_calibration(config.calibration, tokenizer, config.num_samples,
+                                               config.sequence_length, config.seed, **options)
+    domain_report = None
+    if config.target_data is not None:
+        if calibration_ids is None:
+            raise ValueError(f"target_data is compared with the calibration data, and method {config.method!r} "
+                             "uses none: set calibration=... or leave target_data out")
+        domain_report = check_domain(model, calibration_ids, config.target_data,
+                                     tokenizer or config.tokenizer or tokenizer_for(model), config.batch_size)
 
     if config.parsed_pattern.is_structured:
         return _prune_structured(model, config, method, calibration_ids, previous, show_progress, gguf)
@@ -125,7 +147,13 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         method, config.parsed_pattern, lambda _name: config.sparsity, include=config.include, exclude=config.exclude,
         device=config.device, parallel=config.parallel, num_workers=config.num_workers, show_progress=show_progress,
     )
+    allocation = None
     with _inference_mode(model, config.seed):
+        if config.sparsity_profile != UNIFORM:
+            # The profile's targets first (OWL: one dense statistics pass), then the pruning pass with them.
+            allocation = allocate(config.sparsity_profile, config.profile_options, config.sparsity, engine,
+                                  model, calibration_ids, config.batch_size)
+            engine.sparsity = TargetSparsity.per_module(allocation.module_sparsity)
         result = engine.run(model, calibration_ids, batch_size=config.batch_size)
 
     if gguf is not None:
@@ -134,6 +162,10 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
         method=config.method, pattern=config.pattern, target_sparsity=config.sparsity,
         modules={name: round(value, 6) for name, value in result.achieved.items()},
         overall_sparsity=round(result.overall_sparsity, 6), **_provenance(model, config, method, calibration_ids, gguf),
+        sparsity_profile=allocation.to_record() if allocation is not None else None,
+        domain_check=domain_report.to_dict() if domain_report is not None else None,
+        target_modules=({name: round(value, 6) for name, value in allocation.module_sparsity.items()}
+                        if allocation is not None else None),
     )
     if previous is not None:
         # Pruned before (another include, another method): the record keeps every pass's modules, so get_masks

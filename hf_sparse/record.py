@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from .calibration.descriptors import check_descriptor, sha256_hex
+from .calibration.domain import DomainReport
 from .config.sparsity import pattern_name, registered_method
 from .config.validation import check_value, to_json_dict, validate_dataclass, validate_mapping
 from .engine.devices import readable_weight
@@ -109,6 +110,54 @@ def _json_object(name: str, value: Any) -> Any:
             raise ValueError(f"{name} must be an object, got {value!r} ({type(value).__name__})")
         _json_value(name, value)
     return value
+
+
+def _block_values(name: str, value: Any, spec: dict) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be an object of block index -> number, got {value!r}")
+    for key, item in value.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise ValueError(f"{name} keys must be block indices, got {key!r}")
+        check_value(f"{name}[{key!r}]", item, float, spec)
+    return {key: float(item) for key, item in value.items()}
+
+
+@dataclass
+class ProfileEntry:
+    """``sparsity_config.sparsity_profile``: what a non-uniform sparsity profile decided."""
+
+    name: str = field(metadata={"help": "'owl' or 'explicit'.", "choices": ("uniform", "owl", "explicit")})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "The profile's options.",
+                                                                    "check": _json_object})
+    block_sparsity: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "Target per block (parameter-weighted over its pruned modules).",
+        "check": lambda name, value: _block_values(name, value, {"range": "[0, 1]"})})
+    block_outlier_ratio: dict[str, float] | None = field(default=None, metadata={
+        "help": "OWL: each block's share of outlier scores.",
+        "check": lambda name, value: None if value is None else _block_values(name, value, {"range": "[0, 1]"})})
+    explicit: dict[str, float] | None = field(default=None, metadata={
+        "help": "An explicit profile as given (block index or regular expression -> sparsity).",
+        "check": lambda name, value: None if value is None else _module_sparsities(name, value)})
+
+
+def _profile_entry(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    return to_json_dict(ProfileEntry(**validate_mapping(value, ProfileEntry, f"{name}.")), omit_none=(
+        "block_outlier_ratio", "explicit"))
+
+
+def _domain_check(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    checked = validate_mapping(value, DomainReport, f"{name}.")
+    if checked.get("target") is not None:
+        checked["target"] = check_descriptor(checked["target"], prefix=f"{name}.target.")
+    return DomainReport(**checked).to_dict()
+
+
+def _optional_module_sparsities(name: str, value: Any) -> Any:
+    return None if value is None else _module_sparsities(name, value)
 
 
 @dataclass
@@ -220,8 +269,20 @@ class SparsityRecord:
         "help": "Shapes after structured pruning: original dimensions, kept heads/channels per block, removed blocks "
                 "(hf_sparse.surgery.structure).", "check": _structure})
 
+    sparsity_profile: dict[str, Any] | None = field(
+        default=None, metadata={"help": "The sparsity profile of the last pass when not uniform: name, options, "
+                                        "target per block (and OWL's outlier ratio per block).",
+                                "check": _profile_entry})
+    domain_check: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Calibration vs. target data on the dense model (SparsityConfig.target_data).",
+                                "check": _domain_check})
+    target_modules: dict[str, float] | None = field(
+        default=None, metadata={"help": "Target sparsity per module of the last pass, when not uniform (`modules` "
+                                        "holds the achieved ones).", "check": _optional_module_sparsities})
+
     # Optional keys are written only when set, so records of plain pruning keep their exact shape.
-    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "storage", "structure")
+    _OMIT_WHEN_NONE = ("base_model", "base_model_sha256", "recovery", "passes", "storage", "structure",
+                       "sparsity_profile", "domain_check", "target_modules")
 
     def __post_init__(self):
         validate_dataclass(self, prefix=_PREFIX)
@@ -296,6 +357,7 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
         base_model=previous.base_model if keep_base else new.base_model,
         base_model_sha256=previous.base_model_sha256 if keep_base else new.base_model_sha256,
         recovery=previous.recovery, passes=passes, structure=previous.structure,
+        sparsity_profile=new.sparsity_profile, target_modules=new.target_modules,
     )
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..config.validation import validate_mapping
 
-KINDS = ("name_or_path", "file", "folder", "texts", "token_ids")
+KINDS = ("name_or_path", "file", "folder", "texts", "token_ids", "mix")
 _CHUNK = 1 << 20
 _HEX64 = 64
 
@@ -47,6 +47,18 @@ class CalibrationDescriptor:
     num_samples: int | None = field(default=None, metadata={"help": "Windows drawn.", "range": "> 0"})
     sequence_length: int | None = field(default=None, metadata={"help": "Tokens per window.", "range": "> 0"})
     seed: int | None = field(default=None, metadata={"help": "Window sampling seed."})
+    share: float | None = field(default=None, metadata={"help": "A mix's source: its share of the windows.",
+                                                        "range": "(0, 1]"})
+    sources: list[dict] | None = field(default=None, metadata={"help": "A mix: each source's descriptor and share.",
+                                                               "check": lambda name, value: _mix_sources(name, value)})
+
+
+def _mix_sources(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{name} must be a non-empty list of source descriptors, got {value!r}")
+    return [check_descriptor(item, prefix=f"{name}[{index}].") for index, item in enumerate(value)]
 
 
 def check_descriptor(data: Any, prefix: str = "sparsity_config.calibration.") -> dict[str, Any]:
@@ -135,14 +147,19 @@ def describe_local_folder(source: str | None) -> tuple[str | None, str | None]:
     return path.resolve().name, content_sha256(path)
 
 
-def describe_calibration(source: Any) -> dict[str, Any] | None:
+def describe_calibration(source: Any, weights: Any = None) -> dict[str, Any] | None:
     """A small JSON descriptor of a calibration source: its kind, a name where it has one, and a content hash.
+    With ``weights`` the source is a mix (:mod:`.mixes`): every source's descriptor with its share.
 
     >>> describe_calibration(["some text"])["kind"], describe_calibration("wikitext")
     ('texts', {'kind': 'name_or_path', 'name': 'wikitext'})
     """
     if source is None:
         return None
+    if weights is not None:
+        total = float(sum(weights))
+        return {"kind": "mix", "sources": [{**describe_calibration(one), "share": round(w / total, 6)}
+                                           for one, w in zip(source, weights)]}
     if isinstance(source, str):
         path = _local_path(source)
         if path is None:

@@ -15,7 +15,7 @@ DTYPES = ("float32", "float16", "bfloat16", "auto")
 PROG = "hf-sparse"
 
 
-def parse_method_option(text: str) -> tuple[str, Any]:
+def parse_method_option(text: str, flag: str = "--method-option", example: str = "block_size=64") -> tuple[str, Any]:
     """``"block_size=64"`` -> ``("block_size", 64)``; the value is JSON when it parses, else the raw string.
 
     >>> parse_method_option("dampening=0.02"), parse_method_option("init=wanda"), parse_method_option("per_row=true")
@@ -24,12 +24,42 @@ def parse_method_option(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--method-option {text!r} must look like key=value, e.g. block_size=64")
+        raise argparse.ArgumentTypeError(f"{flag} {text!r} must look like key=value, e.g. {example}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw  # plain strings need no quotes on the command line
     return key, value
+
+
+def parse_profile_option(text: str) -> tuple[str, Any]:
+    """``--profile-option`` values: ``"lambda=0.08"`` -> ``("lambda", 0.08)``."""
+    return parse_method_option(text, "--profile-option", "lambda=0.08")
+
+
+def parse_sparsity_profile(text: str) -> str | dict[str, float]:
+    """``--sparsity-profile`` values: ``uniform``, ``owl``, or a JSON file holding an explicit profile
+    (``{"0": 0.4, "mlp\\.down_proj": 0.6}``: block index or module-name regular expression -> sparsity).
+
+    >>> parse_sparsity_profile("owl")
+    'owl'
+    """
+    from ..config.profiles import NAMED_PROFILES
+
+    if text in NAMED_PROFILES:
+        return text
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"--sparsity-profile {text!r} is neither one of {NAMED_PROFILES} nor a JSON "
+                                         "file of block index or module-name regex -> sparsity")
+    try:
+        profile = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"--sparsity-profile {text!r} is not valid JSON: {error}") from None
+    if not isinstance(profile, dict):
+        raise argparse.ArgumentTypeError(f"--sparsity-profile {text!r} must hold a JSON object, got "
+                                         f"{type(profile).__name__}")
+    return profile
 
 
 def positive_int(text: str) -> int:
@@ -180,11 +210,24 @@ def add_selection_arguments(group) -> None:
                        help="never prune linears whose full name matches; repeatable")
 
 
-def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
-    """The calibration options: source, split/column/subset, number and length of windows, batch, seed."""
+def add_calibration_arguments(parser: argparse.ArgumentParser, mix: bool = False) -> None:
+    """The calibration options: source, split/column/subset, number and length of windows, batch, seed. With ``mix``,
+    ``--calibration`` is repeatable (a mix of sources, ``--calibration-weight`` for their shares) and
+    ``--target-data`` asks for the domain check."""
     calib = parser.add_argument_group("calibration")
-    calib.add_argument("--calibration", default=None, metavar="PATH_OR_DATASET",
-                       help="text/JSON file or folder, or a Hugging Face dataset name (all methods but magnitude)")
+    if mix:
+        calib.add_argument("--calibration", action="append", default=None, metavar="PATH_OR_DATASET",
+                           help="text/JSON file or folder, or a Hugging Face dataset name (all methods but "
+                                "magnitude); repeat it for a mix (equal shares unless --calibration-weight is given)")
+        calib.add_argument("--calibration-weight", dest="calibration_weights", action="append", type=float,
+                           default=None, metavar="W",
+                           help="share of the windows from each --calibration, in the same order (repeatable)")
+        calib.add_argument("--target-data", default=None, metavar="PATH",
+                           help="a sample of the text the model will serve: compared with the calibration data "
+                                "before pruning, with a warning when they differ enough to hurt (recorded either way)")
+    else:
+        calib.add_argument("--calibration", default=None, metavar="PATH_OR_DATASET",
+                           help="text/JSON file or folder, or a Hugging Face dataset name (all methods but magnitude)")
     calib.add_argument("--calibration-split", default="train", help="dataset split (default train)")
     calib.add_argument("--calibration-column", default="text", help="text column of a dataset/JSON (default text)")
     calib.add_argument("--calibration-subset", default=None, help="dataset configuration name")

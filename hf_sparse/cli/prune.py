@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from .common import (add_calibration_arguments, add_model_arguments, add_output_arguments, add_perplexity_arguments,
                      add_selection_arguments, check_calibration_path, check_output, default_eval_length,
-                     evaluation_entry, format_bytes, load_model_and_tokenizer, peak_rss_bytes, positive_int,
-                     print_table, read_eval_texts, save_output)
+                     evaluation_entry, format_bytes, load_model_and_tokenizer, parse_profile_option,
+                     parse_sparsity_profile, peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
 
 HELP = "prune a model and save it (with perplexity before/after, if --eval-data is given)"
 DESCRIPTION = ("Load MODEL (local folder or Hub id), prune it with hf_sparse.prune, measure perplexity before and "
@@ -27,8 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="'unstructured', N:M such as 2:4, or 'structured' (flap, shortgpt, sleb remove whole "
                            "heads, channels or blocks; --sparsity is then the fraction of decoder-block parameters) "
                            "(default unstructured)")
+    what.add_argument("--sparsity-profile", type=parse_sparsity_profile, default="uniform",
+                      metavar="uniform|owl|FILE.json",
+                      help="how the sparsity is shared out over the blocks: uniform (default), owl (outlier-weighted, "
+                           "same overall sparsity), or a JSON file {block index or module regex: sparsity}")
+    what.add_argument("--profile-option", dest="profile_options", action="append", type=parse_profile_option,
+                      default=[], metavar="KEY=VALUE", help="a sparsity-profile option, repeatable (owl: m=5, lambda=0.08)")
     add_selection_arguments(what)
-    add_calibration_arguments(parser)
+    add_calibration_arguments(parser, mix=True)
     run = parser.add_argument_group("execution")
     run.add_argument("--device", default=None, help="device blocks are pruned on (default: first GPU, else in place)")
     run.add_argument("--parallel", action="store_true",
@@ -47,9 +54,21 @@ def sparsity_config(args: argparse.Namespace):
     """The :class:`hf_sparse.SparsityConfig` the options describe (validated on construction)."""
     from .. import SparsityConfig
 
+    sources = args.calibration or []
+    for source in sources:  # before the config, whose mix check would name the path less helpfully
+        check_calibration_path(source)
+    weights = args.calibration_weights
+    if weights is not None and len(weights) != len(sources):
+        raise ValueError(f"--calibration-weight was given {len(weights)} time(s) for {len(sources)} --calibration "
+                         "source(s): give one weight per source, in the same order")
+    if len(sources) > 1 and weights is None:
+        weights = [1.0] * len(sources)  # several sources on a command line are a mix, never raw texts
+    calibration = sources if weights is not None else (sources[0] if sources else None)
     return SparsityConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, include=args.include,
-        exclude=args.exclude, calibration=args.calibration, calibration_split=args.calibration_split,
+        sparsity_profile=args.sparsity_profile, profile_options=dict(args.profile_options),
+        exclude=args.exclude, calibration=calibration, calibration_weights=weights, target_data=args.target_data,
+        calibration_split=args.calibration_split,
         calibration_column=args.calibration_column, calibration_subset=args.calibration_subset,
         num_samples=args.num_samples, sequence_length=args.sequence_length, batch_size=args.batch_size,
         seed=args.seed, method_options=dict(args.method_options), parallel=args.parallel,
@@ -67,8 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Everything that can be checked without the model is checked before a possibly long load.
     config = sparsity_config(args)
-    if config.needs_calibration:
-        check_calibration_path(args.calibration)
+    if args.target_data is not None and not Path(args.target_data).expanduser().exists():
+        raise ValueError(f"--target-data {args.target_data!r} does not exist; give a text/JSON file or folder")
     check_output(args)
     # Under torchrun/accelerate launch every process prunes its share of the blocks; one of them (the main process)
     # evaluates, writes the output and prints, the others stop once the pruned weights are shared.

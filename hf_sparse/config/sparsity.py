@@ -10,14 +10,16 @@ import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..calibration.descriptors import check_descriptor, describe_calibration
+from ..calibration.mixes import check_mix
 from ..masks import SparsityPattern
 from ..methods import get_method_class
+from .profiles import UNIFORM, check_profile, check_profile_options, profile_name
 from .validation import regex_list, validate_dataclass
 
 QUANT_METHOD = "hf_sparse"
 
 # Fields that exist only at run time: never written to config.json (texts and tokenizers do not belong there).
-_RUNTIME_ONLY = ("tokenizer",)
+_RUNTIME_ONLY = ("tokenizer", "target_data")
 
 
 def registered_method(name: str, value: Any) -> Any:
@@ -81,10 +83,35 @@ class SparsityConfig(QuantizationConfigMixin):
         default=None, metadata={"help": "Regular expressions on full module names that are never pruned.",
                                  "check": regex_list}
     )
+    sparsity_profile: str | dict[str, float] = field(
+        default=UNIFORM,
+        metadata={"help": "How the target is shared out over the decoder blocks: 'uniform' (every module gets "
+                          "`sparsity`), 'owl' (outlier-weighted: blocks with more activation outliers keep more "
+                          "weights; overall sparsity stays `sparsity`), or an explicit dict from block index or "
+                          "module-name regular expression to sparsity. Unstructured patterns only.",
+                  "check": check_profile},
+    )
+    profile_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Options of the sparsity profile: for 'owl', m (outlier threshold, default 5) and lambda "
+                          "(sparsity range S ± lambda, default 0.08).", "check": _empty_if_none},
+    )
     calibration: Any = field(
         default=None,
         metadata={"help": "A Hugging Face dataset name, a local .txt/.json/.jsonl file or folder, a list of strings, "
                           "or token ids (a 2-D tensor or list of lists). Required by every method but magnitude."},
+    )
+    calibration_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "A calibration mix: with it, `calibration` is a list of sources (any of the kinds above) "
+                          "and source i gives weights[i] / sum(weights) of the windows. Without it a list of "
+                          "strings is raw texts, as always."},
+    )
+    target_data: Any = field(
+        default=None, repr=False,
+        metadata={"help": "A sample of the text the pruned model will serve (a file, folder or list of strings; run "
+                          "time only). Before pruning, the calibration windows are compared with it on the dense "
+                          "model, a warning is logged when they differ enough to hurt, and the report is recorded."},
     )
     calibration_split: str = field(default="train", metadata={"help": "Dataset split, for dataset names."})
     calibration_column: str = field(default="text", metadata={"help": "Text column, for datasets and JSON."})
@@ -151,6 +178,15 @@ class SparsityConfig(QuantizationConfigMixin):
                 f"sparsity {self.sparsity!r} contradicts pattern {self.pattern!r}, which fixes sparsity at "
                 f"{parsed.implied_sparsity!r}; omit sparsity or set it to that value"
             )
+        if parsed.is_n_m and self.sparsity_profile != UNIFORM:
+            raise ValueError(
+                f"sparsity_profile={profile_name(self.sparsity_profile)!r} needs an unstructured pattern, got "
+                f"{self.pattern!r}: per-block N:M (a different N per block) is not supported; use "
+                "pattern='unstructured' with a sparsity, or the uniform profile with N:M"
+            )
+        if self.calibration_weights is not None:
+            self.calibration_weights = check_mix(self.calibration, self.calibration_weights)
+        self.profile_options = check_profile_options(self.sparsity_profile, self.profile_options)
         if self.parallel and not method_cls.propagate_dense:
             raise ValueError(
                 f"parallel=True needs a method whose blocks are independent (dense inputs per block, e.g. 'fista'); "
@@ -173,11 +209,14 @@ class SparsityConfig(QuantizationConfigMixin):
         """JSON-safe dict: calibration data is replaced by a descriptor, run-time fields are dropped."""
         out: dict[str, Any] = {"quant_method": QUANT_METHOD}
         for f in dataclasses.fields(self):
-            if f.name in _RUNTIME_ONLY or f.name in ("quant_method", "calibration", "calibration_descriptor"):
+            # A mix's weights are in its descriptor (each source's share), with the data they weigh.
+            if f.name in _RUNTIME_ONLY or f.name in ("quant_method", "calibration", "calibration_descriptor",
+                                                     "calibration_weights"):
                 continue
             out[f.name] = getattr(self, f.name)
         out["method_options"] = dict(self.method_options)
-        out["calibration"] = describe_calibration(self.calibration) or self.calibration_descriptor
+        out["calibration"] = describe_calibration(self.calibration, self.calibration_weights) \
+            or self.calibration_descriptor
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:

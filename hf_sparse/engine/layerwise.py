@@ -18,18 +18,26 @@ several processes, or without data) is the pipeline's (:mod:`hf_sparse.engine.pi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..masks import SparsityPattern
-from .capture import BlockInputs
-from .devices import check_device_available, execution_device, readable_weight, weight_copy, write_weight
-from .pipelines import Pipeline, infer_pipeline
+from .capture import BlockInputs, run_block
+from .devices import (
+    block_on_device,
+    check_device_available,
+    execution_device,
+    readable_weight,
+    weight_copy,
+    write_weight,
+)
+from .pipelines import Pipeline, first_block_inputs, infer_pipeline
 from .planning import PruningPlan, PruningTarget, TargetSparsity, plan_targets
 from .statistics import (
     STATISTICS,
@@ -176,6 +184,41 @@ class LayerwiseEngine:
                 for rel, module in block.named_modules() if id(module) in modules}
 
     # -- whole model --------------------------------------------------------------------------------------------
+    def summarize_dense_blocks(self, model: nn.Module, calibration_ids: torch.Tensor, batch_size: int,
+                               statistics: frozenset[str],
+                               summarize: Callable[[list[tuple[PruningTarget, torch.Tensor, LinearStatistics]]], Any],
+                               description: str = "dense statistics") -> list[Any]:
+        """One pass over the *dense* model before pruning: for each block of the plan, in order, the registered
+        ``statistics`` of its targets (fed the dense previous blocks' outputs) are collected and handed to
+        ``summarize`` as ``(target, weight, stats)`` triples; its return value, one per block, is kept and the
+        statistics are dropped. Nothing is changed, and only one block's activations and statistics are alive at a
+        time, as in pruning. Sparsity profiles (OWL) read their outlier statistics this way.
+
+        >>> engine.summarize_dense_blocks(model, ids, 8, frozenset({"sq_norm"}), len)  # doctest: +SKIP
+        [7, 7, 7, 7, 7, 7]
+        """
+        plan = self.plan(model)
+        inputs = first_block_inputs(model, plan, calibration_ids, batch_size, self.device)
+        summaries = []
+        last = len(plan.blocks) - 1
+        for block_plan in tqdm(plan.blocks, desc=description, unit="block", disable=not self.show_progress):
+            device = execution_device(block_plan.block, self.device)
+            inputs = inputs.for_block(block_plan.index).to(device)
+            with block_on_device(block_plan.block, device):
+                if block_plan.targets:
+                    collector = StatisticsCollector(block_plan.targets, statistics, device)
+                    collector.collect(block_plan.block, inputs, None)
+                    with contextlib.ExitStack() as stack:
+                        triples = [(t, stack.enter_context(readable_weight(t.module, device)).float(),
+                                    collector.stats[t.name]) for t in block_plan.targets]
+                        summaries.append(summarize(triples))
+                    del collector, triples
+                else:
+                    summaries.append(None)
+                if block_plan.index != last:
+                    inputs = inputs.with_hidden_states(run_block(block_plan.block, inputs))
+        return summaries
+
     def run(self, model: nn.Module, calibration_ids: torch.Tensor | None, batch_size: int = 8) -> EngineResult:
         """Prune ``model`` in place. ``calibration_ids`` (samples, seq) may be ``None`` for data-free methods."""
         plan = self.plan(model)

@@ -51,11 +51,18 @@ class Pipeline(ABC):
 
     def _first_block_inputs(self, model: nn.Module, plan: PruningPlan, calibration_ids: torch.Tensor,
                             batch_size: int) -> BlockInputs:
-        first = plan.blocks[0].block
-        device = execution_device(first, self.engine.device)
-        with block_on_device(first, device):
-            return capture_block_inputs(model, first, calibration_ids, batch_size, device,
-                                        blocks=[block_plan.block for block_plan in plan.blocks])
+        return first_block_inputs(model, plan, calibration_ids, batch_size, self.engine.device)
+
+
+def first_block_inputs(model: nn.Module, plan: PruningPlan, calibration_ids: torch.Tensor, batch_size: int,
+                       device: str | None) -> BlockInputs:
+    """The calibration inputs of the plan's first block (and, where the model gives blocks different keyword inputs,
+    each block's own), captured on the device the first block computes on."""
+    first = plan.blocks[0].block
+    target = execution_device(first, device)
+    with block_on_device(first, target):
+        return capture_block_inputs(model, first, calibration_ids, batch_size, target,
+                                    blocks=[block_plan.block for block_plan in plan.blocks])
 
 
 def advance(progress, block_plan, achieved: Counts) -> None:

@@ -10,7 +10,7 @@
 """
 
 from .bench import BenchResult, benchmark, compare
-from .perplexity import perplexity, token_windows
+from .perplexity import perplexity, token_nll, token_windows
 from .sweep import SweepPoint, run_sweep
 from .zero_shot import record_zero_shot, zero_shot, zero_shot_entry
 
@@ -22,6 +22,7 @@ __all__ = [
     "perplexity",
     "record_zero_shot",
     "run_sweep",
+    "token_nll",
     "token_windows",
     "zero_shot",
     "zero_shot_entry",

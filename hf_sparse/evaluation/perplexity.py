@@ -34,6 +34,14 @@ def token_windows(token_ids: torch.Tensor, sequence_length: int, stride: int | N
 
 
 @torch.no_grad()
+def token_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of every token but the first of each row of ``ids`` (batch, seq): (batch, seq-1)."""
+    logits = model(input_ids=ids, use_cache=False).logits.float()  # (batch, seq, vocab)
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    return -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, texts: str | Sequence[str], sequence_length: int = 2048,
                stride: int | None = None, batch_size: int = 8, max_windows: int | None = None,
                show_progress: bool = True) -> float:
@@ -57,9 +65,7 @@ def perplexity(model: nn.Module, tokenizer, texts: str | Sequence[str], sequence
         for start in progress:
             chunk = spans[start : start + batch_size]
             ids = torch.stack([stream[b:e] for b, e, _ in chunk]).to(device)  # (batch, seq)
-            logits = model(input_ids=ids, use_cache=False).logits.float()  # (batch, seq, vocab)
-            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll = -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
+            nll = token_nll(model, ids)  # (batch, seq-1)
             for row, (_b, _e, scored_from) in enumerate(chunk):
                 # Token t is predicted at position t-1; a token counts when it lies in the scored part.
                 scored = nll[row, max(scored_from, 1) - 1 :]

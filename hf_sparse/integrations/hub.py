@@ -124,6 +124,11 @@ def _calibration_text(calibration: dict[str, Any] | None) -> str:
     if not calibration:
         return "none (data-free method)"
     kind = calibration.get("kind")
+    if kind == "mix":
+        parts = " + ".join(f"{_calibration_text(one)} ({one['share'] * 100:.0f}%)" for one in calibration["sources"])
+        n, length = calibration.get("num_samples"), calibration.get("sequence_length")
+        return f"mix of {parts}" + (f"; {n} sequences × {length} tokens, seed {calibration.get('seed', 0)}"
+                                     if n and length else "")
     # A file or folder is recorded by base name + sha256, a dataset by its name: either way the name is what to show.
     source = (_short_name(calibration["name"]) if kind in ("name_or_path", "file", "folder") and calibration.get("name")
               else f"{calibration.get('count', '?')} {'texts' if kind == 'texts' else 'token sequences'}"
@@ -133,6 +138,26 @@ def _calibration_text(calibration: dict[str, Any] | None) -> str:
         n, length = calibration["num_samples"], calibration["sequence_length"]
         size = f", {n} sequences × {length} tokens ({n * length:,} tokens), seed {calibration.get('seed', 0)}"
     return f"{_literal(source)}{_text(size)}"
+
+
+def _profile_text(profile: dict[str, Any] | None) -> str:
+    if not profile:
+        return ""
+    blocks = profile.get("block_sparsity") or {}
+    spread = (f": blocks from {min(blocks.values()) * 100:.1f}% to {max(blocks.values()) * 100:.1f}%"
+              if blocks else "")
+    options = f" ({', '.join(f'{k}={v}' for k, v in profile.get('options', {}).items())})" if profile.get("options") \
+        else ""
+    return f"{profile['name']}{options}{spread}"
+
+
+def _domain_text(check: dict[str, Any] | None) -> str:
+    if not check:
+        return ""
+    verdict = ("**differ**: pruning methods fitted to calibration data may do worse than magnitude pruning on "
+               "the target text" if check["mismatch"] else "look alike")
+    return (f"calibration vs. target text on the dense model: loss {check['calibration_loss']:.2f} vs "
+            f"{check['target_loss']:.2f} nats/token, token overlap {check['token_overlap']:.2f} — {verdict}")
 
 
 def _recovery_text(recovery: dict[str, Any] | None) -> str:
@@ -266,6 +291,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         target_sparsity=record.target_sparsity, overall_sparsity=overall,
         pruned_parameters=f"{pruned_parameters:,}", num_modules=len(record.modules),
         calibration_display=_calibration_text(record.calibration), recovery_display=_recovery_text(record.recovery),
+        profile_display=_profile_text(record.sparsity_profile), domain_display=_domain_text(record.domain_check),
         hf_sparse_version=__version__, sparsity_rows=[{**row, "weights": f"{row['weights']:,}"} for row in rows],
         evaluation_rows=evaluation_rows, evaluation_columns=columns, evaluation_note=note,
         architecture=_literal((getattr(model.config, "architectures", None) or [type(model).__name__])[0]),
