@@ -151,3 +151,21 @@ def test_pip_is_deterministic_for_a_seed_and_reloads_bit_identically(tmp_path):
 def test_pip_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         _config(0.3, **options)
+
+
+def test_cli_prunes_with_pip_and_the_checkpoint_reloads(tmp_path):
+    from conftest import DEMO_CALIBRATION, save_tiny_with_demo_tokenizer
+    from hf_sparse import cli
+
+    tiny = save_tiny_with_demo_tokenizer(tmp_path / "tiny-llama")
+    output = tmp_path / "pip"
+    assert cli.main([str(a) for a in [
+        "prune", tiny, "--method", "pip", "--pattern", "structured", "--sparsity", 0.3,
+        "--method-option", "rounds=2", "--method-option", "perturbation=token_replace",
+        "--calibration", DEMO_CALIBRATION, "--num-samples", 4, "--sequence-length", 32, "--batch-size", 2,
+        "--no-model-card", "--output", output]]) == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(output)
+    record = hf_sparse.read_record(reloaded)
+    assert record.method == "pip" and record.method_options["rounds"] == 2
+    assert abs(record.overall_sparsity - 0.3) < 0.1
+    assert torch.isfinite(_logits(reloaded)).all()
