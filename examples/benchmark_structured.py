@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-speed", action="store_true", help="skip part 2")
     parser.add_argument("--memory-depths", default="", help="e.g. 6,12,24 (random Llamas pruned by FLAP)")
     parser.add_argument("--method-options", default="{}",
                         help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\' (ablations)')
@@ -220,16 +221,21 @@ def main() -> None:
 
     import hf_sparse  # noqa: F401  (loads the non-uniform FLAP checkpoints)
 
-    models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(dense["output"]).eval()}
-    for r in results[1:]:
+    if args.no_speed:
+        models = {}
+    else:
+        models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(dense["output"]).eval()}
+    for r in results[1:] if models else ():
         if abs(r["sparsity"] - args.speed_sparsity) < 1e-9:
             models[f"{r['method']} {r['achieved']:.3f}"] = \
                 transformers.AutoModelForCausalLM.from_pretrained(r["output"]).eval()
-    print(f"\nspeed, CPU float32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds: "
-          f"prefill of a {args.prompt_tokens}-token prompt, decode of {args.decode_tokens} tokens with the KV cache")
-    print("| model | prefill tok/s | speed-up | ideal | of ideal | decode tok/s | speed-up | ideal | of ideal |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in speed_table(models, args.prompt_tokens, args.decode_tokens, args.rounds):
+    speed_rows = speed_table(models, args.prompt_tokens, args.decode_tokens, args.rounds) if models else []
+    if speed_rows:
+        print(f"\nspeed, CPU float32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds: "
+              f"prefill of a {args.prompt_tokens}-token prompt, decode of {args.decode_tokens} tokens with the KV cache")
+        print("| model | prefill tok/s | speed-up | ideal | of ideal | decode tok/s | speed-up | ideal | of ideal |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    for row in speed_rows:
         print(f"| {row['model']} | {row['prefill_tok_s']:.0f} | {row['prefill_speedup']:.2f} | "
               f"{row['ideal_prefill']:.2f} | {row['prefill_speedup'] / row['ideal_prefill']:.2f} | "
               f"{row['decode_tok_s']:.1f} | {row['decode_speedup']:.2f} | {row['ideal_decode']:.2f} | "
