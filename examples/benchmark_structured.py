@@ -183,7 +183,6 @@ def main() -> None:
     parser.add_argument("--memory-depths", default="", help="e.g. 6,12,24 (random Llamas pruned by FLAP)")
     parser.add_argument("--method-options", default="{}",
                         help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\' (ablations)')
-    parser.add_argument("--skip-speed", action="store_true", help="only the quality table (part 1)")
     parser.add_argument("--output", default=None, help="folder for the pruned checkpoints (default: a temp dir)")
     args = parser.parse_args()
     if args.worker:
@@ -214,8 +213,6 @@ def main() -> None:
                   f"{r['perplexity'] / dense['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss'] / MB:.0f} | "
                   f"{r['bytes'] / dense['bytes']:.3f} |", flush=True)
 
-    if args.skip_speed:
-        return
     import torch
     import transformers
 
