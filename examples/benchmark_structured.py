@@ -1,4 +1,4 @@
-"""Benchmark structured pruning (FLAP, ShortGPT, SLEB): quality, speed against the ideal, checkpoint size, memory.
+"""Benchmark structured pruning (FLAP, ShortGPT, SLEB, PIP): quality, speed against the ideal, checkpoint size, memory.
 
 Part 1, per method x sparsity (fraction of decoder-block parameters removed), each in a fresh subprocess (so its peak
 RSS is its own): prune with ``from_pretrained(..., sparsity_config=...)`` (32 windows of 256 tokens, seed 0, from
@@ -64,7 +64,8 @@ def worker(job: dict) -> dict:
     else:
         cfg = hf_sparse.SparsityConfig(method=job["method"], pattern="structured", sparsity=job["sparsity"],
                                        calibration=job["calibration"], num_samples=job["num_samples"],
-                                       sequence_length=job["sequence_length"], seed=0, tokenizer=tokenizer)
+                                       sequence_length=job["sequence_length"], seed=0, tokenizer=tokenizer,
+                                       method_options=job.get("options") or {})
         model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32,
                                                                   sparsity_config=cfg)
         fraction = hf_sparse.read_record(model).overall_sparsity
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-speed", action="store_true", help="skip part 2")
     parser.add_argument("--memory-depths", default="", help="e.g. 6,12,24 (random Llamas pruned by FLAP)")
+    parser.add_argument("--method-options", default="{}",
+                        help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\' (ablations)')
     parser.add_argument("--output", default=None, help="folder for the pruned checkpoints (default: a temp dir)")
     args = parser.parse_args()
     if args.worker:
@@ -198,12 +201,15 @@ def main() -> None:
           f"checkpoint {dense['bytes'] / MB:.1f} MB, load peak RSS {dense['peak_rss'] / MB:.0f} MB", flush=True)
     print("\n| method | target | removed (exact) | perplexity | x dense | prune s | peak RSS MB | checkpoint vs dense |")
     print("|---|---|---|---|---|---|---|---|")
+    method_options = json.loads(args.method_options)
     for method in args.methods.split(","):
+        options = method_options.get(method, {})
+        label = method + "".join(f" {k}={v}" for k, v in sorted(options.items()))
         for sparsity in (float(s) for s in args.sparsities.split(",")):
-            r = run_worker({**common, "method": method, "sparsity": sparsity,
+            r = run_worker({**common, "method": method, "sparsity": sparsity, "options": options,
                             "output": str(out_root / f"{method}-{int(round(sparsity * 100))}")})
             results.append(r)
-            print(f"| {method} | {sparsity:.0%} | {r['achieved']:.4f} | {r['perplexity']:.2f} | "
+            print(f"| {label} | {sparsity:.0%} | {r['achieved']:.4f} | {r['perplexity']:.2f} | "
                   f"{r['perplexity'] / dense['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss'] / MB:.0f} | "
                   f"{r['bytes'] / dense['bytes']:.3f} |", flush=True)
 
