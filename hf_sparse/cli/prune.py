@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--sparsity", type=float, default=None,
                       help="fraction of weights removed per module, in [0, 1) (default 0.5, or 1-N/M for N:M)")
     what.add_argument("--pattern", default="unstructured",
-                      help="'unstructured', N:M such as 2:4, or 'structured' (flap, shortgpt, sleb remove whole "
+                      help="'unstructured', N:M such as 2:4, or 'structured' (flap, shortgpt, sleb, pip remove whole "
                            "heads, channels or blocks; --sparsity is then the fraction of decoder-block parameters) "
                            "(default unstructured)")
     what.add_argument("--sparsity-profile", type=parse_sparsity_profile, default="uniform",
