@@ -219,7 +219,11 @@ def test_owl_on_the_shared_model_hits_the_target_and_records_blocks():
     record = hf_sparse.prune(model, cfg, tokenizer=tokenizer, show_progress=False)
     assert abs(record.overall_sparsity - 0.7) < 1e-5
     blocks = record.sparsity_profile["block_sparsity"]
-    assert len(blocks) == 6 and 0.62 - 1e-6 <= min(blocks.values()) < max(blocks.values()) <= 0.78 + 1e-6
+    # OWL spreads the blocks over a window of width 2λ (0.16), placed so the (here equal-sized) blocks average 0.7;
+    # the window sits off-centre when the outlier ratios are skewed, so it need not be exactly [0.62, 0.78].
+    values = list(blocks.values())
+    assert len(values) == 6 and max(values) - min(values) == pytest.approx(0.16, abs=1e-5)
+    assert sum(values) / len(values) == pytest.approx(0.7, abs=1e-5)
     ppl = hf_sparse.evaluate.perplexity(model, tokenizer, TEST_TXT.read_text(encoding="utf-8"), sequence_length=256,
                                         max_windows=20, show_progress=False)
     assert math.isfinite(ppl)
