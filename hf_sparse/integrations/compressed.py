@@ -36,7 +36,7 @@ from ..formats.compact import (
     quantization_config_entry,
 )
 from ..record import RECORD_KEY, read_record, write_record
-from .transformers import register_under, remove_quantization_state
+from .transformers import PlainModelQuantizer, register_under, remove_quantization_state
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class DecompressCompactWeight(ConversionOps):
         return {full_layer_name or VALUES: decompress_weight(parts)}
 
 
-class CompactStorageQuantizer(HfQuantizer):
+class CompactStorageQuantizer(PlainModelQuantizer):
     """Decompresses a compact checkpoint while transformers loads it; leaves a plain dense model behind."""
 
     # Only a checkpoint written in compact storage can be loaded through it (never "quantize on the fly").
@@ -99,13 +99,6 @@ class CompactStorageQuantizer(HfQuantizer):
             record.storage = None  # the weights in memory are dense: saving them again writes a dense checkpoint
             write_record(model, record)
         return model
-
-    def is_serializable(self, *args, **kwargs) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return True
 
 
 register_under(STORAGE_FORMAT, CompactStorageConfig, CompactStorageQuantizer)

@@ -58,7 +58,23 @@ def _explicit_config(kwargs: dict[str, Any]) -> Iterator[None]:
         _EXPLICIT_CONFIG.reset(token)
 
 
-class HfSparseQuantizer(HfQuantizer):
+class PlainModelQuantizer(HfQuantizer):
+    """A quantizer that leaves an ordinary dense model behind (pruned, decoded or reshaped weights are plain tensors):
+    it saves and trains like any model. The base of every hf_sparse quantizer."""
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+
+class HfSparseQuantizer(PlainModelQuantizer):
     """Prunes a model right after ``from_pretrained`` has loaded its weights, then leaves a plain model behind.
 
     transformers builds it from a :class:`~hf_sparse.SparsityConfig` passed as ``quantization_config``:
@@ -139,17 +155,6 @@ class HfSparseQuantizer(HfQuantizer):
         mark_for_loading(model, record.structure if record is not None else None)
         return model
 
-    def is_serializable(self, *args, **kwargs) -> bool:
-        # The pruned weights are ordinary dense tensors with zeros in them.
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return True
-
-    @property
-    def is_qat_trainable(self) -> bool:
-        return False
 
 
 def remove_quantization_state(model: PreTrainedModel) -> None:
