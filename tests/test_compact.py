@@ -319,3 +319,71 @@ def test_shared_model_reloads_bit_identically_within_one_percent_of_ideal(tmp_pa
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     _assert_same_weights(model, loaded)
     assert MODEL_DIR.exists()
+
+
+# --- load memory: the model plus one decompressed matrix --------------------------------------------------------
+
+def _allocated_during(load, mapped_sizes: set[int]):
+    """``(result, peak, end)``: bytes allocated through torch's CPU allocator while ``load()`` runs, at their highest
+    and at the end. safetensors registers each memory-mapped file once as an allocation of the file's size: those
+    are file pages, not allocations, and are left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = load()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        if abs(event.nbytes()) in mapped_sizes:
+            continue
+        live += event.nbytes()
+        peak = max(peak, live)
+    return result, peak, live
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", 0.5), ("unstructured", 0.7)])
+def test_loading_holds_at_most_one_decompressed_matrix_above_the_model(tmp_path, monkeypatch, pattern, sparsity):
+    """Counted allocation by allocation (torch's profiler), not sampled: the peak while loading a float16 compact
+    checkpoint as float32 is the final model plus the largest matrix plus the decoder's chunk work tensors.
+
+    Loading runs synchronously here (``HF_DEACTIVATE_ASYNC_LOAD``) so that every allocation, the reads included,
+    happens on the profiled thread; the reader threads of the default path read the same zero-copy views
+    (see the next test). Small decode chunks make the chunk term small next to the tiny model's matrices."""
+    from hf_sparse.formats import bits
+
+    model = tiny_llama(seed=0, hidden_size=64, intermediate_size=256)
+    hf_sparse.prune(model, hf_sparse.SparsityConfig(method="magnitude", pattern=pattern, sparsity=sparsity),
+                    show_progress=False)
+    model.half().save_pretrained(tmp_path / "c", compressed=True)
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")
+    chunk = 512
+    monkeypatch.setattr(bits, "DECODE_CHUNK_ELEMENTS", chunk)
+    loaded, peak, end = _allocated_during(
+        lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float32),
+        {(tmp_path / "c" / "model.safetensors").stat().st_size},
+    )
+    tensors = [*loaded.parameters(), *loaded.buffers()]
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    largest = max(m.weight.numel() * 4 for m in loaded.modules() if isinstance(m, torch.nn.Linear))
+    # Nothing is kept beyond the model (no cached entries, no second copy of a weight) ...
+    assert end <= model_bytes
+    # ... and on the way the extra is one dense float32 matrix plus per-chunk work tensors: int64 positions
+    # (4 bytes per weight), masked_scatter's int64 prefix sums (8 bytes per weight), bits and a float16 scratch chunk.
+    assert peak - model_bytes <= largest + 16 * chunk
+    # The bound is not vacuous: decoding whole matrices at once (the old decoder) needed int64 positions of 4 bytes
+    # per weight, twice a float16 matrix, on top of it.
+    assert largest + 16 * chunk < 2 * largest
+
+
+def test_compact_entries_are_read_as_stored_on_the_cpu():
+    """The reader threads transformers runs ahead of the loader get no cast and no device for a compact weight's
+    entries: they read zero-copy views of the mapped file, and only the decoder, one weight at a time, allocates."""
+    from hf_sparse.integrations.compressed import CompactStorageConfig, CompactStorageQuantizer, DecompressCompactWeight
+
+    quantizer = CompactStorageQuantizer(CompactStorageConfig(), pre_quantized=True)
+    (converter,) = quantizer.get_weight_conversions()
+    assert converter.force_cpu and isinstance(converter.operations[0], DecompressCompactWeight)
+    values = torch.zeros(4, 2, dtype=torch.float16)
+    assert quantizer.get_new_dtype(converter, values, torch.float32) is None
+    assert converter.operations[0].dtype == torch.float32  # applied by the op, after decoding, chunk by chunk

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .bits import bit_view, nonzero_bits, pack_rows, row_chunks, unpack_rows
+from .bits import bit_view, decode_rows, nonzero_bits, pack_rows, row_chunks, unpack_rows
 
 
 def bitmask_bytes(rows: int, cols: int, element_size: int, kept: int) -> int:
@@ -39,20 +39,24 @@ def encode_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.view(weight.dtype), packed
 
 
-def decode_bitmask(values: torch.Tensor, bitmask: torch.Tensor, cols: int) -> torch.Tensor:
-    """The dense ``(rows, cols)`` weight from :func:`encode_bitmask`'s output, bit for bit."""
+def decode_bitmask(values: torch.Tensor, bitmask: torch.Tensor, cols: int,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense ``(rows, cols)`` weight from :func:`encode_bitmask`'s output, bit for bit (then cast to ``dtype`` if
+    given), decoded in row chunks so that nothing but the result is as large as the matrix."""
     rows = bitmask.shape[0]
     ints = bit_view(values)
-    dense = torch.zeros((rows, cols), dtype=ints.dtype, device=values.device)
     offset = 0
-    for chunk in row_chunks(rows, cols):
+
+    def fill(chunk: slice, target: torch.Tensor) -> None:
+        nonlocal offset
         kept = unpack_rows(bitmask[chunk], cols)
         count = int(kept.sum())
         if offset + count > ints.numel():
             raise ValueError(f"bitmask marks more weights than the {ints.numel()} stored values")
-        dense[chunk] = dense[chunk].masked_scatter(kept, ints[offset:offset + count])
+        target.masked_scatter_(kept, ints[offset:offset + count])
         offset += count
+
+    dense = decode_rows(rows, cols, values.dtype, dtype, values.device, fill)
     if offset != ints.numel():
         raise ValueError(f"bitmask marks {offset} weights but {ints.numel()} values are stored")
-    return dense.view(values.dtype)
-
+    return dense

@@ -11,7 +11,7 @@ weight was negative, half of all pruned weights. Storing those signs would cost 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -20,8 +20,12 @@ from ..masks import pack_mask, unpack_mask
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # Row chunks hold at most this many weights, so the int64 indices and unpacked bits of a chunk stay far below the
-# size of the matrix itself (the loader's peak is "one decompressed matrix", not several).
+# size of the matrix itself.
 CHUNK_ELEMENTS = 1 << 22
+# Decoding runs while a model loads, so its chunks are smaller: the work tensors of one chunk (int64 positions of an
+# N:M chunk, 4 bytes per weight; the unpacked bits of a bitmask chunk; a cast chunk) stay near 1 MiB whatever the
+# matrix size, and the loader's peak is the model plus one decompressed matrix plus that.
+DECODE_CHUNK_ELEMENTS = 1 << 18
 
 
 def bit_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -82,12 +86,40 @@ def unpack_rows(packed: torch.Tensor, k: int) -> torch.Tensor:
     return unpack_mask(packed, (rows, width * 8))[:, :k]
 
 
-def row_chunks(rows: int, cols: int) -> Iterator[slice]:
-    """Slices of whole rows with at most :data:`CHUNK_ELEMENTS` weights each (at least one row).
+def row_chunks(rows: int, cols: int, limit: int | None = None) -> Iterator[slice]:
+    """Slices of whole rows with at most ``limit`` (default :data:`CHUNK_ELEMENTS`) weights each (at least one row).
 
     >>> list(row_chunks(3, 1 << 21))
     [slice(0, 2, None), slice(2, 3, None)]
     """
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    step = max(1, (CHUNK_ELEMENTS if limit is None else limit) // max(cols, 1))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
+
+
+def decode_rows(rows: int, cols: int, stored: torch.dtype, dtype: torch.dtype | None, device: torch.device,
+                fill: Callable[[slice, torch.Tensor], None]) -> torch.Tensor:
+    """The dense ``(rows, cols)`` matrix in ``dtype`` (default ``stored``), built chunk by chunk.
+
+    ``fill(chunk, target)`` writes the integer view (``stored``'s width) of the decoded rows ``chunk`` into
+    ``target``, a zero tensor of shape ``(len(chunk), cols)``. When ``dtype`` is ``stored``, ``target`` is a view of
+    the result itself; otherwise it is a scratch chunk cast into the result. Either way the only full-size tensor
+    allocated is the result: a cast never makes a second copy of the matrix.
+
+    >>> def fill(chunk, target):
+    ...     target.fill_(bit_view(torch.tensor([1.5], dtype=torch.float16)).item())
+    >>> decode_rows(2, 3, torch.float16, torch.float32, torch.device("cpu"), fill).tolist()
+    [[1.5, 1.5, 1.5], [1.5, 1.5, 1.5]]
+    """
+    dtype = stored if dtype is None else dtype
+    dense = torch.zeros((rows, cols), dtype=dtype, device=device)
+    int_dtype = _INT_VIEW[torch.empty((), dtype=stored).element_size()]
+    for chunk in row_chunks(rows, cols, DECODE_CHUNK_ELEMENTS):
+        if dtype == stored:
+            fill(chunk, dense[chunk].view(int_dtype))
+        else:
+            scratch = torch.zeros((chunk.stop - chunk.start, cols), dtype=int_dtype, device=device)
+            fill(chunk, scratch)
+            dense[chunk] = scratch.view(stored)  # copy_ casts
+            del scratch
+    return dense

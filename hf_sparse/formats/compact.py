@@ -88,8 +88,9 @@ def compress_weight(weight: torch.Tensor, pattern: SparsityPattern | str | None 
     return {VALUES: weight}
 
 
-def decompress_weight(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The dense weight from :func:`compress_weight`'s entries (a dense entry is returned as it is).
+def decompress_weight(parts: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight from :func:`compress_weight`'s entries (a dense entry is returned as it is), cast to
+    ``dtype`` if given. Decoding and the cast run in row chunks: the only full-size tensor allocated is the result.
 
     >>> w = torch.tensor([[0., -0., 3., 0.], [-1., 0., 0., 2.]])
     >>> back = decompress_weight(compress_weight(w))
@@ -97,7 +98,7 @@ def decompress_weight(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     (True, 0.0)
     """
     if LAYOUT not in parts:
-        return parts[VALUES]
+        return parts[VALUES] if dtype is None else parts[VALUES].to(dtype)
     layout = parts[LAYOUT].tolist()
     if len(layout) != 4:
         raise ValueError(f"{LAYOUT} must hold [rows, cols, n, m], got {layout}")
@@ -106,9 +107,9 @@ def decompress_weight(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if POSITIONS in parts:
         if not (0 < n < m and cols % m == 0):
             raise ValueError(f"{LAYOUT} {layout} is not a valid N:M layout")
-        dense = decode_n_m(values, parts[POSITIONS], cols, n, m)
+        dense = decode_n_m(values, parts[POSITIONS], cols, n, m, dtype)
     elif BITMASK in parts:
-        dense = decode_bitmask(values, parts[BITMASK], cols)
+        dense = decode_bitmask(values, parts[BITMASK], cols, dtype)
     else:
         raise ValueError(f"a compact weight needs {POSITIONS!r} or {BITMASK!r} beside {LAYOUT!r}, got {sorted(parts)}")
     if dense.shape != (rows, cols):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .bits import bit_view, is_kept, nonzero_bits, pack_rows, row_chunks, unpack_rows
+from .bits import bit_view, decode_rows, is_kept, nonzero_bits, pack_rows, row_chunks, unpack_rows
 
 
 def position_bits(m: int) -> int:
@@ -68,21 +68,23 @@ def encode_n_m(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torc
     return values.view(weight.dtype), torch.cat(positions) if positions else torch.empty((0, 0), dtype=torch.uint8)
 
 
-def decode_n_m(values: torch.Tensor, positions: torch.Tensor, cols: int, n: int, m: int) -> torch.Tensor:
-    """The dense ``(rows, cols)`` weight from :func:`encode_n_m`'s output, bit for bit."""
+def decode_n_m(values: torch.Tensor, positions: torch.Tensor, cols: int, n: int, m: int,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense ``(rows, cols)`` weight from :func:`encode_n_m`'s output, bit for bit (then cast to ``dtype`` if
+    given), decoded in row chunks so that nothing but the result is as large as the matrix."""
     rows = values.shape[0]
     groups, bits = cols // m, position_bits(m)
     if values.shape != (rows, groups * n):
         raise ValueError(f"N:M values of shape {tuple(values.shape)} do not fit a ({rows}, {cols}) {n}:{m} matrix")
     ints = bit_view(values)
-    dense = torch.zeros((rows, cols), dtype=ints.dtype, device=values.device)
-    for chunk in row_chunks(rows, cols):
-        codes = _unpack_codes(positions[chunk], groups * n, bits).reshape(-1, groups, n)
+
+    def fill(chunk: slice, target: torch.Tensor) -> None:
+        codes = _unpack_codes(positions[chunk], groups * n, bits).reshape(-1, groups, n)  # int64, 4 B per weight
         if codes.numel() and int(codes.max()) >= m:
             raise ValueError(f"corrupt N:M positions: a position >= {m} in rows {chunk.start}..{chunk.stop - 1}")
-        block = dense[chunk].view(-1, groups, m)
-        block.scatter_(-1, codes, ints[chunk].reshape(-1, groups, n))
-    return dense.view(values.dtype)
+        target.view(-1, groups, m).scatter_(-1, codes, ints[chunk].reshape(-1, groups, n))
+
+    return decode_rows(rows, cols, values.dtype, dtype, values.device, fill)
 
 
 def _unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
