@@ -21,6 +21,7 @@ from .integrations.transformers import (
 from .integrations import structured as _structured_loading  # noqa: F401  (registers the shape loader)
 from . import hub, peft, recovery, training  # public submodules: `from hf_sparse.peft import get_sparse_peft_model`
 from .integrations.compressed import install_save_hook  # save_pretrained(d, compressed=True); compact loading
+from .integrations.loading_guard import install_config_hook  # reads config.json files guarded against plain loading
 from . import formats, kernels  # compact storage; opt-in 2:4 kernels (hf_sparse.kernels.enable_2of4)
 
 # `hf_sparse.evaluate` is the first wave's name for the evaluation module; `import hf_sparse.evaluate` works too.
@@ -30,6 +31,7 @@ _sys.modules[f"{__name__}.evaluate"] = evaluation
 # `from_pretrained(..., sparsity_config=cfg)` works once hf_sparse is imported; uninstall_from_pretrained_hook() undoes it.
 install_from_pretrained_hook()
 install_save_hook()
+install_config_hook()
 
 __version__ = "0.1.0"
 

@@ -92,6 +92,18 @@ def save_tiny_with_demo_tokenizer(path: Path) -> Path:
     return path
 
 
+def run_without_hf_sparse(script: str, *args: str):
+    """Run ``script`` (Python source) in a fresh interpreter where ``import hf_sparse`` fails, as in an environment
+    with plain transformers only; returns the ``CompletedProcess`` (stdout/stderr as text)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    blocked = 'import sys\nsys.modules["hf_sparse"] = None  # any import of hf_sparse fails, even from the cwd\n'
+    return subprocess.run([sys.executable, "-c", blocked + textwrap.dedent(script), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
 def refuse_weight_loading(monkeypatch) -> None:
     """Make reading a checkpoint's weights fail loudly: an error raised first was raised before the load."""
     from transformers import PreTrainedModel

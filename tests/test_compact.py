@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_sparse
-from conftest import MODEL_DIR, load_pretrained, tiny_llama
+from conftest import MODEL_DIR, load_pretrained, run_without_hf_sparse, tiny_llama
 from hf_sparse.formats import (
     checkpoint_bytes, choose_encoding, compress_checkpoint, compress_state_dict, compress_weight,
     decompress_checkpoint, decompress_state_dict, decompress_weight,
@@ -26,6 +23,7 @@ from hf_sparse.formats import (
 from hf_sparse.formats.bitmask import decode_bitmask, encode_bitmask
 from hf_sparse.formats.bits import bit_view, is_kept
 from hf_sparse.formats.checkpoint import weight_files
+from hf_sparse.formats.guard import strip_guard
 from hf_sparse.formats.n_m import decode_n_m, encode_n_m, fits_n_m
 from hf_sparse.masks import select_n_m, select_unstructured
 
@@ -238,21 +236,70 @@ def test_peft_recovery_on_a_compressed_checkpoint_keeps_the_mask(saved):
     assert all(torch.equal(masks[k], expected[k]) for k in expected)
 
 
-_PLAIN = textwrap.dedent("""
-    import sys
-    sys.modules["hf_sparse"] = None  # make sure hf_sparse cannot be imported, even from the working directory
-    from transformers import AutoModelForCausalLM
-    AutoModelForCausalLM.from_pretrained(sys.argv[1])
-""")
+_PLAIN_LOAD = """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kwargs = {"": {}, "forced": dict(dtype=torch.float32, ignore_mismatched_sizes=True, id2label=None)}[sys.argv[2]]
+    try:
+        AutoModelForCausalLM.from_pretrained(sys.argv[1], **kwargs)
+    except Exception as error:
+        print(type(error).__name__ + ": " + str(error))
+    else:
+        print("LOADED")
+"""
 
 
-def test_plain_transformers_refuses_a_compressed_checkpoint_naming_it(saved):
+@pytest.mark.parametrize("kwargs", ["", "forced"])
+def test_plain_transformers_refuses_a_compressed_checkpoint_naming_hf_sparse(saved, kwargs):
+    """No keyword gets past the guard: not a dtype, not ignore_mismatched_sizes (which would re-initialise the
+    mismatching weights at random), not an id2label of the caller's."""
     _, root = saved
-    done = subprocess.run([sys.executable, "-c", _PLAIN, str(root / "compact")], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode != 0
-    assert "Unknown quantization type, got hf_sparse_compact" in done.stderr
-    assert "RuntimeError" in done.stderr and "size mismatch" in done.stderr
+    for folder in ("compact", "sharded"):
+        done = run_without_hf_sparse(_PLAIN_LOAD, str(root / folder), kwargs)
+        assert done.returncode == 0, done.stderr
+        message = done.stdout.strip().splitlines()[-1]
+        assert message.startswith("ValueError: ") and "This checkpoint needs hf_sparse to load" in message
+        assert "hf_sparse_compact" in message and "hf-sparse decompress" in message and "import hf_sparse" in message
+
+
+def test_the_guard_is_only_in_the_file(saved, tmp_path):
+    """config.json has the guard; with hf_sparse the config read back has not, and a compact checkpoint's guard
+    is neither in the loaded model's config nor in a checkpoint saved from it."""
+    model, root = saved
+    labels = json.loads((root / "compact" / "config.json").read_text())["id2label"]
+    assert any(key.startswith("This checkpoint needs hf_sparse") for key in labels)
+    config = AutoConfig.from_pretrained(root / "compact")
+    assert config.id2label == model.config.id2label and config.quantization_config["quant_method"] == "hf_sparse_compact"
+    loaded = AutoModelForCausalLM.from_pretrained(root / "compact")
+    assert loaded.config.id2label == model.config.id2label
+    loaded.save_pretrained(tmp_path / "dense")
+    assert "This checkpoint needs" not in (tmp_path / "dense" / "config.json").read_text()
+    assert model.config.id2label == tiny_llama().config.id2label  # saving compact left the model's config as it was
+
+
+def test_guard_texts_fit_the_error_and_labels_survive():
+    from hf_sparse.formats.guard import MAX_MESSAGE, add_guard, guard_message
+    from hf_sparse.surgery import STRUCTURED_QUANT_METHOD
+
+    for method in ("hf_sparse_compact", STRUCTURED_QUANT_METHOD):
+        assert "hf_sparse" in guard_message(method) and len(repr(guard_message(method))) <= MAX_MESSAGE + 2 <= 200
+    labelled = {"quantization_config": {"quant_method": STRUCTURED_QUANT_METHOD}, "id2label": {"0": "neg", "1": "pos"}}
+    guarded = add_guard(labelled)
+    assert len(guarded["id2label"]) == 3 and add_guard(guarded) == guarded and strip_guard(guarded) == labelled
+    assert add_guard({"id2label": {"0": "a"}}) == {"id2label": {"0": "a"}}  # no hf_sparse marker: nothing added
+    with pytest.raises(ValueError, match="no loading guard for quant_method 'gptq'"):
+        guard_message("gptq")
+
+
+def test_without_the_guard_plain_transformers_still_refuses_on_the_shapes(saved, tmp_path):
+    """A config.json whose guard was removed by hand: the stored values do not fit the layers, so the load stops."""
+    _, root = saved
+    shutil.copytree(root / "compact", tmp_path / "edited")
+    config = json.loads((tmp_path / "edited" / "config.json").read_text())
+    (tmp_path / "edited" / "config.json").write_text(json.dumps(strip_guard(config)))
+    done = run_without_hf_sparse(_PLAIN_LOAD, str(tmp_path / "edited"), "")
+    message = done.stdout.strip().splitlines()[-1]
+    assert message.startswith("RuntimeError: ") and "ignore_mismatched_sizes" in message
 
 
 # --- checkpoint folders -------------------------------------------------------------------------------------------
@@ -273,10 +320,14 @@ def test_compress_checkpoint_matches_save_pretrained_and_decompress_inverts_it(s
     ours, theirs = _tensors(tmp_path / "c"), _tensors(root / "compact")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (tmp_path / "c" / "generation_config.json").exists()
+    guards = [{key for key in json.loads((folder / "config.json").read_text())["id2label"] if "needs hf_sparse" in key}
+              for folder in (tmp_path / "c", root / "compact")]
+    assert guards[0] == guards[1] and len(guards[0]) == 1  # the same loading guard
     for source in ("compact", "sharded"):
         decompress_checkpoint(root / source, tmp_path / f"d-{source}", show_progress=False)
         config = json.loads((tmp_path / f"d-{source}" / "config.json").read_text())
         assert "quantization_config" not in config and "storage" not in config["sparsity_config"]
+        assert "This checkpoint needs" not in json.dumps(config)  # the dense export loads anywhere
         dense = _tensors(tmp_path / f"d-{source}")
         expected = _tensors(root / "dense")
         assert dense.keys() == expected.keys()

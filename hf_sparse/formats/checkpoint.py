@@ -4,7 +4,8 @@
     hf_sparse.formats.decompress_checkpoint("pruned-compact/", "pruned-dense/")  # plain dense export for serving engines
 
 Both read the safetensors shards lazily, keep the shard layout (file names, ``model.safetensors.index.json``), rewrite
-``config.json`` (``quantization_config`` and the record's ``storage`` entry) and copy every other file unchanged. They
+``config.json`` (``quantization_config``, the record's ``storage`` entry and the loading guard of
+:mod:`hf_sparse.formats.guard`) and copy every other file unchanged. They
 write through :func:`hf_sparse.saving.atomic_directory` (temporary sibling, fsync, rename): complete or not at all.
 """
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..record import RECORD_KEY, SparsityRecord
 from ..saving import atomic_directory
+from .guard import add_guard, strip_guard
 from .compact import (
     STORAGE_FORMAT, VALUES, StorageSummary, compress_entry, compressed_groups, decompress_weight, module_patterns,
     quantization_config_entry, tensor_bytes,
@@ -128,6 +130,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
             del shard
         config[RECORD_KEY] = {**config[RECORD_KEY], "storage": summary.record_entry()}
         config["quantization_config"] = quantization_config_entry()
+        config = add_guard(config)
         _finish(source, target, config, files, index, weight_map, summary.stored_bytes)
     logger.info("compressed %s -> %s: %.4f of the dense tensor bytes", source, output_dir,
                 summary.stored_bytes / max(summary.dense_bytes, 1))
@@ -169,6 +172,7 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
             weight_map.update({key: name for key in shard})
             _write_shard(shard, target / name)
             del shard
+        config = strip_guard(config)
         config.pop("quantization_config")
         if isinstance(config.get(RECORD_KEY), dict):
             config[RECORD_KEY] = {k: v for k, v in config[RECORD_KEY].items() if k != "storage"}

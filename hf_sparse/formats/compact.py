@@ -212,8 +212,8 @@ def decompress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
 def quantization_config_entry() -> dict[str, Any]:
     """The ``quantization_config`` a compressed checkpoint carries in ``config.json``.
 
-    With hf_sparse imported it selects the decompressing loader (:mod:`hf_sparse.integrations.compressed`); plain
-    transformers does not know the method, warns naming it and then refuses the checkpoint on the size mismatch of
-    the stored values, so the weights are never loaded wrong.
+    With hf_sparse imported it selects the decompressing loader (:mod:`hf_sparse.integrations.compressed`). Plain
+    transformers only warns about a method it does not know: what stops it, naming hf_sparse, is the loading guard
+    written next to it (:mod:`hf_sparse.formats.guard`); failing that, the size mismatch of the stored values.
     """
     return {"quant_method": STORAGE_FORMAT, "format_version": STORAGE_VERSION}

@@ -12,10 +12,11 @@ on the device ``device_map`` gives it) and decodes them right before the weight 
 After loading the quantizer removes every trace of itself, as the prune-on-load quantizer does: the result is a plain
 dense model (its weights bit-identical to the pruned model that was saved), ready for PEFT, ``get_masks`` or saving.
 
-Without hf_sparse, transformers 5 does not raise on an unknown ``quant_method``: it logs "Unknown quantization type,
-got hf_sparse_compact ... we will skip the quantization" and loads as if dense. The stored values then do not fit the
-layers (half the columns for 2:4, a flat vector for a bitmask), so loading stops with a size-mismatch ``RuntimeError``
-instead of producing wrong weights; the log above it names hf_sparse_compact.
+Without hf_sparse, transformers 5 does not raise on an unknown ``quant_method`` (it logs "Unknown quantization type"
+and loads as if dense), so ``config.json`` also carries the loading guard (:mod:`hf_sparse.formats.guard`): building
+the config fails with a ``ValueError`` that says hf_sparse is needed and names ``hf-sparse decompress``, before any
+weight is read. Were the guard removed by hand, the stored values still do not fit the layers (half the columns for
+2:4, a flat vector for a bitmask): loading stops on the size mismatch instead of producing wrong weights.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..formats.compact import (
     quantization_config_entry,
 )
 from ..record import RECORD_KEY, read_record, write_record
+from .loading_guard import guarded_save
 from .transformers import PlainModelQuantizer, register_under, remove_quantization_state
 
 logger = logging.getLogger(__name__)
@@ -184,7 +186,8 @@ def save_compressed(model: PreTrainedModel, save_directory: str | os.PathLike, *
     write_record(model, record)
     config.quantization_config = CompactStorageConfig()
     try:
-        _ORIGINAL_SAVE(model, save_directory, *args, state_dict=compact, **kwargs)
+        with guarded_save(config):
+            _ORIGINAL_SAVE(model, save_directory, *args, state_dict=compact, **kwargs)
     finally:
         if not had_quantization_config:
             del config.quantization_config
@@ -201,7 +204,8 @@ _ORIGINAL_SAVE = PreTrainedModel.save_pretrained
 def _save_pretrained(self, save_directory, *args, compressed: bool = False, **kwargs):
     if compressed:
         return save_compressed(self, save_directory, *args, **kwargs)
-    return _ORIGINAL_SAVE(self, save_directory, *args, **kwargs)
+    with guarded_save(self.config):  # a structured model whose blocks differ: config.json gets the loading guard
+        return _ORIGINAL_SAVE(self, save_directory, *args, **kwargs)
 
 
 _save_pretrained._hf_sparse_hook = True
@@ -209,7 +213,9 @@ _save_pretrained._hf_sparse_hook = True
 
 def install_save_hook() -> None:
     """Teach ``PreTrainedModel.save_pretrained`` the ``compressed=True`` keyword (idempotent; ``import hf_sparse``
-    calls it). Without the keyword ``save_pretrained`` is unchanged.
+    calls it). Without the keyword ``save_pretrained`` is unchanged, except that a model only hf_sparse can load
+    (a structured model whose blocks differ) gets the loading guard in its ``config.json``
+    (:mod:`hf_sparse.integrations.loading_guard`).
 
     >>> install_save_hook(); is_save_hook_installed()
     True

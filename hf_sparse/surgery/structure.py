@@ -16,8 +16,9 @@ Stored as ``config.sparsity_config["structure"]`` (record ``format_version`` 2):
 ``loading == "config"``: every block has the same shape and the config's own keys (``num_hidden_layers``,
 ``intermediate_size``, ``num_attention_heads``, ...) were rewritten, so plain transformers loads the checkpoint.
 ``"hf_sparse"``: the blocks differ (or gained biases the config cannot express); the config keeps the dense widths and
-carries ``quantization_config = {"quant_method": "hf_sparse_structured"}`` so that transformers without hf_sparse
-refuses the checkpoint instead of loading wrong shapes, and hf_sparse's loader shrinks the empty model to these shapes
+carries ``quantization_config = {"quant_method": "hf_sparse_structured"}`` (and, when saved, the loading guard of
+:mod:`hf_sparse.formats.guard`) so that transformers without hf_sparse refuses the checkpoint with an error naming
+hf_sparse instead of loading wrong shapes, and hf_sparse's loader shrinks the empty model to these shapes
 before any weight is read (:func:`shrink_to_structure`).
 """
 
@@ -263,6 +264,6 @@ def shape_summary(structure: dict[str, Any]) -> str:
                  "load it without hf_sparse.")
     else:
         text += (" The blocks differ in shape: load it with `import hf_sparse` first (config.json carries "
-                 f"quantization_config {{\"quant_method\": \"{STRUCTURED_QUANT_METHOD}\"}}, so transformers without "
-                 "hf_sparse refuses it instead of loading wrong shapes).")
+                 f"quantization_config {{\"quant_method\": \"{STRUCTURED_QUANT_METHOD}\"}}; transformers without "
+                 "hf_sparse refuses it with an error that says hf_sparse is needed, instead of loading wrong shapes).")
     return text
