@@ -45,3 +45,16 @@ def test_prune_compressed_writes_compact_storage(tmp_path):
     assert config["sparsity_config"]["storage"]["encodings"] == {"n:m": 14}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert hf_sparse.get_masks(loaded).keys() == set(config["sparsity_config"]["modules"])
+
+
+def test_model_card_of_a_compressed_checkpoint_states_its_size_against_dense(tmp_path):
+    save_tiny_with_demo_tokenizer(tmp_path / "dense")
+    assert main(["prune", str(tmp_path / "dense"), "--method", "magnitude", "--pattern", "2:4", "--dtype", "float16",
+                 "--output", str(tmp_path / "out"), "--compressed"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    storage = json.loads((tmp_path / "out" / "config.json").read_text())["sparsity_config"]["storage"]
+    assert storage["format"] == "hf_sparse_compact" and storage["version"] == 1
+    ratio = storage["stored_bytes"] / storage["dense_bytes"]
+    row = next(line for line in card.splitlines() if line.startswith("| Storage |"))
+    assert "`hf_sparse_compact` version 1" in row and f"{ratio:.3f} of the" in row and "14 matrices in N:M form" in row
+    assert "hf-sparse decompress" in card and "exact zeros in ordinary dense tensors" not in card

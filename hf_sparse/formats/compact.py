@@ -38,6 +38,7 @@ LAYOUT = "weight_layout"
 COMPANIONS = (POSITIONS, BITMASK, LAYOUT)
 
 N_M, UNSTRUCTURED, DENSE = "n:m", "bitmask", "dense"
+LAYOUT_BYTES = 4 * 8  # the int64 [rows, cols, n, m] entry beside every compressed weight
 
 
 def count_kept(weight: torch.Tensor) -> int:
@@ -158,6 +159,27 @@ class StorageSummary:
         return {"format": STORAGE_FORMAT, "version": STORAGE_VERSION, "dense_bytes": self.dense_bytes,
                 "stored_bytes": self.stored_bytes, "encodings": counts}
 
+    def describe(self) -> str:
+        """One line for people: bytes stored against dense and the encodings.
+
+        >>> StorageSummary(dense_bytes=2 << 20, stored_bytes=1 << 20, encodings={"a": "n:m"}).describe()
+        'tensors 1.00 MiB, 0.500 of the 2.00 MiB dense (1 matrix in N:M form)'
+        """
+        return describe_storage(self.record_entry())
+
+
+_ENCODING_NAMES = {N_M: "N:M form", UNSTRUCTURED: "bitmask form", DENSE: "dense form"}
+
+
+def describe_storage(entry: Mapping[str, Any]) -> str:
+    """:meth:`StorageSummary.describe` of a record's ``storage`` entry."""
+    mib = 1 << 20
+    dense, stored = entry["dense_bytes"], entry["stored_bytes"]
+    counts = ", ".join(f"{count} matri{'x' if count == 1 else 'ces'} in {_ENCODING_NAMES.get(name, name)}"
+                       for name, count in sorted(entry.get("encodings", {}).items()))
+    return (f"tensors {stored / mib:.2f} MiB, {stored / max(dense, 1):.3f} of the {dense / mib:.2f} MiB dense"
+            + (f" ({counts})" if counts else ""))
+
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
@@ -180,6 +202,28 @@ def compress_entry(key: str, tensor: torch.Tensor, modules: Mapping[str, Sparsit
     summary.encodings[prefix] = N_M if POSITIONS in parts else UNSTRUCTURED if BITMASK in parts else DENSE
     summary.add(tensor_bytes(tensor), sum(tensor_bytes(t) for t in parts.values()))
     return {f"{prefix}.{s}": t for s, t in parts.items()}
+
+
+def storage_summary(state_dict: Mapping[str, torch.Tensor],
+                    modules: Mapping[str, SparsityPattern | str | None]) -> StorageSummary:
+    """The :class:`StorageSummary` :func:`compress_state_dict` would report, without building the compact tensors
+    (one read of each pruned weight): what a model card says before the checkpoint is written.
+
+    >>> sd = {"lin.weight": torch.tensor([[0., 1., 0., 2.] * 4] * 8, dtype=torch.float16), "lin.bias": torch.ones(8)}
+    >>> storage_summary(sd, {"lin": "2:4"}) == compress_state_dict(sd, {"lin": "2:4"})[1]
+    True
+    """
+    summary = StorageSummary()
+    for key, tensor in state_dict.items():
+        prefix, suffix = split_key(key)
+        dense = tensor_bytes(tensor)
+        if suffix != VALUES or prefix not in modules or tensor.dim() != 2:
+            summary.add(dense, dense)
+            continue
+        encoding, stored = choose_encoding(tensor.detach(), modules[prefix])
+        summary.encodings[prefix] = encoding
+        summary.add(dense, stored if encoding == DENSE else stored + LAYOUT_BYTES)
+    return summary
 
 
 def compress_state_dict(state_dict: Mapping[str, torch.Tensor],

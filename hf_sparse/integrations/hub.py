@@ -30,6 +30,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
 from ..architectures import get_architecture
+from ..formats.compact import describe_storage, module_patterns, storage_summary
 from ..masks import SparsityPattern
 from ..methods import METHODS
 from ..record import RECORD_KEY, SparsityRecord, read_record, write_record
@@ -214,8 +215,11 @@ def _template_text(template_path: str | os.PathLike | None) -> str:
 def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = None, base_model: str | None = None,
                       repo_id: str | None = None, license: str | None = None, tags: list[str] | None = None,
                       model_name: str | None = None, template_path: str | os.PathLike | None = None,
-                      pictures: str | None = None) -> ModelCard:
+                      pictures: str | None = None, storage: dict[str, Any] | None = None) -> ModelCard:
     """The model card of a pruned (or recovered) model, as a ``huggingface_hub.ModelCard``.
+
+    ``storage`` is the ``storage`` entry of a compact checkpoint (:meth:`hf_sparse.formats.StorageSummary.record_entry`;
+    default: the record's own, if any): the card then states the stored bytes against dense and how to load it.
 
     ``pictures`` is Markdown for the card's "Pictures" section (see
     :func:`hf_sparse.evaluation.plots.card_figures`; :func:`save_with_model_card` writes the PNG files beside it).
@@ -232,6 +236,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     record = read_record(model)
     if record is None:
         raise ValueError(f"the model has no {RECORD_KEY!r} record: prune it with hf_sparse first")
+    storage = storage if storage is not None else record.storage
     evaluation = {**record.evaluation, **(evaluation or {})}
     base = base_model or record.base_model or getattr(model, "name_or_path", None) or None
     pattern = SparsityPattern.parse(record.pattern)
@@ -299,6 +304,8 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         record_json=_inert_json({**record.to_dict(), "modules": f"{len(record.modules)} modules, listed in config.json",
                                  "evaluation": evaluation}),
         pictures=pictures,
+        storage_display=(f"compact ({_literal(storage.get('format'))} version {_text(storage.get('version'))}): "
+                         f"{_text(describe_storage(storage))}") if storage else "",
     )
     return card
 
@@ -336,8 +343,11 @@ def save_with_model_card(model: nn.Module, tokenizer, output_dir: str | os.PathL
 
         # Called after the evaluation is merged into the record, so the bars show the numbers the card lists.
         figures, pictures = card_figures(read_record(model))
+        storage = None
+        if compressed:  # the card states the bytes the compact checkpoint stores (computed, not yet written)
+            storage = storage_summary(model.state_dict(), module_patterns(read_record(model))).record_entry()
         rendered = render_model_card(model, base_model=base_model, repo_id=repo_id, license=license, tags=tags,
-                                     template_path=template_path, pictures=pictures)
+                                     template_path=template_path, pictures=pictures, storage=storage)
         return {CARD_NAME: str(rendered), **figures}
 
     output = save_checkpoint(model, tokenizer, output_dir, overwrite=overwrite, evaluation=evaluation,
