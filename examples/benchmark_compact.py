@@ -1,7 +1,8 @@
 """Compact checkpoints against dense ones: file sizes next to the ideal, load time, and peak memory while loading.
 
 Part 1, on the shared 7M model (``../shared/models/llama-7m-books``; ``HF_SPARSE_SHARED`` overrides ``../shared``) and
-on SmolLM2-135M when a float32 folder of it exists (``--smollm2``, default ``/work/notes/smollm2-f32``): magnitude
+on SmolLM2-135M when its float32 test-bed folder exists (``--smollm2``, default: ``hf_sparse.testbed.testbed_dir()``,
+built by ``hf_sparse.testbed.ensure_testbed()``): magnitude
 pruning at 2:4, 50% and 70% (the stored size depends on the pattern, not the method), the model cast to float16 and
 saved dense and with ``compressed=True``. Printed: the files' bytes, the decoder linears' stored bytes against their
 dense float16 bytes and the ideal ratio (2:4 and 50%: 0.5625, 70%: 0.3625), and the median load time of each folder
@@ -243,13 +244,17 @@ def memory_table(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHARED / "models" / "llama-7m-books"))
-    parser.add_argument("--smollm2", default="/work/notes/smollm2-f32",
-                        help="float32 SmolLM2-135M folder, used when it exists")
+    parser.add_argument("--smollm2", default=None,
+                        help="float32 SmolLM2-135M folder, used when it exists (default: the hf_sparse test-bed)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-sizes", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
+    if args.smollm2 is None:
+        from hf_sparse.testbed import testbed_dir
+
+        args.smollm2 = str(testbed_dir())
     if not args.skip_sizes:
         size_table("llama-7m-books", Path(args.model), args.repeats)
         if Path(args.smollm2).is_dir():

@@ -109,6 +109,19 @@ def test_enable_refuses_on_cpu_and_changes_nothing():
         check_2of4_device(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("capability,cusparselt,match", [
+    ((7, 5), True, "compute capability 7.5; 2:4 sparse tensor cores need >= 8.0"),
+    ((8, 0), False, "no cuSPARSELt"),
+])
+def test_device_check_refuses_old_gpus_and_builds_without_cusparselt(monkeypatch, capability, cusparselt, match):
+    """The refusals for a CUDA device, checked on CPU by answering the device queries (no kernel runs)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: cusparselt)
+    with pytest.raises(ValueError, match=f"{match}.*Nothing was changed"):
+        check_2of4_device(torch.device("cuda"))
+
+
 def test_disable_restores_plain_linears():
     model = nn.Sequential(nn.Linear(64, 32))
     model[0] = SemiStructuredSparseLinear(_linear_2of4(), H100_TABLE)
