@@ -246,6 +246,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(SHARED / "models" / "llama-7m-books"))
     parser.add_argument("--smollm2", default=None,
                         help="float32 SmolLM2-135M folder, used when it exists (default: the hf_sparse test-bed)")
+    parser.add_argument("--no-smollm2", action="store_true", help="sizes and load times of the 7M model only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-sizes", action="store_true")
@@ -257,7 +258,9 @@ def main() -> None:
         args.smollm2 = str(testbed_dir())
     if not args.skip_sizes:
         size_table("llama-7m-books", Path(args.model), args.repeats)
-        if Path(args.smollm2).is_dir():
+        if args.no_smollm2:
+            pass
+        elif Path(args.smollm2).is_dir():
             size_table("SmolLM2-135M", Path(args.smollm2), args.repeats)
         else:
             print(f"\n(SmolLM2-135M skipped: no float32 folder at {args.smollm2})")

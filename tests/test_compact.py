@@ -224,6 +224,19 @@ def test_compressed_needs_a_pruned_model(tmp_path):
         tiny_llama().save_pretrained(tmp_path / "x", compressed=True)
 
 
+def test_compressed_refuses_structured_models_it_would_make_unloadable(tmp_path):
+    model = tiny_llama(seed=0)
+    hf_sparse.prune(model, hf_sparse.SparsityConfig(method="shortgpt", pattern="structured", sparsity=0.5,
+                                                    calibration=torch.randint(0, 128, (2, 16)), num_samples=2,
+                                                    sequence_length=16), show_progress=False)
+    with pytest.raises(ValueError, match="lists none"):
+        model.save_pretrained(tmp_path / "x", compressed=True)
+    model.config.quantization_config = {"quant_method": "hf_sparse_structured"}  # blocks of different shapes
+    with pytest.raises(ValueError, match="hf_sparse_structured"):
+        model.save_pretrained(tmp_path / "x", compressed=True)
+    assert not (tmp_path / "x").exists()
+
+
 def test_peft_recovery_on_a_compressed_checkpoint_keeps_the_mask(saved):
     from peft import LoraConfig
 

@@ -180,6 +180,14 @@ def save_compressed(model: PreTrainedModel, save_directory: str | os.PathLike, *
     if getattr(model, "_hf_peft_config_loaded", False) or getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("compressed=True saves a plain pruned model; merge or remove PEFT adapters and quantization "
                          "first (model.merge_and_unload())")
+    marker = getattr(model.config, "quantization_config", None)
+    if marker is not None:
+        method = marker.get("quant_method") if isinstance(marker, dict) else getattr(marker, "quant_method", None)
+        raise ValueError(f"compressed=True cannot keep the config's quantization_config (quant_method={method!r}: "
+                         "a structured model whose blocks differ needs it to load); save it without compressed=True")
+    if not record.modules:
+        raise ValueError("compressed=True drops the zeros of pruned linears, and this record lists none (structured "
+                         "pruning made the matrices smaller instead); save it without compressed=True")
     compact, summary = compress_state_dict(state_dict if state_dict is not None else model.state_dict(),
                                            module_patterns(record))
     original_storage, config = record.storage, model.config
