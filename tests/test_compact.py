@@ -304,6 +304,26 @@ def test_guard_texts_fit_the_error_and_labels_survive():
         guard_message("gptq")
 
 
+def test_config_hook_is_what_reads_the_guard_and_uninstalls_exactly(saved):
+    from hf_sparse.integrations import loading_guard
+
+    _, root = saved
+    original = loading_guard._ORIGINAL_GET_CONFIG_DICT
+    loading_guard.install_config_hook()  # idempotent
+    try:
+        loading_guard.uninstall_config_hook()
+        assert not loading_guard.is_config_hook_installed()
+        from transformers import PreTrainedConfig
+
+        assert PreTrainedConfig.__dict__["get_config_dict"] is original
+        with pytest.raises(ValueError, match="needs hf_sparse to load .*hf-sparse decompress"):
+            AutoConfig.from_pretrained(root / "compact")
+    finally:
+        loading_guard.install_config_hook()
+    assert loading_guard.is_config_hook_installed()
+    assert AutoConfig.from_pretrained(root / "compact").quantization_config["quant_method"] == "hf_sparse_compact"
+
+
 def test_without_the_guard_plain_transformers_still_refuses_on_the_shapes(saved, tmp_path):
     """A config.json whose guard was removed by hand: the stored values do not fit the layers, so the load stops."""
     _, root = saved
