@@ -23,8 +23,9 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # size of the matrix itself.
 CHUNK_ELEMENTS = 1 << 22
 # Decoding runs while a model loads, so its chunks are smaller: the work tensors of one chunk (int64 positions of an
-# N:M chunk, 4 bytes per weight; the unpacked bits of a bitmask chunk; a cast chunk) stay near 1 MiB whatever the
-# matrix size, and the loader's peak is the model plus one decompressed matrix plus that.
+# N:M chunk, 4 bytes per weight; masked_scatter's int64 prefix sums of a bitmask chunk; bits; a cast chunk) stay at a
+# few MiB whatever the matrix size (2.7 MiB at most counted, README "Compact checkpoints"), and the loader's peak is
+# the model plus one decompressed matrix plus that.
 DECODE_CHUNK_ELEMENTS = 1 << 18
 
 
