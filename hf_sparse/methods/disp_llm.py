@@ -56,7 +56,7 @@ SELECTIONS = ("attention_input", "attention_output", "mlp_input", "mlp_channels"
 
 @dataclass
 class DISPOptions(MethodOptions):
-    steps: int = field(default=400, metadata={
+    steps: int = field(default=200, metadata={
         "help": "Hypernetwork training steps (the paper: 10,000 steps of 2048 tokens on GPUs).", "range": ">= 1"})
     lam: float = field(default=6.0, metadata={
         "help": "λ, the weight of the parameter penalty |log(kept / target)| (the paper: 6; the authors' script 16).",
