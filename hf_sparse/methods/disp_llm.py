@@ -197,8 +197,8 @@ def threshold_masks(scores: list[torch.Tensor], costs: list[BlockCosts], target:
 
     >>> c = [BlockCosts(0, 1, 1, 1, 0, 0, 2, 2)]  # params = s1 + s2 + s3·s4 + s4·s5
     >>> s = [torch.tensor([1.0, 5.0])] * 3 + [torch.tensor([2.0, 3.0]), torch.tensor([4.0, 0.5])]
-    >>> [m.tolist() for m in threshold_masks(s, c, 7)]
-    [[0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
+    >>> [m.tolist() for m in threshold_masks(s, c, 7)]  # 6 kept at threshold 2 is closer to 7 than 10 at 1
+    [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
     """
     best = [torch.zeros_like(s, dtype=torch.bool).scatter_(0, s.argmax().reshape(1), True) for s in scores]
 
