@@ -1,4 +1,4 @@
-"""Benchmark structured pruning (FLAP, ShortGPT, SLEB, PIP): quality, speed against the ideal, checkpoint size, memory.
+"""Benchmark structured pruning (FLAP, ShortGPT, SLEB, PIP, DISP-LLM): quality, speed against the ideal, checkpoint size, memory.
 
 Part 1, per method x sparsity (fraction of decoder-block parameters removed), each in a fresh subprocess (so its peak
 RSS is its own): prune with ``from_pretrained(..., sparsity_config=...)`` (32 windows of 256 tokens, seed 0, from
@@ -8,13 +8,16 @@ RSS is its own): prune with ``from_pretrained(..., sparsity_config=...)`` (32 wi
 Part 2, side by side in one process: CPU prefill tokens/s (one ``--prompt-tokens`` prompt) and decode tokens/s
 (``--decode-tokens`` greedy tokens with the KV cache) of the dense model and of each ``--speed-sparsity`` model, in
 interleaved rounds (median), next to the ideal speed-up = dense FLOPs / pruned FLOPs (every linear of the blocks,
-``lm_head`` and the attention products; the embedding lookup costs no FLOPs).
+``lm_head`` and the attention products; the embedding lookup costs no FLOPs). When a DISP-LLM model is among them, the
+dense model with *identity* residual selections at every point (same FLOPs, plus the ``index_select`` / ``index_add``
+hooks) is timed too: the run-time cost of the selections alone.
 
 Part 3 (``--memory-depths``): peak RSS minus weight bytes while FLAP prunes random Llamas of one width and growing
 depth: flat when only one block's activations are alive.
 
     python examples/benchmark_structured.py                                  # the 7M model, everything
     python examples/benchmark_structured.py --model /work/notes/smollm2-f32 --eval-windows 64 --methods flap,shortgpt
+    python examples/benchmark_structured.py --methods disp_llm,flap                    # DISP-LLM against FLAP
 """
 
 from __future__ import annotations
@@ -128,6 +131,21 @@ def flops(model, tokens: int, context: int) -> float:
     return tokens * (2 * linear + attention)
 
 
+def identity_selections(dense):
+    """A copy of ``dense`` whose blocks read and write all residual dimensions through the DISP-LLM selection hooks."""
+    import copy
+
+    from hf_sparse.architectures import get_architecture
+    from hf_sparse.surgery import RESIDUAL_POINTS, BlockEdit, ResidualEdit, StructuredEdits, apply_edits
+
+    model = copy.deepcopy(dense)
+    adapter = get_architecture(model)
+    everything = tuple(range(model.config.hidden_size))
+    edit = BlockEdit(residual=ResidualEdit(**{point: everything for point in RESIDUAL_POINTS}))
+    apply_edits(model, adapter, StructuredEdits(blocks={i: edit for i in range(len(adapter.blocks(model)))}))
+    return model
+
+
 def speed_table(models: dict, prompt_tokens: int, decode_tokens: int, rounds: int) -> list[dict]:
     import torch
 
@@ -226,6 +244,8 @@ def main() -> None:
         if abs(r["sparsity"] - args.speed_sparsity) < 1e-9:
             models[f"{r['method']} {r['achieved']:.3f}"] = \
                 transformers.AutoModelForCausalLM.from_pretrained(r["output"]).eval()
+    if any(name.startswith("disp_llm") for name in models):
+        models["dense, identity selections"] = identity_selections(models["dense"])
     speed_rows = speed_table(models, args.prompt_tokens, args.decode_tokens, args.rounds) if models else []
     if speed_rows:
         print(f"\nspeed, CPU float32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds: "

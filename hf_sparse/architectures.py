@@ -17,7 +17,7 @@ from torch import nn
 
 
 #: Structures a structured method can remove (see :meth:`ArchitectureAdapter.structure`).
-STRUCTURES = ("attention_heads", "mlp_channels", "blocks")
+STRUCTURES = ("attention_heads", "mlp_channels", "blocks", "residual_dims")
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,30 @@ class MLPChannels:
 
 
 @dataclass(frozen=True)
+class ResidualDims:
+    """Where a sequential pre-norm block reads and writes the residual stream, for per-block residual dimensions.
+
+    The block must compute ``h = h + attention(attention_norm(h))`` then ``h = h + mlp(mlp_norm(h))``, with nothing
+    between a sub-block's output and the residual add (no post-norm): then the attention block can read a subset of the
+    normed dimensions (``attention_norm``'s output is index-selected; q/k/v keep those input columns) and write a subset
+    (``attention``'s output is scattered back to full width; the output projection keeps those rows), and likewise the
+    MLP. The readers and writers are the linears of :class:`AttentionHeads` and :class:`MLPChannels`.
+    """
+
+    attention_norm: str = "input_layernorm"
+    attention: str = "self_attn"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp: str = "mlp"
+
+
+@dataclass(frozen=True)
 class ArchitectureAdapter:
     """Layout of one model family.
 
     ``blocks_path`` is the dotted attribute path from the ``*ForCausalLM`` model to the ``nn.ModuleList`` of decoder
     blocks; ``operator_groups`` lists, in execution order, groups of linear-module names relative to a block.
-    ``attention_heads`` and ``mlp_channels`` declare the coupled structures structured pruning removes; ``unsupported``
+    ``attention_heads`` and ``mlp_channels`` declare the coupled structures structured pruning removes, ``residual_dims``
+    where a block reads and writes the residual stream (for per-block residual dimensions); ``unsupported``
     maps a structure name (one of :data:`STRUCTURES`) to the reason this family cannot have it removed.
     """
 
@@ -90,13 +108,15 @@ class ArchitectureAdapter:
     notes: str = field(default="", compare=False)
     attention_heads: AttentionHeads | None = None
     mlp_channels: MLPChannels | None = None
+    residual_dims: ResidualDims | None = None
     unsupported: dict[str, str] = field(default_factory=dict, compare=False)
     #: config keys holding one entry per decoder block (shortened when blocks are removed)
     per_layer_keys: tuple[str, ...] = ("layer_types",)
     blocks_key: str = "num_hidden_layers"
 
     def structure(self, name: str, model_type: str | None = None):
-        """The declaration of structure ``name`` (``AttentionHeads``, ``MLPChannels``, or ``True`` for ``"blocks"``).
+        """The declaration of structure ``name`` (``AttentionHeads``, ``MLPChannels``, ``ResidualDims``, or ``True`` for
+        ``"blocks"``).
 
         Raises ``ValueError`` naming the architecture and the structure when this family cannot have it removed.
 
@@ -106,7 +126,8 @@ class ArchitectureAdapter:
         if name not in STRUCTURES:
             raise ValueError(f"unknown structure {name!r}; structures are {list(STRUCTURES)}")
         family = model_type or "/".join(self.model_types)
-        declared = {"attention_heads": self.attention_heads, "mlp_channels": self.mlp_channels, "blocks": True}[name]
+        declared = {"attention_heads": self.attention_heads, "mlp_channels": self.mlp_channels, "blocks": True,
+                    "residual_dims": self.residual_dims}[name]
         if name in self.unsupported or declared is None:
             reason = self.unsupported.get(name, "the adapter does not declare it")
             raise ValueError(f"architecture {family!r} does not support structured pruning of {name}: {reason}")
@@ -156,12 +177,24 @@ _LLAMA_HEADS = AttentionHeads(attention="self_attn", query="self_attn.q_proj", k
                               value="self_attn.v_proj", output="self_attn.o_proj")
 _LLAMA_MLP = MLPChannels(inputs=("mlp.gate_proj", "mlp.up_proj"), output="mlp.down_proj")
 
+_POST_NORMS = ("its blocks normalise the attention and MLP outputs over the full width before the residual add "
+               "(post-norms), so a block cannot write only some residual dimensions")
+
 register_architecture(ArchitectureAdapter(
-    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "granite"),
     blocks_path=("model.layers", "layers"),
     operator_groups=_LLAMA_GROUPS,
     attention_heads=_LLAMA_HEADS,
     mlp_channels=_LLAMA_MLP,
+    residual_dims=ResidualDims(),
+))
+register_architecture(ArchitectureAdapter(
+    model_types=("gemma2",),
+    blocks_path=("model.layers", "layers"),
+    operator_groups=_LLAMA_GROUPS,
+    attention_heads=_LLAMA_HEADS,
+    mlp_channels=_LLAMA_MLP,
+    unsupported={"residual_dims": _POST_NORMS},
 ))
 register_architecture(ArchitectureAdapter(
     model_types=("olmo2",),
@@ -169,7 +202,7 @@ register_architecture(ArchitectureAdapter(
     operator_groups=_LLAMA_GROUPS,
     mlp_channels=_LLAMA_MLP,
     unsupported={"attention_heads": "q_norm/k_norm normalise over all heads together, so removing a head changes "
-                                    "the others' outputs"},
+                                    "the others' outputs", "residual_dims": _POST_NORMS},
 ))
 register_architecture(ArchitectureAdapter(
     model_types=("gemma3_text",),
@@ -178,6 +211,7 @@ register_architecture(ArchitectureAdapter(
     # q_norm/k_norm normalise each head over head_dim (unlike OLMo2's), so heads can be removed.
     attention_heads=_LLAMA_HEADS,
     mlp_channels=_LLAMA_MLP,
+    unsupported={"residual_dims": _POST_NORMS},
     notes="Llama's operators; q_norm/k_norm are RMSNorms, not linears. Sliding-window and full-attention layers "
           "get their own masks and rotary bases, which the engine captures per block (config.layer_types).",
 ))
@@ -207,6 +241,8 @@ register_architecture(ArchitectureAdapter(
         ("mlp.dense_4h_to_h",),
     ),
     notes="Parallel residual: the MLP reads the block input, so its group does not depend on attention's.",
+    unsupported={"residual_dims": "parallel residual: attention and MLP read one shared norm's output, so they "
+                                  "cannot read different residual dimensions"},
     attention_heads=AttentionHeads(
         attention="attention", query="attention.query_key_value", output="attention.dense", layout="fused_per_head",
         head_dim_attribute="head_size", group_attribute=None, kv_heads_key=None, head_dim_key=None,
@@ -225,6 +261,8 @@ register_architecture(ArchitectureAdapter(
     attention_heads=AttentionHeads(attention="self_attn", query="self_attn.q_proj", key="self_attn.k_proj",
                                    value="self_attn.v_proj", output="self_attn.dense"),
     mlp_channels=MLPChannels(inputs=("mlp.fc1",), output="mlp.fc2"),
+    unsupported={"residual_dims": "parallel residual: attention and MLP read one shared norm's output, so they "
+                                  "cannot read different residual dimensions"},
 ))
 register_architecture(ArchitectureAdapter(
     model_types=("phi3",),

@@ -6,7 +6,8 @@ transformers builds it. One whose blocks differ (FLAP, or biases the config cann
 quant_method is registered here: transformers builds the model as an empty (meta-device) skeleton from the config,
 :meth:`StructuredShapeLoader._process_model_before_weight_loading` shrinks it to the shapes in
 ``config.sparsity_config["structure"]`` (:func:`hf_sparse.surgery.shrink_to_structure`), and only then are the weights
-read, with any ``dtype`` and ``device_map``: the dense model is never built. Without hf_sparse, transformers does not
+read, with any ``dtype`` and ``device_map``: the dense model is never built. Blocks with their own residual
+dimensions (DISP-LLM) get placeholder index buffers of the recorded sizes, filled from the checkpoint like weights. Without hf_sparse, transformers does not
 know the quant_method, says so naming it, and the smaller weights do not fit the dense modules, so loading fails
 instead of producing wrong weights.
 

@@ -2,7 +2,8 @@
 shape record that lets a smaller model be saved and loaded again (:mod:`.structure`)."""
 
 from .apply import BlockShape, apply_edits, block_shape, remove_blocks
-from .edits import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits
+from .edits import RESIDUAL_POINTS, AttentionEdit, BlockEdit, MLPEdit, ResidualEdit, StructuredEdits
+from .residual import masked_residual
 from .structure import (
     STRUCTURED_QUANT_METHOD,
     apply_and_describe,
@@ -20,7 +21,8 @@ from .structure import (
 )
 
 __all__ = [
-    "AttentionEdit", "BlockEdit", "BlockShape", "MLPEdit", "STRUCTURED_QUANT_METHOD", "StructuredEdits",
+    "AttentionEdit", "BlockEdit", "BlockShape", "MLPEdit", "RESIDUAL_POINTS", "ResidualEdit", "STRUCTURED_QUANT_METHOD",
+    "StructuredEdits", "masked_residual",
     "apply_and_describe", "apply_edits", "block_parameters", "block_shape", "describe_structure", "finish_config", "mark_for_loading", "original_description",
     "remove_blocks", "removed_fraction", "shape_rows", "shape_summary", "shrink_to_structure", "unit_parameters", "validate_structure",
 ]

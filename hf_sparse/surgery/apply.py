@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..architectures import ArchitectureAdapter, AttentionHeads, MLPChannels
-from .edits import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits
+from .edits import RESIDUAL_POINTS, AttentionEdit, BlockEdit, MLPEdit, ResidualEdit, StructuredEdits
+from .residual import install_residual_dims, residual_widths
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +39,16 @@ class BlockShape:
     kv_heads: int | None
     head_dim: int | None
     mlp_channels: int | None
+    #: residual dimensions read/written at each of RESIDUAL_POINTS, for a block pruned with a ResidualEdit
+    residual_dims: tuple[int, ...] | None = None
 
-    def to_dict(self) -> dict[str, int]:
-        return {k: v for k, v in (("attention_heads", self.attention_heads), ("kv_heads", self.kv_heads),
-                                  ("mlp_channels", self.mlp_channels)) if v is not None}
+    def to_dict(self) -> dict[str, Any]:
+        shape: dict[str, Any] = {k: v for k, v in (("attention_heads", self.attention_heads),
+                                                   ("kv_heads", self.kv_heads), ("mlp_channels", self.mlp_channels))
+                                 if v is not None}
+        if self.residual_dims is not None:
+            shape["residual_dims"] = dict(zip(RESIDUAL_POINTS, self.residual_dims))
+        return shape
 
 
 def block_shape(adapter: ArchitectureAdapter, block: nn.Module) -> BlockShape:
@@ -57,7 +65,9 @@ def block_shape(adapter: ArchitectureAdapter, block: nn.Module) -> BlockShape:
             kv_heads = _submodule(block, decl.key).out_features // head_dim
     if adapter.mlp_channels is not None and "mlp_channels" not in adapter.unsupported:
         channels = _submodule(block, adapter.mlp_channels.output).in_features
-    return BlockShape(heads, kv_heads, head_dim, channels)
+    widths = residual_widths(block)
+    residual = tuple(widths[p] for p in RESIDUAL_POINTS) if widths is not None else None
+    return BlockShape(heads, kv_heads, head_dim, channels, residual)
 
 
 def _head_rows(head_indices, width: int) -> torch.Tensor:
@@ -112,6 +122,30 @@ def _apply_mlp(block: nn.Module, decl: MLPChannels, edit: MLPEdit, shape: BlockS
     _slice_linear(_submodule(block, decl.output), cols=channels)
 
 
+def _apply_residual(adapter: ArchitectureAdapter, block: nn.Module, edit: ResidualEdit, model_type: str | None) -> None:
+    """Fold the residual selections into the linears that read (columns) and write (rows) the stream, then install
+    the index_select / index_add hooks (:mod:`.residual`)."""
+    decl = adapter.structure("residual_dims", model_type)
+    heads, mlp = adapter.structure("attention_heads", model_type), adapter.structure("mlp_channels", model_type)
+    if heads.layout != "separate" or mlp.fused_halves:
+        raise ValueError(f"architecture {model_type!r} declares residual_dims but fused projections; residual "
+                         "selections need separate q/k/v and gate/up linears")
+    query = _submodule(block, heads.query)
+    hidden = query.in_features
+    sites = {"attention_input": ((heads.query, heads.key, heads.value), "cols"),
+             "attention_output": ((heads.output,), "rows"),
+             "mlp_input": (mlp.inputs, "cols"), "mlp_output": ((mlp.output,), "rows")}
+    kept: dict[str, torch.Tensor] = {}
+    for point, (names, side) in sites.items():
+        if getattr(edit, point) is None:
+            continue
+        indices = torch.tensor(edit.kept(point, hidden), dtype=torch.int64)
+        for name in names:
+            _slice_linear(_submodule(block, name), **{side: indices})
+        kept[point] = indices.to(query.weight.device)
+    install_residual_dims(block, decl, hidden, kept)
+
+
 def _add_bias(block: nn.Module, name: str, delta: torch.Tensor) -> None:
     module = _submodule(block, name)
     delta = delta.detach().reshape(-1)
@@ -133,6 +167,8 @@ def apply_block_edit(adapter: ArchitectureAdapter, block: nn.Module, edit: Block
         _apply_attention(block, adapter.structure("attention_heads", model_type), edit.attention, shape)
     if edit.mlp is not None:
         _apply_mlp(block, adapter.structure("mlp_channels", model_type), edit.mlp, shape)
+    if edit.residual is not None:
+        _apply_residual(adapter, block, edit.residual, model_type)
     for name, delta in edit.new_biases.items():
         _add_bias(block, name, delta)
 

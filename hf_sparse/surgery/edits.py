@@ -82,16 +82,53 @@ class MLPEdit:
         object.__setattr__(self, "kept_channels", _check_indices("kept_channels", self.kept_channels))
 
 
+#: The four places a decoder block touches the residual stream, in execution order: the attention block's input (after
+#: its full-width norm), its output, the MLP's input and its output.
+RESIDUAL_POINTS = ("attention_input", "attention_output", "mlp_input", "mlp_output")
+
+
+@dataclass(frozen=True)
+class ResidualEdit:
+    """Which residual-stream dimensions one block reads and writes (DISP-LLM's dimension-independent selections).
+
+    Each field is the kept dimensions at one of :data:`RESIDUAL_POINTS`, or ``None`` for all of them: the attention
+    block reads ``attention_input`` of its normed input (q/k/v keep those input columns) and adds its output only into
+    ``attention_output`` (o_proj keeps those rows); the MLP likewise with ``mlp_input`` (gate/up columns) and
+    ``mlp_output`` (down_proj rows). The norms stay full width, so every block sees the whole stream's statistics.
+
+    >>> ResidualEdit(attention_input=(0, 3)).kept("attention_input", 4)
+    (0, 3)
+    """
+
+    attention_input: tuple[int, ...] | None = None
+    attention_output: tuple[int, ...] | None = None
+    mlp_input: tuple[int, ...] | None = None
+    mlp_output: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for name in RESIDUAL_POINTS:
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _check_indices(name, value))
+
+    def kept(self, point: str, hidden_size: int) -> tuple[int, ...]:
+        """The kept dimensions at ``point``, checked against ``hidden_size`` (all of them when not selected)."""
+        value = getattr(self, point)
+        return tuple(range(hidden_size)) if value is None else _check_indices(point, value, hidden_size)
+
+
 @dataclass
 class BlockEdit:
     """Everything that changes in one decoder block.
 
     ``new_biases`` maps a linear's name relative to the block (e.g. ``"mlp.down_proj"``) to a vector added to its
     output bias (created when the linear has none): FLAP's compensation for the removed channels' mean contribution.
+    ``residual`` selects the residual-stream dimensions the block reads and writes (:class:`ResidualEdit`).
     """
 
     attention: AttentionEdit | None = None
     mlp: MLPEdit | None = None
+    residual: ResidualEdit | None = None
     new_biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
 

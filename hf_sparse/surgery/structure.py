@@ -13,6 +13,11 @@ Stored as ``config.sparsity_config["structure"]`` (record ``format_version`` 2):
       "loading": "config"                           # or "hf_sparse"
     }
 
+A block that reads and writes its own residual dimensions (DISP-LLM, :class:`~hf_sparse.surgery.edits.ResidualEdit`)
+also has ``"residual_dims": {"attention_input": 180, "attention_output": 201, "mlp_input": 190, "mlp_output": 222}``
+(counts, out of ``original["hidden_size"]``); which dimensions they are is stored in the checkpoint itself, as the
+int64 buffers ``<block>.residual_dims.<point>`` (:mod:`.residual`), so the record stays small at any width.
+
 ``loading == "config"``: every block has the same shape and the config's own keys (``num_hidden_layers``,
 ``intermediate_size``, ``num_attention_heads``, ...) were rewritten, so plain transformers loads the checkpoint.
 ``"hf_sparse"``: the blocks differ (or gained biases the config cannot express); the config keeps the dense widths and
@@ -30,7 +35,7 @@ from torch import nn
 
 from ..architectures import ArchitectureAdapter
 from .apply import BlockShape, _configs, _submodule, apply_block_edit, block_shape
-from .edits import AttentionEdit, BlockEdit, MLPEdit
+from .edits import RESIDUAL_POINTS, AttentionEdit, BlockEdit, MLPEdit, ResidualEdit
 
 STRUCTURE_VERSION = 1
 #: quant_method of the marker that makes plain transformers refuse a checkpoint only hf_sparse can shape
@@ -87,14 +92,26 @@ def describe_structure(adapter: ArchitectureAdapter, model: nn.Module, original:
         if new_biases.get(original_index):
             entry["new_biases"] = sorted(new_biases[original_index])
         blocks.append(entry)
-    return {"version": STRUCTURE_VERSION, "original": dict(original), "removed_blocks": sorted(removed),
+    original = dict(original)
+    if any("residual_dims" in entry for entry in blocks):
+        original["hidden_size"] = _hidden_size(adapter, adapter.blocks(model))
+    return {"version": STRUCTURE_VERSION, "original": original, "removed_blocks": sorted(removed),
             "blocks": blocks, "block_parameters": block_parameters(adapter, model), "loading": "hf_sparse"}
+
+
+def _hidden_size(adapter: ArchitectureAdapter, blocks) -> int:
+    """The residual width, from a block that reads all of it (q_proj's inputs) or from one that records it."""
+    for block in blocks:
+        dims = block._modules.get("residual_dims")
+        if dims is not None:
+            return dims.hidden_size
+    return _submodule(blocks[0], adapter.attention_heads.query).in_features
 
 
 def _rewritable(adapter: ArchitectureAdapter, structure: dict[str, Any]) -> bool:
     """Whether one set of config keys describes every block (then plain transformers can build the model)."""
     blocks, original = structure["blocks"], structure["original"]
-    if any(b.get("new_biases") for b in blocks):
+    if any(b.get("new_biases") or b.get("residual_dims") for b in blocks):
         return False
     shapes = {tuple(b.get(k) for k in _COUNTS) for b in blocks}
     if len(shapes) != 1:
@@ -143,7 +160,9 @@ def shrink_to_structure(adapter: ArchitectureAdapter, model: nn.Module, structur
     """Give a freshly built model (usually an empty meta-device skeleton) the shapes ``structure`` records.
 
     The kept heads and channels become the first ones of each block: the checkpoint stores the kept rows in order,
-    so their original positions do not matter for loading.
+    so their original positions do not matter for loading. Kept residual dimensions do matter (they say where in
+    the full-width stream a block reads and writes): the skeleton gets placeholder index buffers of the recorded
+    sizes, which the checkpoint's ``residual_dims`` buffers then fill.
     """
     blocks = adapter.blocks(model)
     entries = structure["blocks"]
@@ -164,6 +183,10 @@ def shrink_to_structure(adapter: ArchitectureAdapter, model: nn.Module, structur
             )
         if "mlp_channels" in entry and entry["mlp_channels"] != now.mlp_channels:
             edit.mlp = MLPEdit(tuple(range(entry["mlp_channels"])))
+        if "residual_dims" in entry:
+            hidden = structure["original"]["hidden_size"]
+            edit.residual = ResidualEdit(**{p: tuple(range(n)) for p, n in entry["residual_dims"].items()
+                                            if n != hidden})
         apply_block_edit(adapter, block, edit, model_type)
         for name in entry.get("new_biases", ()):
             module = _submodule(block, name)
@@ -199,6 +222,12 @@ def validate_structure(data: Any) -> dict[str, Any]:
         if ("attention_heads" in entry) != ("kv_heads" in entry) or \
                 ("kv_heads" in entry and entry["attention_heads"] % entry["kv_heads"]):
             raise ValueError(f"{where}.blocks[{position}]: attention_heads must be a multiple of kv_heads")
+        if "residual_dims" in entry:
+            dims, hidden = entry["residual_dims"], original.get("hidden_size")
+            if not isinstance(hidden, int) or not isinstance(dims, dict) or set(dims) != set(RESIDUAL_POINTS) or \
+                    not all(isinstance(n, int) and 1 <= n <= hidden for n in dims.values()):
+                raise ValueError(f"{where}.blocks[{position}].residual_dims must give each of {list(RESIDUAL_POINTS)} "
+                                 f"a count between 1 and original.hidden_size ({hidden!r}), got {dims!r}")
         biases = entry.get("new_biases", [])
         if not isinstance(biases, list) or not all(isinstance(b, str) for b in biases):
             raise ValueError(f"{where}.blocks[{position}].new_biases must be a list of module names")
@@ -242,6 +271,10 @@ def shape_rows(adapter: ArchitectureAdapter, model: nn.Module, structure: dict[s
                 parts.append(f"{entry['kv_heads']}/{original['kv_heads']} KV heads")
         if "mlp_channels" in entry:
             parts.append(f"{entry['mlp_channels']}/{original['mlp_channels']} MLP channels")
+        if entry.get("residual_dims"):
+            dims, hidden = entry["residual_dims"], original["hidden_size"]
+            parts.append(f"residual dims read/written: attention {dims['attention_input']}/{dims['attention_output']}"
+                         f", MLP {dims['mlp_input']}/{dims['mlp_output']} of {hidden}")
         if entry.get("new_biases"):
             parts.append("new biases on " + ", ".join(entry["new_biases"]))
         moved = f" (was block {entry['original_index']})" if entry["original_index"] != position else ""
@@ -259,6 +292,10 @@ def shape_summary(structure: dict[str, Any]) -> str:
             f"are physically smaller ({structure['block_parameters']:,} of {original['block_parameters']:,} "
             f"decoder-block parameters remain, {len(structure['blocks'])} of {original['num_blocks']} blocks")
     text += f"; removed blocks {removed})." if removed else ")."
+    if any("residual_dims" in b for b in structure["blocks"]):
+        text += (f" Each block reads and writes its own subset of the {original['hidden_size']} residual-stream "
+                 "dimensions (DISP-LLM): its attention and MLP select their inputs after the full-width norms and "
+                 "add their outputs back at their own dimensions.")
     if structure["loading"] == "config":
         text += (" Every block has the same shape and config.json says so: plain transformers (and serving engines) "
                  "load it without hf_sparse.")

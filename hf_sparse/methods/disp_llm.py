@@ -1,0 +1,311 @@
+"""DISP-LLM (Gao et al., NeurIPS 2024): dimension-independent structural pruning with a learned hypernetwork.
+
+Ordinary structured pruning removes the same residual-stream (embedding) dimensions in every block, because the
+residual couples them. DISP-LLM lets every block read and write its own subset instead: per block, five selections -
+the residual dimensions the attention block reads (after its full-width norm) and writes, the ones the MLP reads and
+writes, and the MLP's intermediate channels (attention heads keep their width, as in the authors' code). The surgery
+(:mod:`hf_sparse.surgery.residual`) folds them into q/k/v columns, o_proj rows, gate/up columns and rows, down_proj
+columns and rows, leaving one ``index_select`` per sub-block input and one ``index_add`` per output at run time.
+
+The selections are learned, the LLM stays frozen:
+
+1. **Hypernetwork** (:class:`SelectionNetwork`): fixed random inputs, one 32-vector per selection (5 per block, in
+   block order), a bidirectional GRU (32 -> 64 per direction), LayerNorm, GELU and one linear head per selection
+   giving a logit per dimension / channel.
+2. **Masks**: Gumbel-sigmoid ``sigmoid((logit + gumbel + offset) / temperature)`` (temperature 0.4, offset 3.0, so
+   training starts from "keep almost everything"), rounded to 0/1 with a straight-through gradient; a selection that
+   would keep nothing keeps its highest-scoring dimension. The frozen model runs with these masks
+   (:func:`~hf_sparse.surgery.masked_residual`: exactly the pruned model), so the loss is the pruned model's.
+3. **Loss**: language-modelling cross-entropy on calibration windows + λ·|log(P(m) / P_target)|, with P(m) the
+   decoder-block parameters the hard masks keep (:func:`kept_parameters`, differentiable through the
+   straight-through masks). AdamW on the hypernetwork only.
+4. **Final masks**: the noise-free scores ``logit + offset`` of the trained network, thresholded at the one global
+   value whose kept parameters come closest to the target (every selection keeps at least its best dimension): the
+   achieved share is within one dimension's parameters of the target, and the record states it exactly.
+
+Deterministic for a seed (the pruning seed initialises the network and draws the noise and the windows). Cost:
+``steps`` forward and backward passes of the frozen model on ``windows_per_step`` calibration windows (no weight
+gradients); the hypernetwork itself is negligible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..surgery import BlockEdit, MLPEdit, ResidualEdit, StructuredEdits, masked_residual
+from ..surgery.apply import _submodule
+from .base import MethodOptions, PaperReference, register_method
+from .structured import StructuredPruningMethod
+
+if TYPE_CHECKING:
+    from ..structured_pipeline import StructuredSession
+
+logger = logging.getLogger(__name__)
+
+#: the five selections of one block, in execution order (the hypernetwork's sequence order within a block)
+SELECTIONS = ("attention_input", "attention_output", "mlp_input", "mlp_channels", "mlp_output")
+
+
+@dataclass
+class DISPOptions(MethodOptions):
+    steps: int = field(default=200, metadata={
+        "help": "Hypernetwork training steps (the paper: 10,000 steps of 2048 tokens on GPUs).", "range": ">= 1"})
+    lam: float = field(default=6.0, metadata={
+        "help": "λ, the weight of the parameter penalty |log(kept / target)| (the paper: 6; the authors' script 16).",
+        "range": "> 0"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the hypernetwork.", "range": "> 0"})
+    temperature: float = field(default=0.4, metadata={
+        "help": "Gumbel-sigmoid temperature.", "range": "> 0"})
+    offset: float = field(default=3.0, metadata={
+        "help": "Added to every logit before the Gumbel-sigmoid: a positive offset starts from keeping (almost) "
+                "everything.", "range": ">= 0"})
+    windows_per_step: int = field(default=4, metadata={
+        "help": "Calibration windows per step (tokens per step = this x sequence_length).", "range": ">= 1"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter count as a function of the five selections
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """What one block's kept parameters are as a function of its selection sizes (s1..s5 in :data:`SELECTIONS`
+    order): ``fixed + attention_rows·s1 + attention_width·s2 + s4·(readers·s3 + reader_biases) + s5·(s4 +
+    writer_bias)``. ``attention_rows`` = output features of q+k+v (weights per read dimension), ``attention_width``
+    = o_proj's inputs (+1 with a bias), ``readers`` = the MLP's input linears (gate, up), ``reader_biases`` = how many
+    of them have a bias, ``writer_bias`` = 1 when down_proj has one; ``fixed`` is everything else (norms, q/k/v
+    biases)."""
+
+    fixed: int
+    attention_rows: int
+    attention_width: int
+    readers: int
+    reader_biases: int
+    writer_bias: int
+    hidden_size: int
+    channels: int
+
+    def parameters(self, s1, s2, s3, s4, s5):
+        """Kept parameters for selection sizes ``s1..s5`` (ints or 0-d tensors; differentiable in tensors).
+
+        >>> BlockCosts(10, 3, 2, 2, 0, 0, 4, 5).parameters(4, 4, 4, 5, 4)  # the dense block: 10+12+8+40+20
+        90
+        """
+        return (self.fixed + self.attention_rows * s1 + self.attention_width * s2
+                + s4 * (self.readers * s3 + self.reader_biases) + s5 * (s4 + self.writer_bias))
+
+
+def block_costs(session: StructuredSession, index: int) -> BlockCosts:
+    """:class:`BlockCosts` of dense block ``index``, read from its linears (fixed = block total minus the rest)."""
+    heads, mlp = session.require("attention_heads"), session.require("mlp_channels")
+    block = session.blocks[index]
+    q, k, v, o = (_submodule(block, n) for n in (heads.query, heads.key, heads.value, heads.output))
+    readers = [_submodule(block, n) for n in mlp.inputs]
+    down = _submodule(block, mlp.output)
+    hidden, channels = q.in_features, down.in_features
+    costs = BlockCosts(0, q.out_features + k.out_features + v.out_features, o.in_features + (o.bias is not None),
+                       len(readers), sum(r.bias is not None for r in readers), int(down.bias is not None), hidden,
+                       channels)
+    total = sum(p.numel() for p in block.parameters())
+    variable = costs.parameters(hidden, hidden, hidden, channels, hidden)
+    return BlockCosts(total - variable, *(getattr(costs, f) for f in (
+        "attention_rows", "attention_width", "readers", "reader_biases", "writer_bias", "hidden_size", "channels")))
+
+
+def kept_parameters(costs: list[BlockCosts], masks: list[torch.Tensor]):
+    """Decoder-block parameters kept by ``masks`` (five per block, :data:`SELECTIONS` order); differentiable."""
+    total = 0
+    for index, block in enumerate(costs):
+        sizes = [m.sum() for m in masks[5 * index: 5 * index + 5]]
+        total = total + block.parameters(*sizes)
+    return total
+
+
+def parameter_penalty(kept, target: float, lam: float) -> torch.Tensor:
+    """λ·|log(kept / target)|: zero on target, symmetric in the ratio.
+
+    >>> round(parameter_penalty(torch.tensor(200.0), 100.0, 6.0).item(), 4)  # 6·log 2
+    4.1589
+    """
+    return lam * torch.log(kept / target).abs()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hypernetwork
+
+
+def straight_through_mask(scores: torch.Tensor) -> torch.Tensor:
+    """The 0/1 mask ``scores > 0`` (the best entry kept when none is) in the forward pass, with the gradient of
+    ``sigmoid(scores)`` in the backward pass (straight-through).
+
+    >>> straight_through_mask(torch.tensor([-2.0, -1.0])).tolist()
+    [0.0, 1.0]
+    """
+    soft = torch.sigmoid(scores)
+    hard = (scores > 0).to(soft.dtype)
+    if not bool(hard.any()):
+        hard = hard.clone()
+        hard[scores.argmax()] = 1.0
+    return hard + soft - soft.detach()
+
+
+class SelectionNetwork(nn.Module):
+    """DISP-LLM's hypernetwork: one logit per dimension of each selection, from fixed random inputs through a
+    bidirectional GRU. ``widths`` lists the selections' sizes in order (five per block).
+
+    >>> net = SelectionNetwork([8, 8, 8, 16, 8])
+    >>> [t.shape[0] for t in net()]
+    [8, 8, 8, 16, 8]
+    """
+
+    def __init__(self, widths: list[int], input_size: int = 32, hidden_size: int = 64):
+        super().__init__()
+        # Fixed inputs: a buffer, not a parameter (the paper's are frozen too), so the optimizer never sees them.
+        self.register_buffer("inputs", torch.randn(len(widths), 1, input_size))  # (selections, batch 1, input)
+        self.gru = nn.GRU(input_size, hidden_size, bidirectional=True)
+        self.norm = nn.LayerNorm(2 * hidden_size)
+        self.heads = nn.ModuleList(nn.Linear(2 * hidden_size, width, bias=False) for width in widths)
+
+    def forward(self) -> list[torch.Tensor]:
+        states, _ = self.gru(self.inputs)  # (selections, 1, 2 * hidden)
+        features = F.gelu(self.norm(states[:, 0]))
+        return [head(features[i]) for i, head in enumerate(self.heads)]
+
+
+def sample_masks(logits: list[torch.Tensor], temperature: float, offset: float,
+                 generator: torch.Generator) -> list[torch.Tensor]:
+    """Straight-through hard masks from a Gumbel-sigmoid sample of every selection."""
+    masks = []
+    for logit in logits:
+        uniform = torch.rand(logit.shape, generator=generator).to(logit.device)
+        gumbel = -torch.log(-torch.log(uniform + 1e-20) + 1e-20)
+        masks.append(straight_through_mask((logit + gumbel + offset) / temperature))
+    return masks
+
+
+def threshold_masks(scores: list[torch.Tensor], costs: list[BlockCosts], target: float) -> list[torch.Tensor]:
+    """Keep every entry whose score is at least one global threshold (and each selection's best entry), the
+    threshold chosen so the kept parameters are closest to ``target``.
+
+    >>> c = [BlockCosts(0, 1, 1, 1, 0, 0, 2, 2)]  # params = s1 + s2 + s3·s4 + s4·s5
+    >>> s = [torch.tensor([1.0, 5.0])] * 3 + [torch.tensor([2.0, 3.0]), torch.tensor([4.0, 0.5])]
+    >>> [m.tolist() for m in threshold_masks(s, c, 7)]  # 6 kept at threshold 2 is closer to 7 than 10 at 1
+    [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
+    """
+    best = [torch.zeros_like(s, dtype=torch.bool).scatter_(0, s.argmax().reshape(1), True) for s in scores]
+
+    def masks_at(threshold: float) -> list[torch.Tensor]:
+        return [((s >= threshold) | b).float() for s, b in zip(scores, best)]
+
+    def count(threshold: float) -> float:
+        return float(kept_parameters(costs, masks_at(threshold)))
+
+    candidates = torch.cat([s.reshape(-1) for s in scores]).unique().sort().values  # ascending: fewer kept
+    low, high = 0, len(candidates) - 1  # find the first candidate keeping at most the target
+    if count(candidates[high].item()) > target:
+        return masks_at(candidates[high].item())
+    while low < high:
+        middle = (low + high) // 2
+        if count(candidates[middle].item()) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    choice = candidates[low].item()
+    if low > 0 and abs(count(candidates[low - 1].item()) - target) < abs(count(choice) - target):
+        choice = candidates[low - 1].item()
+    return masks_at(choice)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@register_method
+class DISPLLMPruning(StructuredPruningMethod):
+    """Learn per-block residual, attention and MLP widths with a hypernetwork; the LLM stays frozen."""
+
+    name = "disp_llm"
+    display_name = "DISP-LLM"
+    paper = PaperReference("DISP-LLM: Dimension-Independent Structural Pruning for Large Language Models",
+                           "Gao et al.", 2024, "https://arxiv.org/abs/2410.11988")
+    removes = ("residual_dims", "mlp_channels")
+    options_class = DISPOptions
+
+    def plan_edits(self, session: StructuredSession, sparsity: float) -> StructuredEdits:
+        session.require("residual_dims")
+        session.require("attention_heads")
+        costs = [block_costs(session, index) for index in range(session.num_blocks)]
+        total = session.block_parameters
+        target = (1.0 - sparsity) * total
+        widths = [w for c in costs for w in (c.hidden_size, c.hidden_size, c.hidden_size, c.channels, c.hidden_size)]
+        device = session.model.get_input_embeddings().weight.device
+        network = SelectionNetwork(widths).to(device)  # initialised from the pruning seed (api seeds the RNG)
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        self._train(session, network, costs, target, total, generator)
+        with torch.no_grad():
+            scores = [logit + self.options.offset for logit in network()]
+        masks = threshold_masks(scores, costs, target)
+        kept = float(kept_parameters(costs, masks))
+        logger.info("disp_llm: final masks keep %.4f of the block parameters (target %.4f)", kept / total,
+                    1 - sparsity)
+        return self._edits(masks, costs)
+
+    def _train(self, session: StructuredSession, network: SelectionNetwork, costs: list[BlockCosts], target: float,
+               total: int, generator: torch.Generator) -> None:
+        options, model = self.options, session.model
+        windows = session.calibration_ids
+        device = model.get_input_embeddings().weight.device
+        optimizer = torch.optim.AdamW(network.parameters(), lr=options.lr)
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:  # no weight gradients: only the masks' (hence the hypernetwork's) are needed
+            p.requires_grad_(False)
+        progress = tqdm(range(options.steps), desc="disp_llm hypernetwork", unit="step",
+                        disable=not session.show_progress)
+        try:
+            with torch.enable_grad():
+                for _step in progress:
+                    chosen = torch.randperm(len(windows), generator=generator)[: options.windows_per_step]
+                    batch = windows[chosen].to(device)
+                    masks = sample_masks(network(), options.temperature, options.offset, generator)
+                    per_block = {i: dict(zip(SELECTIONS, masks[5 * i: 5 * i + 5])) for i in range(len(costs))}
+                    with masked_residual(model, session.adapter, per_block):
+                        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+                    kept = kept_parameters(costs, masks)
+                    loss = ce + parameter_penalty(kept, target, options.lam)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    progress.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}",
+                                         kept=f"{kept.item() / total:.3f}")
+        finally:
+            progress.close()
+            for p in frozen:
+                p.requires_grad_(True)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"disp_llm training diverged (loss {loss.item()}); try a smaller lr than {options.lr}")
+
+    @staticmethod
+    def _edits(masks: list[torch.Tensor], costs: list[BlockCosts]) -> StructuredEdits:
+        edits = StructuredEdits()
+        for index, block in enumerate(costs):
+            kept = {name: tuple(torch.nonzero(m).reshape(-1).tolist())
+                    for name, m in zip(SELECTIONS, masks[5 * index: 5 * index + 5])}
+            full = {name: (block.channels if name == "mlp_channels" else block.hidden_size) for name in SELECTIONS}
+            selected = {name: k if len(k) < full[name] else None for name, k in kept.items()}
+            residual = {name: v for name, v in selected.items() if name != "mlp_channels"}
+            edit = BlockEdit()
+            if any(v is not None for v in residual.values()):
+                edit.residual = ResidualEdit(**residual)
+            if selected["mlp_channels"] is not None:
+                edit.mlp = MLPEdit(selected["mlp_channels"])
+            if edit.residual is not None or edit.mlp is not None:
+                edits.blocks[index] = edit
+        return edits
