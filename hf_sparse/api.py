@@ -20,8 +20,8 @@ from .calibration import (
     tokenizer_for,
 )
 from .config import SparsityConfig
-from .config.profiles import UNIFORM, allocate, profile_needs_calibration
-from .engine import LayerwiseEngine, TargetSparsity
+from .config.profiles import UNIFORM, allocate, check_profile_fits, profile_needs_calibration
+from .engine import LayerwiseEngine, TargetSparsity, plan_targets
 from .integrations.gguf import check_gguf_weights_dense, detach_gguf, gguf_source
 from .methods import build_method
 from .record import SparsityRecord, merge_records, overall_sparsity, read_record, write_record
@@ -114,6 +114,10 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     gguf = gguf_source(model)  # loaded from a .gguf file: its weights must be dense, its tokenizer is in the file
     if gguf is not None:
         check_gguf_weights_dense(model)
+    if config.sparsity_profile != UNIFORM:
+        # An explicit profile that does not fit this model fails before any calibration data is read.
+        check_profile_fits(plan_targets(model, config.include, config.exclude, config.parsed_pattern, config.sparsity),
+                           config.sparsity_profile, config.sparsity)
     calibration_ids = None
     needs_calibration = method.needs_calibration or profile_needs_calibration(config.sparsity_profile)
     if needs_calibration:

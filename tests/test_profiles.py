@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hf_sparse
-from conftest import MODEL_DIR, TEST_TXT, CALIBRATION_TXT, tiny_llama
+from conftest import MODEL_DIR, TEST_TXT, CALIBRATION_TXT, refuse_weight_loading, tiny_llama
 from hf_sparse.config.profiles import OwlOptions, outlier_ratio, owl_block_sparsities
 from hf_sparse.engine import LayerwiseEngine
 from hf_sparse.masks import SparsityPattern
@@ -155,6 +155,50 @@ def test_explicit_profile_errors_name_the_key(profile, fragment):
         hf_sparse.prune(tiny_llama(), cfg, show_progress=False)
 
 
+@pytest.mark.parametrize("profile, fragment", [
+    ({7: 0.5}, r"names block\(s\) \[7\], but the model has 2"),
+    ({"nothing_matches_this": 0.5}, "match no pruned module"),
+    ({"mlp": 0.5, "up_proj": 0.6}, "matches sparsity_profile keys"),
+])
+def test_explicit_profile_errors_come_before_the_weights_load(profile, fragment, tmp_path, monkeypatch):
+    # Prune on load plans on the empty skeleton: a bad key fails before any weight is read. Wanda with a missing
+    # calibration file would fail later (when the data is read): the profile error comes first.
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    refuse_weight_loading(monkeypatch)
+    for method in ("magnitude", "wanda"):
+        cfg = hf_sparse.SparsityConfig(method=method, sparsity_profile=profile,
+                                       calibration=CALIBRATION, num_samples=8, sequence_length=16)
+        with pytest.raises(ValueError, match=fragment):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
+        with pytest.raises(ValueError, match=fragment):
+            hf_sparse.AutoSparseModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
+
+
+def test_explicit_profile_error_in_prune_comes_before_calibration_is_read():
+    # The calibration file does not exist: reading it would raise a different error.
+    cfg = hf_sparse.SparsityConfig(method="wanda", sparsity_profile={9: 0.5}, calibration="/no/such/file.txt")
+    with pytest.raises(ValueError, match=r"names block\(s\) \[9\]"):
+        hf_sparse.prune(tiny_llama(), cfg, show_progress=False)
+
+
+def test_a_good_explicit_profile_passes_the_check_before_loading(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    cfg = hf_sparse.SparsityConfig(method="magnitude", sparsity=0.5, sparsity_profile={1: 0.25, r"q_proj": 0.75})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
+    record = model.config.sparsity_config
+    assert record["target_modules"]["model.layers.0.self_attn.q_proj"] == 0.75
+    assert record["target_modules"]["model.layers.1.mlp.up_proj"] == 0.25
+
+
+def test_profiles_are_refused_with_structured_methods():
+    with pytest.raises(ValueError, match="applies to unstructured pruning.*'flap'"):
+        hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.2, sparsity_profile="owl")
+
+
 def test_owl_with_magnitude_needs_calibration():
     cfg = hf_sparse.SparsityConfig(method="magnitude", sparsity=0.5, sparsity_profile="owl")
     with pytest.raises(ValueError, match="sparsity_profile='owl'.* needs calibration data"):
@@ -202,6 +246,19 @@ def test_cli_prune_with_owl_end_to_end(tmp_path):
     record = _saved_record(output)
     assert record["sparsity_profile"]["options"] == {"m": 5.0, "lambda": 0.05}
     assert abs(record["overall_sparsity"] - 0.6) < 1e-3
+
+
+def test_cli_explicit_profile_error_comes_before_the_weights_load(tmp_path, monkeypatch, capsys):
+    from test_cli import run, save_tiny_with_demo_tokenizer
+
+    model = save_tiny_with_demo_tokenizer(tmp_path / "tiny")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"0": 0.3, "12": 0.6}))
+    refuse_weight_loading(monkeypatch)
+    assert run(["prune", model, "--method", "magnitude", "--sparsity-profile", profile,
+                "--output", tmp_path / "out", "--no-model-card"]) == 2
+    assert "names block(s) [12], but the model has 2 decoder blocks" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # -- the shared model -------------------------------------------------------------------------------------------------

@@ -184,6 +184,12 @@ class SparsityConfig(QuantizationConfigMixin):
                 f"{self.pattern!r}: per-block N:M (a different N per block) is not supported; use "
                 "pattern='unstructured' with a sparsity, or the uniform profile with N:M"
             )
+        if parsed.is_structured and self.sparsity_profile != UNIFORM:
+            raise ValueError(
+                f"sparsity_profile={profile_name(self.sparsity_profile)!r} applies to unstructured pruning; "
+                f"method {self.method!r} with pattern={self.pattern!r} decides how much each block loses itself "
+                "and takes one overall sparsity: use sparsity_profile='uniform' (the default)"
+            )
         if self.calibration_weights is not None:
             self.calibration_weights = check_mix(self.calibration, self.calibration_weights)
         self.profile_options = check_profile_options(self.sparsity_profile, self.profile_options)
