@@ -112,6 +112,36 @@ def test_owl_overall_sparsity_is_the_target_with_unequal_blocks(method):
     assert [blocks[i] for i in order] == sorted(blocks.values(), reverse=True)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "fista"])
+def test_owl_through_from_pretrained_matches_prune(method, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(num_hidden_layers=3).save_pretrained(tmp_path / "model")
+    cfg = dict(method=method, sparsity=0.6, sparsity_profile="owl", profile_options={"m": 2, "lambda": 0.1},
+               calibration=CALIBRATION, num_samples=8, sequence_length=16, batch_size=4)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model",
+                                                  sparsity_config=hf_sparse.SparsityConfig(**cfg))
+    record = loaded.config.sparsity_config
+    assert record["sparsity_profile"]["name"] == "owl" and len(record["target_modules"]) == 21
+    assert abs(record["overall_sparsity"] - 0.6) < 1e-3
+    # The same targets and weights as pruning the loaded dense model.
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    expected = hf_sparse.prune(reference, hf_sparse.SparsityConfig(**cfg), show_progress=False)
+    assert record["target_modules"] == expected.target_modules
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), reference.parameters()))
+
+
+def test_owl_with_parallel_fista_equals_sequential():
+    common = dict(method="fista", sparsity=0.6, sparsity_profile="owl", profile_options={"m": 2, "lambda": 0.1},
+                  calibration=CALIBRATION, num_samples=8, sequence_length=16, batch_size=4)
+    a, b = tiny_llama(num_hidden_layers=3), tiny_llama(num_hidden_layers=3)
+    record_a = hf_sparse.prune(a, hf_sparse.SparsityConfig(**common), show_progress=False)
+    record_b = hf_sparse.prune(b, hf_sparse.SparsityConfig(**common, parallel=True, num_workers=2),
+                               show_progress=False)
+    assert record_a.target_modules == record_b.target_modules
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+
+
 def test_uniform_profile_is_bit_identical_and_keeps_the_record_shape():
     a, b = tiny_llama(), tiny_llama()
     common = dict(method="wanda", sparsity=0.5, calibration=CALIBRATION, num_samples=8, sequence_length=16)
@@ -246,6 +276,23 @@ def test_cli_prune_with_owl_end_to_end(tmp_path):
     record = _saved_record(output)
     assert record["sparsity_profile"]["options"] == {"m": 5.0, "lambda": 0.05}
     assert abs(record["overall_sparsity"] - 0.6) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "fista"])
+def test_cli_prune_with_an_explicit_profile_on_every_unstructured_method(method, tmp_path):
+    from test_cli import CALIB_ARGS, run, save_tiny_with_demo_tokenizer, _saved_record
+
+    model = save_tiny_with_demo_tokenizer(tmp_path / "tiny")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"0": 0.3, r"mlp\.down_proj": 0.7}))
+    output = tmp_path / "pruned"
+    assert run(["prune", model, "--method", method, "--sparsity", "0.5", "--sparsity-profile", profile,
+                *CALIB_ARGS, "--output", output, "--no-model-card"]) == 0
+    record = _saved_record(output)
+    targets = record["target_modules"]
+    assert targets["model.layers.0.self_attn.q_proj"] == 0.3 and targets["model.layers.1.mlp.down_proj"] == 0.7
+    assert targets["model.layers.1.self_attn.q_proj"] == 0.5
+    assert all(abs(record["modules"][name] - value) < 0.01 for name, value in targets.items())
 
 
 def test_cli_explicit_profile_error_comes_before_the_weights_load(tmp_path, monkeypatch, capsys):
