@@ -229,10 +229,18 @@ def test_profiles_are_refused_with_structured_methods():
         hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.2, sparsity_profile="owl")
 
 
-def test_owl_with_magnitude_needs_calibration():
+def test_owl_with_magnitude_needs_calibration(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     cfg = hf_sparse.SparsityConfig(method="magnitude", sparsity=0.5, sparsity_profile="owl")
+    assert cfg.needs_calibration and cfg.calibration_reader == "magnitude with sparsity_profile='owl'"
     with pytest.raises(ValueError, match="sparsity_profile='owl'.* needs calibration data"):
         hf_sparse.prune(tiny_llama(), cfg, show_progress=False)
+    # Prune on load says so before any weight is read.
+    tiny_llama().save_pretrained(tmp_path / "model")
+    refuse_weight_loading(monkeypatch)
+    with pytest.raises(ValueError, match="sparsity_profile='owl'.* needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
 
 
 def test_dense_statistics_pass_changes_nothing_and_gives_one_summary_per_block():

@@ -113,7 +113,7 @@ class HfSparseQuantizer(PlainModelQuantizer):
         config.validate()  # a field may have been changed since the config was built
         check_device_available(config.device)
         if config.needs_calibration:
-            check_source(config.calibration, config.method)
+            check_source(config.calibration, config.calibration_reader)
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         if self.pre_quantized:
