@@ -20,8 +20,8 @@ from .calibration import (
     tokenizer_for,
 )
 from .config import SparsityConfig
-from .config.profiles import UNIFORM, allocate, profile_needs_calibration
-from .engine import LayerwiseEngine, TargetSparsity
+from .config.profiles import UNIFORM, allocate, check_profile_fits
+from .engine import LayerwiseEngine, TargetSparsity, plan_targets
 from .integrations.gguf import check_gguf_weights_dense, detach_gguf, gguf_source
 from .methods import build_method
 from .record import SparsityRecord, merge_records, overall_sparsity, read_record, write_record
@@ -114,11 +114,13 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     gguf = gguf_source(model)  # loaded from a .gguf file: its weights must be dense, its tokenizer is in the file
     if gguf is not None:
         check_gguf_weights_dense(model)
+    if config.sparsity_profile != UNIFORM:
+        # An explicit profile that does not fit this model fails before any calibration data is read.
+        check_profile_fits(plan_targets(model, config.include, config.exclude, config.parsed_pattern, config.sparsity),
+                           config.sparsity_profile, config.sparsity)
     calibration_ids = None
-    needs_calibration = method.needs_calibration or profile_needs_calibration(config.sparsity_profile)
-    if needs_calibration:
-        check_source(config.calibration, config.method if method.needs_calibration else
-                     f"{config.method} with sparsity_profile={config.sparsity_profile!r}")
+    if config.needs_calibration:  # the method's statistics, or the profile's (OWL)
+        check_source(config.calibration, config.calibration_reader)
         mixed = config.calibration_weights is not None
         sources = list(config.calibration) if mixed else [config.calibration]
         for source in sources:

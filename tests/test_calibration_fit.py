@@ -129,3 +129,24 @@ def test_cli_calibration_mix_and_target_data_flags(tmp_path):
                               "2", "--output", "o"])
     with pytest.raises(ValueError, match="one weight per source"):
         sparsity_config(args)
+
+
+def test_split_book_keeps_the_text_between_the_markers_and_cuts_at_a_paragraph(tmp_path):
+    # The README's second domain is made by examples/split_book.py: the same file must always give the same halves.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from split_book import main as split_book
+
+    book = tmp_path / "pg1.txt"
+    body = "\r\n\r\n".join(f"Tale {i}. Once upon a time." for i in range(10))
+    book.write_bytes(("\ufeffLicence text\r\n*** START OF THE BOOK ***\r\n\r\n" + body
+                      + "\r\n*** END OF THE BOOK ***\r\nMore licence\r\n").encode("utf-8"))
+    first, second = split_book([str(book), "--output-dir", str(tmp_path / "out")])
+    # 268 characters: the middle (134) falls inside the blank line after tale 4, so the cut is the next one.
+    assert first.read_text() == "\n\n".join(f"Tale {i}. Once upon a time." for i in range(6)) + "\n"
+    assert second.read_text() == "\n\n".join(f"Tale {i}. Once upon a time." for i in range(6, 10)) + "\n"
+    book.write_text("no markers here")
+    with pytest.raises(ValueError, match=r"expected one '\*\*\* START OF' line"):
+        split_book([str(book), "--output-dir", str(tmp_path / "out")])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hf_sparse
-from conftest import MODEL_DIR, TEST_TXT, CALIBRATION_TXT, tiny_llama
+from conftest import MODEL_DIR, TEST_TXT, CALIBRATION_TXT, refuse_weight_loading, tiny_llama
 from hf_sparse.config.profiles import OwlOptions, outlier_ratio, owl_block_sparsities
 from hf_sparse.engine import LayerwiseEngine
 from hf_sparse.masks import SparsityPattern
@@ -112,6 +112,36 @@ def test_owl_overall_sparsity_is_the_target_with_unequal_blocks(method):
     assert [blocks[i] for i in order] == sorted(blocks.values(), reverse=True)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "fista"])
+def test_owl_through_from_pretrained_matches_prune(method, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(num_hidden_layers=3).save_pretrained(tmp_path / "model")
+    cfg = dict(method=method, sparsity=0.6, sparsity_profile="owl", profile_options={"m": 2, "lambda": 0.1},
+               calibration=CALIBRATION, num_samples=8, sequence_length=16, batch_size=4)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model",
+                                                  sparsity_config=hf_sparse.SparsityConfig(**cfg))
+    record = loaded.config.sparsity_config
+    assert record["sparsity_profile"]["name"] == "owl" and len(record["target_modules"]) == 21
+    assert abs(record["overall_sparsity"] - 0.6) < 1e-3
+    # The same targets and weights as pruning the loaded dense model.
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    expected = hf_sparse.prune(reference, hf_sparse.SparsityConfig(**cfg), show_progress=False)
+    assert record["target_modules"] == expected.target_modules
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), reference.parameters()))
+
+
+def test_owl_with_parallel_fista_equals_sequential():
+    common = dict(method="fista", sparsity=0.6, sparsity_profile="owl", profile_options={"m": 2, "lambda": 0.1},
+                  calibration=CALIBRATION, num_samples=8, sequence_length=16, batch_size=4)
+    a, b = tiny_llama(num_hidden_layers=3), tiny_llama(num_hidden_layers=3)
+    record_a = hf_sparse.prune(a, hf_sparse.SparsityConfig(**common), show_progress=False)
+    record_b = hf_sparse.prune(b, hf_sparse.SparsityConfig(**common, parallel=True, num_workers=2),
+                               show_progress=False)
+    assert record_a.target_modules == record_b.target_modules
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+
+
 def test_uniform_profile_is_bit_identical_and_keeps_the_record_shape():
     a, b = tiny_llama(), tiny_llama()
     common = dict(method="wanda", sparsity=0.5, calibration=CALIBRATION, num_samples=8, sequence_length=16)
@@ -155,10 +185,62 @@ def test_explicit_profile_errors_name_the_key(profile, fragment):
         hf_sparse.prune(tiny_llama(), cfg, show_progress=False)
 
 
-def test_owl_with_magnitude_needs_calibration():
+@pytest.mark.parametrize("profile, fragment", [
+    ({7: 0.5}, r"names block\(s\) \[7\], but the model has 2"),
+    ({"nothing_matches_this": 0.5}, "match no pruned module"),
+    ({"mlp": 0.5, "up_proj": 0.6}, "matches sparsity_profile keys"),
+])
+def test_explicit_profile_errors_come_before_the_weights_load(profile, fragment, tmp_path, monkeypatch):
+    # Prune on load plans on the empty skeleton: a bad key fails before any weight is read. Wanda with a missing
+    # calibration file would fail later (when the data is read): the profile error comes first.
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    refuse_weight_loading(monkeypatch)
+    for method in ("magnitude", "wanda"):
+        cfg = hf_sparse.SparsityConfig(method=method, sparsity_profile=profile,
+                                       calibration=CALIBRATION, num_samples=8, sequence_length=16)
+        with pytest.raises(ValueError, match=fragment):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
+        with pytest.raises(ValueError, match=fragment):
+            hf_sparse.AutoSparseModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
+
+
+def test_explicit_profile_error_in_prune_comes_before_calibration_is_read():
+    # The calibration file does not exist: reading it would raise a different error.
+    cfg = hf_sparse.SparsityConfig(method="wanda", sparsity_profile={9: 0.5}, calibration="/no/such/file.txt")
+    with pytest.raises(ValueError, match=r"names block\(s\) \[9\]"):
+        hf_sparse.prune(tiny_llama(), cfg, show_progress=False)
+
+
+def test_a_good_explicit_profile_passes_the_check_before_loading(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    cfg = hf_sparse.SparsityConfig(method="magnitude", sparsity=0.5, sparsity_profile={1: 0.25, r"q_proj": 0.75})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
+    record = model.config.sparsity_config
+    assert record["target_modules"]["model.layers.0.self_attn.q_proj"] == 0.75
+    assert record["target_modules"]["model.layers.1.mlp.up_proj"] == 0.25
+
+
+def test_profiles_are_refused_with_structured_methods():
+    with pytest.raises(ValueError, match="applies to unstructured pruning.*'flap'"):
+        hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.2, sparsity_profile="owl")
+
+
+def test_owl_with_magnitude_needs_calibration(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     cfg = hf_sparse.SparsityConfig(method="magnitude", sparsity=0.5, sparsity_profile="owl")
+    assert cfg.needs_calibration and cfg.calibration_reader == "magnitude with sparsity_profile='owl'"
     with pytest.raises(ValueError, match="sparsity_profile='owl'.* needs calibration data"):
         hf_sparse.prune(tiny_llama(), cfg, show_progress=False)
+    # Prune on load says so before any weight is read.
+    tiny_llama().save_pretrained(tmp_path / "model")
+    refuse_weight_loading(monkeypatch)
+    with pytest.raises(ValueError, match="sparsity_profile='owl'.* needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model", sparsity_config=cfg)
 
 
 def test_dense_statistics_pass_changes_nothing_and_gives_one_summary_per_block():
@@ -202,6 +284,36 @@ def test_cli_prune_with_owl_end_to_end(tmp_path):
     record = _saved_record(output)
     assert record["sparsity_profile"]["options"] == {"m": 5.0, "lambda": 0.05}
     assert abs(record["overall_sparsity"] - 0.6) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "fista"])
+def test_cli_prune_with_an_explicit_profile_on_every_unstructured_method(method, tmp_path):
+    from test_cli import CALIB_ARGS, run, save_tiny_with_demo_tokenizer, _saved_record
+
+    model = save_tiny_with_demo_tokenizer(tmp_path / "tiny")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"0": 0.3, r"mlp\.down_proj": 0.7}))
+    output = tmp_path / "pruned"
+    assert run(["prune", model, "--method", method, "--sparsity", "0.5", "--sparsity-profile", profile,
+                *CALIB_ARGS, "--output", output, "--no-model-card"]) == 0
+    record = _saved_record(output)
+    targets = record["target_modules"]
+    assert targets["model.layers.0.self_attn.q_proj"] == 0.3 and targets["model.layers.1.mlp.down_proj"] == 0.7
+    assert targets["model.layers.1.self_attn.q_proj"] == 0.5
+    assert all(abs(record["modules"][name] - value) < 0.01 for name, value in targets.items())
+
+
+def test_cli_explicit_profile_error_comes_before_the_weights_load(tmp_path, monkeypatch, capsys):
+    from test_cli import run, save_tiny_with_demo_tokenizer
+
+    model = save_tiny_with_demo_tokenizer(tmp_path / "tiny")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"0": 0.3, "12": 0.6}))
+    refuse_weight_loading(monkeypatch)
+    assert run(["prune", model, "--method", "magnitude", "--sparsity-profile", profile,
+                "--output", tmp_path / "out", "--no-model-card"]) == 2
+    assert "names block(s) [12], but the model has 2 decoder blocks" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # -- the shared model -------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ of the served text; before pruning, :func:`check_domain` compares it with the ca
 It warns, with the numbers, when ``|loss_gap| > MAX_LOSS_GAP`` or ``token_overlap < MIN_TOKEN_OVERLAP``; the report
 goes into the record (``sparsity_config.domain_check``) and the model card. Measured on the 7M model (32 × 256
 calibration windows vs 32 target windows): WikiText/WikiText overlap 0.65 (loss gap +0.52: the calibration split
-was in its training data), Grimm/Grimm 0.73 (+0.02), WikiText→Grimm 0.32 (+0.76), Grimm→WikiText 0.35 (−0.22).
+was in its training data), Grimm/Grimm 0.73 (+0.02), WikiText→Grimm 0.33 (+0.71), Grimm→WikiText 0.35 (−0.17)
+(Grimm = Project Gutenberg #2591 split by ``examples/split_book.py``; ``examples/benchmark_calibration_mix.py``).
 The overlap separates the domains; the loss gap is confounded by what the model was trained on, so its threshold
 is loose.
 

@@ -76,6 +76,26 @@ def sparsity_config(args: argparse.Namespace):
     )
 
 
+def check_profile_before_loading(args: argparse.Namespace, config) -> None:
+    """An explicit ``--sparsity-profile`` is checked against the model's layout before its weights load: on an
+    empty (meta-device) skeleton built from ``config.json`` alone. A model whose config cannot be read is left to
+    the load, which reports it."""
+    if isinstance(config.sparsity_profile, str) or args.gguf_file:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..integrations.transformers import check_plan_before_loading
+
+    try:
+        model_config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError):
+        return
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    check_plan_before_loading(skeleton, config)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse prune``; returns the numbers it printed."""
     import torch
@@ -97,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     evaluate = bool(args.eval_data) and not args.no_eval and is_main
     eval_texts = read_eval_texts(args.eval_data) if evaluate else None
 
+    check_profile_before_loading(args, config)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, gguf_file=args.gguf_file)
     config.tokenizer = tokenizer
     eval_length = default_eval_length(model, args.eval_sequence_length)

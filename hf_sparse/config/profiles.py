@@ -210,6 +210,20 @@ def explicit_module_sparsity(plan: PruningPlan, profile: Mapping, default: float
     return sparsities
 
 
+def check_profile_fits(plan: PruningPlan, profile: str | Mapping, sparsity: float) -> None:
+    """Raise now if ``profile`` cannot be applied to the model ``plan`` describes: for an explicit profile, a block
+    index past the model's blocks, a regular expression matching no pruned module, or two regular expressions giving
+    one module different values. Reads module names only, so ``plan`` may come from an empty (meta-device) skeleton:
+    prune on load calls this before any weight is read. Named profiles (uniform, OWL) fit every model.
+
+    >>> check_profile_fits(plan, {"9": 0.5}, 0.5)  # doctest: +SKIP
+    Traceback (most recent call last):
+    ValueError: sparsity_profile names block(s) [9], but the model has 2 decoder blocks (0..1)
+    """
+    if not isinstance(profile, str):
+        explicit_module_sparsity(plan, profile, sparsity)
+
+
 def _block_means(plan: PruningPlan, module_sparsity: Mapping[str, float]) -> dict[int, float]:
     means = {}
     for block in plan.blocks:
@@ -278,5 +292,5 @@ def allocation_overall(plan: PruningPlan, allocation: SparsityAllocation) -> flo
 
 
 __all__ = ["NAMED_PROFILES", "OWL", "UNIFORM", "OwlOptions", "SparsityAllocation", "allocate", "allocation_overall",
-           "check_profile", "check_profile_options", "explicit_module_sparsity", "outlier_ratio",
+           "check_profile", "check_profile_fits", "check_profile_options", "explicit_module_sparsity", "outlier_ratio",
            "owl_block_sparsities", "profile_name", "profile_needs_calibration"]

@@ -13,7 +13,7 @@ from ..calibration.descriptors import check_descriptor, describe_calibration
 from ..calibration.mixes import check_mix
 from ..masks import SparsityPattern
 from ..methods import get_method_class
-from .profiles import UNIFORM, check_profile, check_profile_options, profile_name
+from .profiles import UNIFORM, check_profile, check_profile_options, profile_name, profile_needs_calibration
 from .validation import regex_list, validate_dataclass
 
 QUANT_METHOD = "hf_sparse"
@@ -184,6 +184,12 @@ class SparsityConfig(QuantizationConfigMixin):
                 f"{self.pattern!r}: per-block N:M (a different N per block) is not supported; use "
                 "pattern='unstructured' with a sparsity, or the uniform profile with N:M"
             )
+        if parsed.is_structured and self.sparsity_profile != UNIFORM:
+            raise ValueError(
+                f"sparsity_profile={profile_name(self.sparsity_profile)!r} applies to unstructured pruning; "
+                f"method {self.method!r} with pattern={self.pattern!r} decides how much each block loses itself "
+                "and takes one overall sparsity: use sparsity_profile='uniform' (the default)"
+            )
         if self.calibration_weights is not None:
             self.calibration_weights = check_mix(self.calibration, self.calibration_weights)
         self.profile_options = check_profile_options(self.sparsity_profile, self.profile_options)
@@ -203,7 +209,16 @@ class SparsityConfig(QuantizationConfigMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        return get_method_class(self.method).needs_calibration
+        """True when the method or the sparsity profile (OWL's outlier statistics) reads calibration data."""
+        return get_method_class(self.method).needs_calibration or profile_needs_calibration(self.sparsity_profile)
+
+    @property
+    def calibration_reader(self) -> str:
+        """Who reads the calibration data, for error messages: the method, or the method with its profile when only
+        the profile does (``"magnitude with sparsity_profile='owl'"``)."""
+        if get_method_class(self.method).needs_calibration:
+            return self.method
+        return f"{self.method} with sparsity_profile={self.sparsity_profile!r}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: calibration data is replaced by a descriptor, run-time fields are dropped."""

@@ -32,6 +32,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from ..api import prune
 from ..calibration import check_fits_model, check_source, is_token_source, tokenizer_for
 from ..config import QUANT_METHOD, SparsityConfig
+from ..config.profiles import check_profile_fits
 from ..engine import check_device_available, plan_targets
 from ..record import read_record
 from ..surgery import mark_for_loading
@@ -112,7 +113,7 @@ class HfSparseQuantizer(PlainModelQuantizer):
         config.validate()  # a field may have been changed since the config was built
         check_device_available(config.device)
         if config.needs_calibration:
-            check_source(config.calibration, config.method)
+            check_source(config.calibration, config.calibration_reader)
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         if self.pre_quantized:
@@ -129,8 +130,9 @@ class HfSparseQuantizer(PlainModelQuantizer):
 
             check_structures(model, config.method)
             return model
-        # Unsupported architecture, include/exclude matching nothing, N:M not tiling a layer: all raise here.
-        plan_targets(model, config.include, config.exclude, config.parsed_pattern, lambda _: config.sparsity)
+        # Unsupported architecture, include/exclude matching nothing, N:M not tiling a layer, an explicit sparsity
+        # profile naming a block past the model or a module that does not exist: all raise here.
+        check_plan_before_loading(model, config)
         if config.needs_calibration:
             check_fits_model(config.calibration, config.sequence_length, model)
             if not is_token_source(config.calibration) and config.tokenizer is None:
@@ -155,6 +157,20 @@ class HfSparseQuantizer(PlainModelQuantizer):
         mark_for_loading(model, record.structure if record is not None else None)
         return model
 
+
+def check_plan_before_loading(model: PreTrainedModel, config: SparsityConfig) -> None:
+    """The checks that need the model's layout but not its weights, on ``model`` (usually an empty meta-device
+    skeleton): the architecture is supported, ``include``/``exclude`` match something, an N:M pattern tiles every
+    target, and the sparsity profile fits the model (an explicit profile's block indices and regular expressions).
+
+    >>> with torch.device("meta"):  # doctest: +SKIP
+    ...     skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    >>> check_plan_before_loading(skeleton, SparsityConfig(method="magnitude", sparsity_profile={"40": 0.5}))  # doctest: +SKIP
+    Traceback (most recent call last):
+    ValueError: sparsity_profile names block(s) [40], but the model has 30 decoder blocks (0..29)
+    """
+    plan = plan_targets(model, config.include, config.exclude, config.parsed_pattern, lambda _: config.sparsity)
+    check_profile_fits(plan, config.sparsity_profile, config.sparsity)
 
 
 def remove_quantization_state(model: PreTrainedModel) -> None:
