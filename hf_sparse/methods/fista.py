@@ -52,7 +52,7 @@ class FistaOptions(MethodOptions):
                           "on inputs through the already-pruned ones (X̂). False takes every input from the dense "
                           "block (X̂ = X), the paper's ablation."},
     )
-    iterations: int = field(default=10, metadata={"help": "Maximum FISTA iterations per λ round.", "range": ">= 1"})
+    iterations: int = field(default=15, metadata={"help": "Maximum FISTA iterations per λ round.", "range": ">= 1"})
     rounds: int = field(default=2, metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each).",
                                                  "range": ">= 1"})
     tolerance: float = field(
