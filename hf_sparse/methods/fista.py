@@ -52,8 +52,8 @@ class FistaOptions(MethodOptions):
                           "on inputs through the already-pruned ones (X̂). False takes every input from the dense "
                           "block (X̂ = X), the paper's ablation."},
     )
-    iterations: int = field(default=15, metadata={"help": "Maximum FISTA iterations per λ round.", "range": ">= 1"})
-    rounds: int = field(default=2, metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each).",
+    iterations: int = field(default=20, metadata={"help": "Maximum FISTA iterations per λ round.", "range": ">= 1"})
+    rounds: int = field(default=3, metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each).",
                                                  "range": ">= 1"})
     tolerance: float = field(
         default=1e-4, metadata={"help": "Stop a FISTA solve when ‖Ŵ_k+1 − Ŵ_k‖_F / ‖Ŵ_k‖_F falls below this.",
@@ -101,7 +101,7 @@ class FistaOptions(MethodOptions):
         default=50, metadata={"help": "Most power-iteration steps estimating L = λ_max(G) (it stops earlier once the "
                                       "estimate changes by less than 1e-7 relative).", "range": ">= 1"})
     precondition: bool = field(
-        default=True,
+        default=False,
         metadata={"help": "Diagonal (Jacobi) preconditioning of the FISTA steps and the refit: input j takes the step "
                           "1/(L·G_jj) with L = λ_max(D^-½ G D^-½), D = diag G. The problem and its minimiser are "
                           "unchanged; badly scaled inputs (outlier channels) no longer force a tiny step on the rest."},
