@@ -15,8 +15,9 @@ from hf_sparse.calibration import load_calibration
 from hf_sparse.masks import SparsityPattern, is_valid_n_m, prune_counts
 from hf_sparse.methods import METHODS, build_method
 from hf_sparse.methods.base import register_method
-from hf_sparse.methods.fista import (FistaOptions, FistaPruning, Problem, fista, fista_prune, hard_threshold,
-                                     largest_eigenvalue, refit_on_mask, soft_threshold)
+from hf_sparse.methods.fista import (FistaOptions, FistaPruning, Problem, fista, fista_prune, fista_solve,
+                                     hard_threshold, largest_eigenvalue, refit_on_mask, soft_threshold)
+from hf_sparse.methods.sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
 
 
 def _problem(out=12, n_in=24, tokens=400, seed=0, correction=True):
@@ -67,9 +68,11 @@ def test_identity_gram_gives_soft_threshold_of_c():
         torch.testing.assert_close(solution, soft_threshold(target, lam), rtol=0, atol=1e-5)
 
 
-def test_refit_reaches_the_masked_least_squares_solution():
+@pytest.mark.parametrize("precondition", [False, True])
+def test_refit_reaches_the_masked_least_squares_solution(precondition):
     weight, x, x_hat = _problem()
-    problem = _layer_problem(weight, x, x_hat)
+    hessian, cross, const = _stats(weight, x, x_hat)
+    problem = Problem.build(hessian, weight @ cross, const, precondition)
     mask = hard_threshold(weight, SparsityPattern.parse("2:4"), 0.5)
     refit = refit_on_mask(problem, weight, mask, iterations=200)
     assert torch.equal(refit != 0, mask & (refit != 0)) and not refit[~mask].any()  # nothing outside the mask
@@ -83,6 +86,76 @@ def test_refit_reaches_the_masked_least_squares_solution():
     start_error = problem.error(weight * mask)
     errors = [problem.error(refit_on_mask(problem, weight, mask, steps)) for steps in (1, 5, 20)]
     assert start_error > errors[0] > errors[1] > errors[2]
+
+
+def test_jacobi_preconditioning_reaches_the_closed_form_minimiser_of_a_diagonal_problem():
+    """G = diag(1, 100): the minimiser of ½ŵGŵᵀ − ŵcᵀ + λ‖ŵ‖₁ is soft-threshold(c_j, λ)/G_jj per input. With
+    D = diag G the scaled problem is the identity (L = 1), so one preconditioned step lands on it; the plain step
+    1/λ_max(G) = 1/100 still has the slow input far off after as many steps."""
+    gram = torch.diag(torch.tensor([1.0, 100.0]))
+    target = torch.tensor([[3.0, 250.0], [-0.5, -40.0]])
+    lam = 1.0
+    expected = torch.tensor([[2.0, 2.49], [0.0, -0.39]])  # (|c| − λ)₊·sign(c) / G_jj
+    jacobi = Problem.build(gram, target, 0.0, precondition=True)
+    assert jacobi.lipschitz == pytest.approx(1.01)  # the unit-diagonal matrix is I; power iteration's 1% margin
+    solved, history = fista(jacobi, torch.zeros(2, 2), lam, iterations=60, tolerance=0.0)
+    torch.testing.assert_close(solved, expected, rtol=0, atol=1e-5)
+    assert all(b <= a + 1e-9 * abs(a) for a, b in zip(history, history[1:]))
+    plain = Problem.build(gram, target, 0.0, precondition=False)
+    few, _ = fista(plain, torch.zeros(2, 2), lam, iterations=5, tolerance=0.0)
+    fast, _ = fista(jacobi, torch.zeros(2, 2), lam, iterations=5, tolerance=0.0)
+    assert (few - expected).abs().max() > 0.1 > (fast - expected).abs().max()
+
+
+@pytest.mark.parametrize("lam", [0.0, 20.0])
+def test_preconditioned_and_plain_fista_reach_the_same_minimiser(lam):
+    """The diagonal metric changes the path, not the problem: both solvers converge to one minimiser."""
+    weight, x, x_hat = _problem(out=6, n_in=10, tokens=300)
+    x_hat = x_hat * torch.linspace(0.2, 5.0, 10).unsqueeze(1)  # badly scaled inputs, as outlier channels give
+    hessian, cross, const = _stats(weight, x, x_hat)
+    solutions = []
+    for precondition in (False, True):
+        problem = Problem.build(hessian.double(), (weight @ cross).double(), const, precondition)
+        solution, _ = fista(problem, torch.zeros(6, 10, dtype=torch.float64), lam, iterations=20000, tolerance=1e-13)
+        solutions.append(solution)
+    torch.testing.assert_close(solutions[1], solutions[0], rtol=0, atol=1e-6)
+    if lam:
+        assert (solutions[0] == 0).any()  # the ℓ1 term is active: the soft threshold (per input) matters
+
+
+def test_objective_tolerance_stops_at_the_first_small_decrease():
+    weight, x, x_hat = _problem()
+    problem = _layer_problem(weight, x, x_hat)
+    tol = 1e-3
+    _, full = fista(problem, torch.zeros_like(weight), 5.0, iterations=200, tolerance=0.0)
+    _, early = fista(problem, torch.zeros_like(weight), 5.0, iterations=200, tolerance=0.0, objective_tolerance=tol)
+    decreases = [(a - b) / abs(a) for a, b in zip(early, early[1:])]
+    assert len(early) < len(full)  # it stopped early ...
+    assert decreases[-1] < tol and all(d >= tol for d in decreases[:-1])  # ... at the first step below the tolerance
+    assert early == full[:len(early)]  # and the iterates up to there are the untouched ones
+    # As a FistaOptions field it validates its range.
+    with pytest.raises(ValueError, match="objective_tolerance must be in"):
+        FistaOptions(objective_tolerance=1.5)
+
+
+def test_fista_solve_reuses_the_given_product():
+    weight, x, x_hat = _problem()
+    problem = _layer_problem(weight, x, x_hat)
+    start = weight * hard_threshold(weight, SparsityPattern.parse("2:4"), 0.5)
+    a, a_product, a_history = fista_solve(problem, start, None, 3.0, 15)
+    b, _, b_history = fista_solve(problem, start, start @ problem.gram, 3.0, 15)
+    assert torch.equal(a, b) and a_history == b_history
+    torch.testing.assert_close(a_product, a @ problem.gram, rtol=1e-5, atol=1e-3)
+
+
+def test_sparsegpt_warm_start_reuses_the_factorisation_exactly():
+    """FISTA hands SparseGPT the inverse-Hessian factor from its own Cholesky of the same damped G: same result."""
+    weight, x, x_hat = _problem(out=8, n_in=32)
+    gram = x_hat @ x_hat.T
+    for pattern, sparsity in ((SparsityPattern.parse("2:4"), 0.5), (SparsityPattern("unstructured"), 0.6)):
+        own = sparsegpt_prune(weight, gram, pattern, sparsity)
+        given = sparsegpt_prune(weight, gram, pattern, sparsity, inverse_cholesky=inverse_hessian_cholesky(gram, 0.01))
+        assert torch.equal(own[0], given[0]) and torch.equal(own[1], given[1])
 
 
 def test_soft_threshold_and_power_iteration():

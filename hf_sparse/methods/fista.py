@@ -59,6 +59,11 @@ class FistaOptions(MethodOptions):
         default=1e-4, metadata={"help": "Stop a FISTA solve when ‖Ŵ_k+1 − Ŵ_k‖_F / ‖Ŵ_k‖_F falls below this.",
                                    "range": "[0, 1)"}
     )
+    objective_tolerance: float = field(
+        default=0.0,
+        metadata={"help": "Also stop a FISTA solve when one step lowers the objective ½‖ŴX̂ − WX‖² + λ‖Ŵ‖₁ by less "
+                          "than this fraction of its value; 0 disables the test.", "range": "[0, 1)"},
+    )
     xi: float = field(
         default=0.3,
         metadata={"help": "Target share of the reconstruction error that the hard threshold may add; above it λ is "
@@ -92,16 +97,24 @@ class FistaOptions(MethodOptions):
         metadata={"help": "Diagonal dampening (fraction of mean diag G) for the SparseGPT warm start and the "
                           "least-squares target C·G⁻¹.", "range": "(0, 1)"},
     )
-    power_iterations: int = field(default=50, metadata={"help": "Power-iteration steps estimating L = λ_max(G).",
-                                                           "range": ">= 1"})
+    power_iterations: int = field(
+        default=50, metadata={"help": "Most power-iteration steps estimating L = λ_max(G) (it stops earlier once the "
+                                      "estimate changes by less than 1e-7 relative).", "range": ">= 1"})
+    precondition: bool = field(
+        default=False,
+        metadata={"help": "Diagonal (Jacobi) preconditioning of the FISTA steps and the refit: input j takes the step "
+                          "1/(L·G_jj) with L = λ_max(D^-½ G D^-½), D = diag G. The problem and its minimiser are "
+                          "unchanged; badly scaled inputs (outlier channels) no longer force a tiny step on the rest."},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The convex problem and its solver
 
 
-def soft_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Proximal operator of ``threshold·‖·‖₁``: shrink every entry towards zero by ``threshold``.
+def soft_threshold(x: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Proximal operator of ``threshold·‖·‖₁``: shrink every entry towards zero by ``threshold`` (a number, or a
+    tensor broadcast against ``x``, e.g. one threshold per input column).
 
     Written as ``x − clamp(x, −t, t)``, which equals ``sign(x)·max(|x| − t, 0)`` in two passes over memory instead of
     five (the solver's inner loop is memory-bound on small operators).
@@ -112,8 +125,9 @@ def soft_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return x - x.clamp(-threshold, threshold)
 
 
-def largest_eigenvalue(gram: torch.Tensor, iterations: int = 50) -> float:
-    """λ_max of a symmetric PSD matrix by power iteration from the all-ones vector (deterministic).
+def largest_eigenvalue(gram: torch.Tensor, iterations: int = 50, tolerance: float = 1e-7) -> float:
+    """λ_max of a symmetric PSD matrix by power iteration from the all-ones vector (deterministic), at most
+    ``iterations`` steps, stopping once the Rayleigh quotient changes by less than ``tolerance`` (relative).
 
     Power iteration approaches λ_max from below; a step ``1/L`` slightly too long is caught by the monotone
     restart, and a 1% margin makes it rare.
@@ -129,20 +143,48 @@ def largest_eigenvalue(gram: torch.Tensor, iterations: int = 50) -> float:
         norm = product.norm()
         if norm == 0:
             return 1.0  # G = 0: any step works, nothing can be fitted
-        value = float(vector @ product / (vector @ vector))
+        previous, value = value, float(vector @ product / (vector @ vector))
         vector = product / norm
+        if value - previous <= tolerance * value:  # the quotient rises towards λ_max: converged
+            break
     value = max(value, float(vector @ (g @ vector)))
     return 1.01 * value
 
 
 @dataclass
 class Problem:
-    """``½‖ŴX̂ − WX‖²`` in Gram form: ``½ tr(ŴGŴᵀ) − tr(ŴCᵀ) + ½ const``; float32 tensors, (out, in) and (in, in)."""
+    """``½‖ŴX̂ − WX‖²`` in Gram form: ``½ tr(ŴGŴᵀ) − tr(ŴCᵀ) + ½ const``; float32 tensors, (out, in) and (in, in).
+
+    ``diagonal`` (optional, (in,)) is a diagonal metric ``D`` for the solvers: gradient steps are ``1/(L·D_jj)`` per
+    input ``j`` and ``lipschitz`` is then ``L ≥ λ_max(D^-½ G D^-½)``, so ``½ΔGΔᵀ ≤ ½L·ΔDΔᵀ`` still holds and every
+    step is safe. It changes how fast the solvers get there, never the problem or its minimiser.
+    """
 
     gram: torch.Tensor  # G = X̂X̂ᵀ               (in, in)
     target: torch.Tensor  # C = W·XX̂ᵀ            (out, in)
     const: float  # tr(W·XXᵀ·Wᵀ) = ‖WX‖²
-    lipschitz: float  # L ≥ λ_max(G)
+    lipschitz: float  # L ≥ λ_max(G), or λ_max(D^-½ G D^-½) with a diagonal metric
+    diagonal: torch.Tensor | None = None  # D (in,), positive; None: the identity
+
+    @classmethod
+    def build(cls, gram: torch.Tensor, target: torch.Tensor, const: float, precondition: bool = False,
+              power_iterations: int = 50) -> "Problem":
+        """The problem with ``L`` estimated by power iteration; ``precondition`` takes ``D = diag G`` (Jacobi;
+        inputs that never fire get 1: their gradient is zero, so any positive step leaves them alone)."""
+        if not precondition:
+            return cls(gram, target, const, largest_eigenvalue(gram, power_iterations))
+        diagonal = torch.diagonal(gram).clone()
+        diagonal[diagonal <= 0] = 1.0
+        inverse_sqrt = diagonal.rsqrt()
+        scaled = gram * inverse_sqrt.unsqueeze(0) * inverse_sqrt.unsqueeze(1)
+        return cls(gram, target, const, largest_eigenvalue(scaled, power_iterations), diagonal)
+
+    @property
+    def step(self) -> float | torch.Tensor:
+        """Gradient step: ``1/L``, or the row ``1/(L·D)`` of shape (1, in) with a diagonal metric."""
+        if self.diagonal is None:
+            return 1.0 / self.lipschitz
+        return (1.0 / (self.lipschitz * self.diagonal)).unsqueeze(0)
 
     def error(self, weight: torch.Tensor, product: torch.Tensor | None = None) -> float:
         """``‖ŴX̂ − WX‖²_F`` = ⟨Ŵ, ŴG − 2C⟩ + const. Summed in float64: it is a small difference of large terms.
@@ -154,21 +196,31 @@ class Problem:
 
 
 def fista(problem: Problem, start: torch.Tensor, lam: float, iterations: int, tolerance: float = 0.0,
-          restart: bool = True) -> tuple[torch.Tensor, list[float]]:
+          restart: bool = True, objective_tolerance: float = 0.0) -> tuple[torch.Tensor, list[float]]:
     """FISTA on ``½‖ŴX̂ − WX‖² + lam·‖Ŵ‖₁`` from ``start``; returns ``(Ŵ, objective per iterate)``.
 
     One ``(out,in)@(in,in)`` product per iteration: ``ŶG`` is a linear
     combination of the last two iterates' products, which also give the objective. With ``restart`` a step that
     would raise the objective is rejected and the momentum reset, so the returned objectives never increase.
+    Stops early when the iterate moves by less than ``tolerance`` (relative, Frobenius) or the objective falls by
+    less than ``objective_tolerance`` of its value in one accepted step.
 
     >>> g = torch.eye(3); c = torch.tensor([[2.0, -0.5, 1.0]])  # G = I: the minimiser is soft-threshold(C, lam)
     >>> w, _ = fista(Problem(g, c, 0.0, 1.0), torch.zeros(1, 3), lam=1.0, iterations=5)
     >>> w.tolist() == [[1.0, 0.0, 0.0]]
     True
     """
-    step = 1.0 / problem.lipschitz
+    solution, _, history = fista_solve(problem, start, None, lam, iterations, tolerance, restart, objective_tolerance)
+    return solution, history
+
+
+def fista_solve(problem: Problem, start: torch.Tensor, start_product: torch.Tensor | None, lam: float,
+                iterations: int, tolerance: float = 0.0, restart: bool = True, objective_tolerance: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """:func:`fista` that also takes ``start·G`` when the caller has it and returns ``(Ŵ, Ŵ·G, objectives)``."""
+    step = problem.step
     current = start.clone()
-    current_product = current @ problem.gram
+    current_product = current @ problem.gram if start_product is None else start_product
     previous, previous_product = current, current_product
     current_l1 = _l1(current)
     history = [0.5 * problem.error(current, current_product) + lam * current_l1]
@@ -180,7 +232,10 @@ def fista(problem: Problem, start: torch.Tensor, lam: float, iterations: int, to
         # same combination of the last two iterates' products, so no extra matrix product is needed.
         point = torch.lerp(previous, current, 1.0 + beta)
         gradient = torch.lerp(previous_product, current_product, 1.0 + beta).sub_(problem.target)
-        candidate = point.sub_(gradient, alpha=step)
+        if isinstance(step, float):
+            candidate = point.sub_(gradient, alpha=step)
+        else:
+            candidate = point.sub_(gradient.mul_(step))
         if lam > 0:
             candidate = soft_threshold(candidate, lam * step)
         candidate_product = candidate @ problem.gram
@@ -195,23 +250,26 @@ def fista(problem: Problem, start: torch.Tensor, lam: float, iterations: int, to
             if t == 1.0:
                 break  # a plain proximal step from `current` did not help: converged to float precision
             # Reject the step and restart the momentum: the next step is a plain proximal-gradient step from the
-            # current iterate, which cannot raise the objective (step ≤ 1/λ_max).
+            # current iterate, which cannot raise the objective (its step is within the Lipschitz bound).
             previous, previous_product, t = current, current_product, 1.0
             continue
         change = float(torch.linalg.vector_norm(difference)) / max(float(torch.linalg.vector_norm(current)), 1e-30)
         previous, previous_product = current, current_product
         current, current_product, current_l1, t = candidate, candidate_product, candidate_l1, t_next
         history.append(history[-1] + delta)
-        if change < tolerance:
+        if change < tolerance or -delta < objective_tolerance * abs(history[-2]):
             break
-    return current, history
+    return current, current_product, history
 
 
-def refit_on_mask(problem: Problem, weight: torch.Tensor, mask: torch.Tensor, iterations: int) -> torch.Tensor:
+def refit_on_mask(problem: Problem, weight: torch.Tensor, mask: torch.Tensor, iterations: int,
+                  product: torch.Tensor | None = None) -> torch.Tensor:
     """Least-squares refit of the kept weights on a fixed support: minimise ``‖ŴX̂ − WX‖²`` over Ŵ with zeros
     outside ``mask``, by conjugate gradients run on every output row at once (rows are independent problems
-    ``G_SS ŵ_S = c_S``). One ``(out,in)@(in,in)`` product per iteration, like a FISTA step, but CG is optimal for a
-    quadratic: 10 CG steps fit about as well as 25 projected-gradient ones. Never returns a worse fit than ``weight``.
+    ``G_SS ŵ_S = c_S``), preconditioned by ``problem.diagonal`` when it has one (Jacobi PCG: same solution). One
+    ``(out,in)@(in,in)`` product per iteration, like a FISTA step, but CG is optimal for a quadratic: 10 CG steps
+    fit about as well as 25 projected-gradient ones. Never returns a worse fit than ``weight``. ``product``, if
+    given, is ``(weight·mask)·G``.
 
     >>> g = torch.diag(torch.tensor([1.0, 2.0, 4.0])); c = torch.tensor([[1.0, 2.0, 4.0]])
     >>> refit = refit_on_mask(Problem(g, c, 21.0, 4.0), torch.zeros(1, 3), torch.tensor([[True, False, True]]), 3)
@@ -220,23 +278,31 @@ def refit_on_mask(problem: Problem, weight: torch.Tensor, mask: torch.Tensor, it
     """
     mask = mask.to(weight.dtype)
     current = weight * mask
-    residual = (problem.target - current @ problem.gram) * mask  # −gradient on the support, per row
-    direction = residual.clone()
-    residual_sq = residual.pow(2).sum(1, keepdim=True)  # (out, 1)
-    start_error = problem.error(current)
+    if product is None:
+        product = current @ problem.gram
+    start_error = problem.error(current, product)
+    inverse_diagonal = None if problem.diagonal is None else problem.diagonal.reciprocal().unsqueeze(0)
+    residual = (problem.target - product) * mask  # −gradient on the support, per row
+    preconditioned = residual if inverse_diagonal is None else residual * inverse_diagonal
+    direction = preconditioned.clone()
+    residual_dot = (residual * preconditioned).sum(1, keepdim=True)  # (out, 1)
     for _ in range(iterations):
-        curvature_product = (direction @ problem.gram) * mask
+        direction_product = direction @ problem.gram
+        curvature_product = direction_product * mask
         curvature = (direction * curvature_product).sum(1, keepdim=True)
         # Rows already solved (or with nothing left to fit) have zero curvature: they take no step.
-        alpha = torch.where(curvature > 0, residual_sq / curvature.clamp_min(1e-30), torch.zeros_like(curvature))
+        alpha = torch.where(curvature > 0, residual_dot / curvature.clamp_min(1e-30), torch.zeros_like(curvature))
         current = current + alpha * direction
+        product = product + alpha * direction_product  # = current·G, tracked for the final error
         residual = residual - alpha * curvature_product
-        new_residual_sq = residual.pow(2).sum(1, keepdim=True)
-        beta = torch.where(residual_sq > 0, new_residual_sq / residual_sq.clamp_min(1e-30), torch.zeros_like(residual_sq))
-        direction = residual + beta * direction
-        residual_sq = new_residual_sq
+        preconditioned = residual if inverse_diagonal is None else residual * inverse_diagonal
+        new_residual_dot = (residual * preconditioned).sum(1, keepdim=True)
+        beta = torch.where(residual_dot > 0, new_residual_dot / residual_dot.clamp_min(1e-30),
+                           torch.zeros_like(residual_dot))
+        direction = preconditioned + beta * direction
+        residual_dot = new_residual_dot
     # CG decreases the quadratic in exact arithmetic; in float32 on an ill-conditioned G keep the start if it lost.
-    return current if problem.error(current) <= start_error else weight * mask
+    return current if problem.error(current, product) <= start_error else weight * mask
 
 
 def _l1(weight: torch.Tensor) -> float:
@@ -255,10 +321,13 @@ def hard_threshold(weight: torch.Tensor, pattern: SparsityPattern, sparsity: flo
 
 
 def _least_squares_target(weight: torch.Tensor, gram: torch.Tensor, cross_target: torch.Tensor,
-                          dampening: float) -> torch.Tensor:
+                          dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``W* = C (G + δI)⁻¹``, the dense minimiser of ``‖ŴX̂ − WX‖²`` (damped), so that
     ``‖ŴX̂ − WX‖² = ‖(Ŵ − W*)X̂‖² + const``: pruning W* against G is pruning W against the corrected objective.
-    Solved in float64 because G is often badly conditioned (rarely firing features, outlier channels)."""
+    Solved in float64 because G is often badly conditioned (rarely firing features, outlier channels).
+
+    Also returns the upper Cholesky factor of ``(G + δI)⁻¹`` that SparseGPT needs (the damping is SparseGPT's:
+    dead inputs get a unit diagonal, then ``δ = dampening · mean diag``), from the same factorisation."""
     g = gram.to(torch.float64).clone()
     diag = torch.diagonal(g)
     dead = diag == 0
@@ -267,7 +336,8 @@ def _least_squares_target(weight: torch.Tensor, gram: torch.Tensor, cross_target
     factor = torch.linalg.cholesky(g)
     solution = torch.cholesky_solve(cross_target.to(torch.float64).T, factor).T  # (out, in)
     solution[:, dead] = 0
-    return solution.to(weight.dtype)
+    inverse_cholesky = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    return solution.to(weight.dtype), inverse_cholesky.to(weight.dtype)
 
 
 def _warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern, sparsity: float,
@@ -278,8 +348,9 @@ def _warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern
         stats = LinearStatistics(n_tokens=0, sq_norm=torch.diagonal(problem.gram).clone())
         _, mask = WandaPruning().prune_weight(weight, stats, pattern, sparsity)
         return weight * mask
-    target = _least_squares_target(weight, problem.gram, problem.target, options.dampening)
-    pruned, _ = sparsegpt_prune(target, problem.gram, pattern, sparsity, dampening=options.dampening)
+    target, inverse_cholesky = _least_squares_target(weight, problem.gram, problem.target, options.dampening)
+    pruned, _ = sparsegpt_prune(target, problem.gram, pattern, sparsity, dampening=options.dampening,
+                                inverse_cholesky=inverse_cholesky)
     return pruned
 
 
@@ -300,31 +371,35 @@ def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
     weight = weight.to(torch.float32)
     gram = hessian.to(torch.float32)
     target = weight @ cross.to(torch.float32)  # C = W·XX̂ᵀ, (out, in)
-    const = float(dense_output_sq_norm)
-    problem = Problem(gram, target, const, largest_eigenvalue(gram, options.power_iterations))
+    problem = Problem.build(gram, target, float(dense_output_sq_norm), options.precondition, options.power_iterations)
 
     def rounded(candidate):
         mask = hard_threshold(candidate, pattern, sparsity, options.per_row)
         kept = candidate * mask
-        return kept, mask, problem.error(kept)
+        product = kept @ problem.gram
+        return kept, mask, problem.error(kept, product), product
 
     start = _warm_start(weight, problem, pattern, sparsity, options)
-    best_weight, best_mask, best_error = rounded(start)
+    best_weight, best_mask, best_error, best_product = rounded(start)
+    # The warm start is usually already sparse (SparseGPT, Wanda): then its product is the one just computed.
     best_start = start
+    best_start_product = best_product if torch.equal(best_weight, start) else None
     # λ scale: with G diagonal the solution is soft-threshold(W*, λ/G_jj); this λ gives the target sparsity there.
     scores = (weight * torch.diagonal(gram).unsqueeze(0)).abs().reshape(-1)
     k = min(scores.numel() - 1, max(0, int(round(sparsity * scores.numel()))))
     lam = options.lambda_init * float(torch.kthvalue(scores.cpu(), k + 1).values.clamp_min(1e-12))
     low = high = None  # λ bracket: low adds too much at the threshold (too dense), high is too sparse
     for round_index in range(options.rounds):
-        solution, _ = fista(problem, best_start, lam, options.iterations, options.tolerance, options.restart)
-        kept, mask, error = rounded(solution)
-        fit_error = problem.error(solution)
+        solution, solution_product, _ = fista_solve(problem, best_start, best_start_product, lam, options.iterations,
+                                                    options.tolerance, options.restart, options.objective_tolerance)
+        kept, mask, error, kept_product = rounded(solution)
+        fit_error = problem.error(solution, solution_product)
         ratio = (error - fit_error) / max(error, 1e-30)  # share of the error the hard threshold added
         logger.debug("fista round %d: lambda=%.4g fit=%.5g rounded=%.5g ratio=%.3f", round_index, lam, fit_error,
                      error, ratio)
         if error < best_error:
-            best_weight, best_mask, best_error, best_start = kept, mask, error, solution
+            best_weight, best_mask, best_error, best_product = kept, mask, error, kept_product
+            best_start, best_start_product = solution, solution_product
         if ratio > options.xi:
             low = lam
         else:
@@ -334,7 +409,7 @@ def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
         else:
             lam = lam * options.lambda_factor if high is None else lam / options.lambda_factor
     if options.refit_iterations:
-        best_weight = refit_on_mask(problem, best_weight, best_mask, options.refit_iterations)
+        best_weight = refit_on_mask(problem, best_weight, best_mask, options.refit_iterations, best_product)
     return best_weight * best_mask, best_mask
 
 

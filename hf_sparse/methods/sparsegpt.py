@@ -38,13 +38,19 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.T
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: SparsityPattern, sparsity: float,
-                    block_size: int = 128, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune ``weight`` (out, in) with the SparseGPT update; returns ``(new_weight, keep_mask)``."""
+                    block_size: int = 128, dampening: float = 0.01, inverse_cholesky: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``weight`` (out, in) with the SparseGPT update; returns ``(new_weight, keep_mask)``.
+
+    ``inverse_cholesky``: the caller's :func:`inverse_hessian_cholesky` of ``hessian`` with the same ``dampening``,
+    when it already has it (FISTA's warm start factors the same matrix); computed here otherwise."""
     w = weight.to(torch.float32).clone()
     rows, cols = w.shape
     dead = torch.diagonal(hessian) == 0
     w[:, dead] = 0  # inputs that are always zero carry no information: their weights are free to drop
-    hinv = inverse_hessian_cholesky(hessian.to(torch.float32), dampening)  # (in, in) upper triangular
+    if inverse_cholesky is None:
+        inverse_cholesky = inverse_hessian_cholesky(hessian.to(torch.float32), dampening)
+    hinv = inverse_cholesky.to(torch.float32)  # (in, in) upper triangular
     mask = torch.ones_like(w, dtype=torch.bool)
     if pattern.is_n_m and block_size % pattern.m:
         block_size = max(pattern.m, block_size - block_size % pattern.m)  # keep N:M groups inside one block
