@@ -212,8 +212,10 @@ def test_write_parameter_takes_a_new_shape_in_the_module_and_in_the_offload_stor
 @pytest.mark.parametrize("method, options", [("sparsegpt", {}), ("fista", OFFLOAD_QUICK_FISTA)])
 def test_pruning_does_not_depend_on_the_thread_count(method, options):
     """One block with operators as wide as the shared model's, pruned with 1 and with 2 torch threads: the same
-    weights, bit for bit (the statistics, the Cholesky factorisations and the updates all reduce in an order that
-    does not depend on the thread count on this CPU backend; see the README's determinism note)."""
+    masks, and the same kept weights bit for bit for SparseGPT. FISTA's kept weights may differ by float32 rounding
+    (about 1e-8 on an AMD EPYC with torch 2.13: a multi-threaded product reduces in another order); the masks never
+    differ, and a repeated run with the same thread count is bit-identical (README, "Determinism across thread
+    counts")."""
     ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(2))
     cfg = hf_sparse.SparsityConfig(method=method, pattern="2:4", calibration=ids, num_samples=8, sequence_length=64,
                                    batch_size=4, method_options=options)
@@ -228,4 +230,8 @@ def test_pruning_does_not_depend_on_the_thread_count(method, options):
     finally:
         torch.set_num_threads(before)
     for key, value in weights[0].items():
-        assert torch.equal(weights[1][key], value), key
+        assert torch.equal(weights[1][key] == 0, value == 0), f"{key}: the mask depends on the thread count"
+        if method == "sparsegpt":
+            assert torch.equal(weights[1][key], value), key
+        else:
+            torch.testing.assert_close(weights[1][key], value, rtol=1e-6, atol=1e-7, msg=key)
