@@ -12,7 +12,7 @@ import transformers
 import hf_sparse
 from hf_sparse.architectures import get_architecture, get_architecture_for
 from hf_sparse.methods.pip import PIPOptions, channel_scores, group_scores, masked_units, perturbed_view
-from hf_sparse.structured_pipeline import StructuredSession
+from hf_sparse.engine.structured import StructuredSession
 from hf_sparse.surgery import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits, apply_and_describe, block_parameters, \
     unit_parameters
 from hf_sparse.surgery.apply import BlockShape

@@ -318,9 +318,33 @@ def _config(method, sparsity, **kw):
                                     num_samples=4, sequence_length=32, batch_size=2, **kw)
 
 
+def test_structured_methods_run_in_the_engines_structured_pipeline():
+    from hf_sparse.engine import PIPELINES, LayerwiseEngine, StructuredPipeline, infer_pipeline
+    from hf_sparse.masks import SparsityPattern
+    from hf_sparse.methods import build_method
+
+    for name in ("flap", "shortgpt", "sleb", "pip"):
+        assert infer_pipeline(build_method(name), parallel=True) is PIPELINES["structured"] is StructuredPipeline
+    assert not infer_pipeline(build_method("wanda"), parallel=False).edits_structure
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    twin = copy.deepcopy(model)
+    engine = LayerwiseEngine(build_method("shortgpt"), SparsityPattern.parse("structured"), 0.25, show_progress=False)
+    result = engine.run(model, _calibration(), batch_size=2)
+    assert result.counts == {} and len(result.structure["removed_blocks"]) == 1
+    record = hf_sparse.prune(twin, _config("shortgpt", 0.25), show_progress=False)  # the same path from prune()
+    assert record.structure == result.structure
+    assert torch.equal(_logits(model), _logits(twin))
+    with pytest.raises(ValueError, match="one fraction of the block parameters"):
+        LayerwiseEngine(build_method("flap"), SparsityPattern.parse("structured"), {"a": 0.3},
+                        show_progress=False).run(model, _calibration())
+
+
 def test_shortgpt_block_influence_matches_hidden_states():
     from hf_sparse.methods.shortgpt import block_influence
-    from hf_sparse.structured_pipeline import StructuredSession
+    from hf_sparse.engine.structured import StructuredSession
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=128)
@@ -380,7 +404,7 @@ def test_flap_bias_compensation_keeps_the_mean_output():
     """The new bias makes the pruned o_proj/down_proj give, on the dense model's mean input, exactly the dense mean
     output: W[:, kept] · mean[kept] + b = W · mean."""
     from hf_sparse.methods import build_method
-    from hf_sparse.structured_pipeline import StructuredSession
+    from hf_sparse.engine.structured import StructuredSession
 
     model = build("llama")
     ids = _calibration()

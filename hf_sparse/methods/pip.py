@@ -48,7 +48,7 @@ from .structured import StructuredPruningMethod
 if TYPE_CHECKING:
     from ..architectures import AttentionHeads, MLPChannels
     from ..surgery.apply import BlockShape
-    from ..structured_pipeline import StructuredSession
+    from ..engine.structured import StructuredSession
 
 logger = logging.getLogger(__name__)
 
