@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true", help="skip part 2")
     parser.add_argument("--memory-depths", default="", help="e.g. 6,12,24 (random Llamas pruned by FLAP)")
     parser.add_argument("--method-options", default="{}",
-                        help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\' (ablations)')
+                        help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\'; a list of '
+                             'option sets gives one row each (ablations), e.g. \'{"pip": [{"rounds": 1}, {"rounds": 2}]}\'')
     parser.add_argument("--output", default=None, help="folder for the pruned checkpoints (default: a temp dir)")
     args = parser.parse_args()
     if args.worker:
@@ -203,15 +204,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     method_options = json.loads(args.method_options)
     for method in args.methods.split(","):
-        options = method_options.get(method, {})
-        label = method + "".join(f" {k}={v}" for k, v in sorted(options.items()))
-        for sparsity in (float(s) for s in args.sparsities.split(",")):
-            r = run_worker({**common, "method": method, "sparsity": sparsity, "options": options,
-                            "output": str(out_root / f"{method}-{int(round(sparsity * 100))}")})
-            results.append(r)
-            print(f"| {label} | {sparsity:.0%} | {r['achieved']:.4f} | {r['perplexity']:.2f} | "
-                  f"{r['perplexity'] / dense['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss'] / MB:.0f} | "
-                  f"{r['bytes'] / dense['bytes']:.3f} |", flush=True)
+        option_sets = method_options.get(method, {})
+        for number, options in enumerate(option_sets if isinstance(option_sets, list) else [option_sets]):
+            label = method + "".join(f" {k}={v}" for k, v in sorted(options.items()))
+            for sparsity in (float(s) for s in args.sparsities.split(",")):
+                folder = f"{method}-{int(round(sparsity * 100))}" + (f"-{number}" if number else "")
+                r = run_worker({**common, "method": method, "sparsity": sparsity, "options": options,
+                                "output": str(out_root / folder)})
+                results.append(r)
+                print(f"| {label} | {sparsity:.0%} | {r['achieved']:.4f} | {r['perplexity']:.2f} | "
+                      f"{r['perplexity'] / dense['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss'] / MB:.0f} | "
+                      f"{r['bytes'] / dense['bytes']:.3f} |", flush=True)
 
     import torch
     import transformers
