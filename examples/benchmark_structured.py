@@ -81,6 +81,61 @@ def worker(job: dict) -> dict:
             "seconds": seconds, "peak_rss": peak, "bytes": checkpoint_bytes(out), "output": str(out)}
 
 
+def sleb_prefix_worker(job: dict) -> dict:
+    """SLEB once at the largest sparsity; the smaller ones are the first blocks it removed. Greedy removal makes this
+    exact: a SLEB run to fewer blocks takes the same steps on the same calibration data and stops earlier."""
+    import logging
+
+    import torch
+    import transformers
+
+    import hf_sparse
+    from hf_sparse.api import _prune_structured
+    from hf_sparse.methods.sleb import SLEBPruning
+    from hf_sparse.methods.structured import blocks_for_fraction
+    from hf_sparse.surgery import StructuredEdits
+
+    order: list[int] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("sleb: removing block "):
+                order.append(int(record.args[0]))
+
+    logging.getLogger("hf_sparse.methods.sleb").setLevel(logging.INFO)
+    logging.getLogger("hf_sparse.methods.sleb").addHandler(Capture())
+    largest = worker(job)
+    results = [largest]
+    for sparsity in job["prefix_sparsities"]:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(job["model"])
+        model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+        count = blocks_for_fraction(model.config.num_hidden_layers, sparsity)
+
+        class Prefix(SLEBPruning):
+            def plan_edits(self, session, _sparsity):
+                return StructuredEdits(removed_blocks=tuple(order[:count]))
+
+        cfg = hf_sparse.SparsityConfig(method="sleb", pattern="structured", sparsity=sparsity,
+                                       calibration=job["calibration"], num_samples=job["num_samples"],
+                                       sequence_length=job["sequence_length"], seed=0, tokenizer=tokenizer)
+        ids = hf_sparse.calibration.load_calibration(job["calibration"], tokenizer, job["num_samples"],
+                                                     job["sequence_length"], 0)
+        start = time.perf_counter()
+        _prune_structured(model, cfg, Prefix(), ids, None, show_progress=False)
+        seconds = time.perf_counter() - start
+        text = Path(job["eval"]).read_text()
+        ppl = hf_sparse.evaluation.perplexity(model, tokenizer, text, sequence_length=256, max_windows=job["windows"],
+                                              show_progress=False)
+        out = Path(job["output"]).with_name(f"sleb-{int(round(sparsity * 100))}")
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        results.append({"method": "sleb", "sparsity": sparsity, "achieved": hf_sparse.read_record(model).overall_sparsity,
+                        "perplexity": ppl, "seconds": seconds, "peak_rss": peak_rss_bytes(),
+                        "bytes": checkpoint_bytes(out), "output": str(out), "order": order[:count]})
+    largest["order"] = order
+    return {"results": results}
+
+
 def memory_worker(job: dict) -> dict:
     import torch
     import transformers
@@ -184,11 +239,18 @@ def main() -> None:
     parser.add_argument("--method-options", default="{}",
                         help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\'; a list of '
                              'option sets gives one row each (ablations), e.g. \'{"pip": [{"rounds": 1}, {"rounds": 2}]}\'')
+    parser.add_argument("--sleb-prefix", action="store_true",
+                        help="run SLEB once at the largest sparsity and take its first removals for the smaller ones "
+                             "(exact for a greedy search; the prune seconds of those rows are the surgery only)")
+    parser.add_argument("--sleb-num-samples", type=int, default=None,
+                        help="calibration windows for SLEB only (its cost grows with blocks² × calibration tokens)")
     parser.add_argument("--output", default=None, help="folder for the pruned checkpoints (default: a temp dir)")
     args = parser.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        result = memory_worker(job) if job.get("kind") == "memory" else worker(job)
+        kind = job.get("kind")
+        result = (memory_worker(job) if kind == "memory" else sleb_prefix_worker(job) if kind == "sleb_prefix"
+                  else worker(job))
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
@@ -207,10 +269,25 @@ def main() -> None:
         option_sets = method_options.get(method, {})
         for number, options in enumerate(option_sets if isinstance(option_sets, list) else [option_sets]):
             label = method + "".join(f" {k}={v}" for k, v in sorted(options.items()))
-            for sparsity in (float(s) for s in args.sparsities.split(",")):
-                folder = f"{method}-{int(round(sparsity * 100))}" + (f"-{number}" if number else "")
-                r = run_worker({**common, "method": method, "sparsity": sparsity, "options": options,
-                                "output": str(out_root / folder)})
+            sparsities = [float(s) for s in args.sparsities.split(",")]
+            job = {**common, "method": method, "options": options}
+            if method == "sleb" and args.sleb_num_samples:
+                job["num_samples"] = args.sleb_num_samples
+            rows = []
+            if method == "sleb" and args.sleb_prefix:
+                largest = max(sparsities)
+                rows = run_worker({**job, "kind": "sleb_prefix", "sparsity": largest,
+                                   "prefix_sparsities": [s for s in sparsities if s != largest],
+                                   "output": str(out_root / f"sleb-{int(round(largest * 100))}")})["results"]
+                print(f"sleb removal order ({job['num_samples']} x {args.sequence_length} calibration): "
+                      f"{rows[0]['order']}", flush=True)
+                rows.sort(key=lambda r: r["sparsity"])
+            else:
+                for sparsity in sparsities:
+                    folder = f"{method}-{int(round(sparsity * 100))}" + (f"-{number}" if number else "")
+                    rows.append(run_worker({**job, "sparsity": sparsity, "output": str(out_root / folder)}))
+            for r in rows:
+                sparsity = r["sparsity"]
                 results.append(r)
                 print(f"| {label} | {sparsity:.0%} | {r['achieved']:.4f} | {r['perplexity']:.2f} | "
                       f"{r['perplexity'] / dense['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss'] / MB:.0f} | "
