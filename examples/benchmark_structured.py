@@ -218,6 +218,40 @@ def speed_table(models: dict, prompt_tokens: int, decode_tokens: int, rounds: in
     return rows
 
 
+def saved_models(folder: Path, methods: list[str], sparsity: float) -> dict:
+    """The dense checkpoint and each method's checkpoint at ``sparsity`` from an earlier run's ``--output`` folder."""
+    import transformers
+
+    import hf_sparse
+
+    models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(folder / "dense").eval()}
+    for method in methods:
+        path = folder / f"{method}-{int(round(sparsity * 100))}"
+        if path.is_dir():
+            model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+            models[f"{method} {hf_sparse.read_record(model).overall_sparsity:.3f}"] = model
+    return models
+
+
+def print_speed(models: dict, args) -> None:
+    import torch
+
+    if not models:
+        return
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rows = speed_table(models, args.prompt_tokens, args.decode_tokens, args.rounds)
+    print(f"\nspeed, CPU float32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds: "
+          f"prefill of a {args.prompt_tokens}-token prompt, decode of {args.decode_tokens} tokens with the KV cache; "
+          f"load average before/after: {load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| model | prefill tok/s | speed-up | ideal | of ideal | decode tok/s | speed-up | ideal | of ideal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['model']} | {row['prefill_tok_s']:.0f} | {row['prefill_speedup']:.2f} | "
+              f"{row['ideal_prefill']:.2f} | {row['prefill_speedup'] / row['ideal_prefill']:.2f} | "
+              f"{row['decode_tok_s']:.1f} | {row['decode_speedup']:.2f} | {row['ideal_decode']:.2f} | "
+              f"{row['decode_speedup'] / row['ideal_decode']:.2f} |", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -239,6 +273,9 @@ def main() -> None:
     parser.add_argument("--method-options", default="{}",
                         help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\'; a list of '
                              'option sets gives one row each (ablations), e.g. \'{"pip": [{"rounds": 1}, {"rounds": 2}]}\'')
+    parser.add_argument("--speed-from", default=None,
+                        help="skip part 1: time the checkpoints an earlier run saved in this --output folder (dense and "
+                             "each of --methods at --speed-sparsity)")
     parser.add_argument("--sleb-prefix", action="store_true",
                         help="run SLEB once at the largest sparsity and take its first removals for the smaller ones "
                              "(exact for a greedy search; the prune seconds of those rows are the surgery only)")
@@ -254,6 +291,9 @@ def main() -> None:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
+    if args.speed_from:
+        print_speed(saved_models(Path(args.speed_from), args.methods.split(","), args.speed_sparsity), args)
+        return
     out_root = Path(args.output or tempfile.mkdtemp(prefix="structured-bench-"))
     common = {"model": args.model, "calibration": str(SHARED / "data" / "calibration.txt"),
               "eval": str(SHARED / "data" / "wikitext2-test.txt"), "windows": args.eval_windows,
@@ -306,17 +346,7 @@ def main() -> None:
         if abs(r["sparsity"] - args.speed_sparsity) < 1e-9:
             models[f"{r['method']} {r['achieved']:.3f}"] = \
                 transformers.AutoModelForCausalLM.from_pretrained(r["output"]).eval()
-    speed_rows = speed_table(models, args.prompt_tokens, args.decode_tokens, args.rounds) if models else []
-    if speed_rows:
-        print(f"\nspeed, CPU float32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds: "
-              f"prefill of a {args.prompt_tokens}-token prompt, decode of {args.decode_tokens} tokens with the KV cache")
-        print("| model | prefill tok/s | speed-up | ideal | of ideal | decode tok/s | speed-up | ideal | of ideal |")
-        print("|---|---|---|---|---|---|---|---|---|")
-    for row in speed_rows:
-        print(f"| {row['model']} | {row['prefill_tok_s']:.0f} | {row['prefill_speedup']:.2f} | "
-              f"{row['ideal_prefill']:.2f} | {row['prefill_speedup'] / row['ideal_prefill']:.2f} | "
-              f"{row['decode_tok_s']:.1f} | {row['decode_speedup']:.2f} | {row['ideal_decode']:.2f} | "
-              f"{row['decode_speedup'] / row['ideal_decode']:.2f} |", flush=True)
+    print_speed(models, args)
 
     if args.memory_depths:
         print("\npeak RSS while FLAP prunes random Llamas (hidden 256, 16 x 256 calibration tokens)")
