@@ -400,6 +400,20 @@ def test_flap_meets_the_parameter_budget_and_records_it_exactly(sparsity):
     assert torch.isfinite(_logits(model)).all()
 
 
+def test_flap_channel_multiple_rounds_every_blocks_width_and_keeps_its_order():
+    exact, rounded = build("llama"), build("llama")
+    plain = hf_sparse.prune(exact, _config("flap", 0.3), show_progress=False).structure
+    record = hf_sparse.prune(rounded, _config("flap", 0.3, method_options={"channel_multiple": 16}),
+                             show_progress=False).structure
+    original = record["original"]["mlp_channels"]
+    for before, after in zip(plain["blocks"], record["blocks"]):
+        assert after["mlp_channels"] % 16 == 0 or after["mlp_channels"] == original
+        assert abs(after["mlp_channels"] - before["mlp_channels"]) <= 8  # nearest multiple
+        assert after["kv_heads"] == before["kv_heads"]  # heads untouched
+    with pytest.raises(ValueError, match="channel_multiple"):
+        _config("flap", 0.3, method_options={"channel_multiple": 0})
+
+
 def test_flap_bias_compensation_keeps_the_mean_output():
     """The new bias makes the pruned o_proj/down_proj give, on the dense model's mean input, exactly the dense mean
     output: W[:, kept] · mean[kept] + b = W · mean."""
