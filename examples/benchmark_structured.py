@@ -142,12 +142,18 @@ def memory_worker(job: dict) -> dict:
 
     import hf_sparse
 
-    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8,
-                                      num_key_value_heads=4, num_hidden_layers=job["depth"])
+    if job.get("config"):  # a real model's widths (e.g. SmolLM2), random weights, the requested depth
+        config = transformers.AutoConfig.from_pretrained(job["config"])
+        config.num_hidden_layers = job["depth"]
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = config.layer_types[:1] * job["depth"]
+    else:
+        config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768,
+                                          num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=job["depth"])
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    ids = torch.randint(0, 4096, (16, 256), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, config.vocab_size, (16, 256), generator=torch.Generator().manual_seed(0))
     before = peak_rss_bytes()
     hf_sparse.prune(model, hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.3,
                                                     calibration=ids, num_samples=16, sequence_length=256),
@@ -252,6 +258,19 @@ def print_speed(models: dict, args) -> None:
               f"{row['decode_speedup'] / row['ideal_decode']:.2f} |", flush=True)
 
 
+def print_memory(args) -> None:
+    if not args.memory_depths:
+        return
+    widths = f"widths of {args.memory_widths_of}" if args.memory_widths_of else "hidden 256"
+    print(f"\npeak RSS while FLAP prunes random Llamas ({widths}, 16 x 256 calibration tokens)")
+    print("| blocks | weights MB | peak RSS MB | peak minus weights MB |")
+    print("|---|---|---|---|")
+    for depth in (int(d) for d in args.memory_depths.split(",")):
+        r = run_worker({"kind": "memory", "depth": depth, "config": args.memory_widths_of})
+        print(f"| {depth} | {r['weights'] / MB:.1f} | {r['peak_rss'] / MB:.0f} | "
+              f"{(r['peak_rss'] - r['weights']) / MB:.0f} |", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -270,6 +289,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-speed", action="store_true", help="skip part 2")
     parser.add_argument("--memory-depths", default="", help="e.g. 6,12,24 (random Llamas pruned by FLAP)")
+    parser.add_argument("--memory-only", action="store_true", help="part 3 alone")
+    parser.add_argument("--memory-widths-of", default=None,
+                        help="part 3 with this model folder's widths (random weights) instead of hidden 256")
     parser.add_argument("--method-options", default="{}",
                         help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\'; a list of '
                              'option sets gives one row each (ablations), e.g. \'{"pip": [{"rounds": 1}, {"rounds": 2}]}\'')
@@ -291,6 +313,9 @@ def main() -> None:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
+    if args.memory_only:
+        print_memory(args)
+        return
     if args.speed_from:
         print_speed(saved_models(Path(args.speed_from), args.methods.split(","), args.speed_sparsity), args)
         return
@@ -348,15 +373,7 @@ def main() -> None:
                 transformers.AutoModelForCausalLM.from_pretrained(r["output"]).eval()
     print_speed(models, args)
 
-    if args.memory_depths:
-        print("\npeak RSS while FLAP prunes random Llamas (hidden 256, 16 x 256 calibration tokens)")
-        print("| blocks | weights MB | peak RSS MB | peak minus weights MB |")
-        print("|---|---|---|---|")
-        for depth in (int(d) for d in args.memory_depths.split(",")):
-            r = run_worker({"kind": "memory", "depth": depth})
-            print(f"| {depth} | {r['weights'] / MB:.1f} | {r['peak_rss'] / MB:.0f} | "
-                  f"{(r['peak_rss'] - r['weights']) / MB:.0f} |", flush=True)
-
+    print_memory(args)
 
 if __name__ == "__main__":
     main()
