@@ -13,8 +13,16 @@ interleaved rounds (median), next to the ideal speed-up = dense FLOPs / pruned F
 Part 3 (``--memory-depths``): peak RSS minus weight bytes while FLAP prunes random Llamas of one width and growing
 depth: flat when only one block's activations are alive.
 
+SLEB's greedy search costs (blocks removed) x (candidates) calibration forwards: ``--sleb-prefix`` runs it once at the
+largest sparsity and takes its first removals for the smaller ones (exactly what those runs would choose), and
+``--sleb-num-samples`` gives SLEB alone fewer calibration windows. A list of option sets per method
+(``--method-options '{"pip": [{"rounds": 1}, {"rounds": 4}]}'``) gives one row each against one dense baseline.
+``--speed-from FOLDER`` times the checkpoints an earlier run saved (part 2 alone, e.g. under ``cpu-run --threads 2``);
+``--memory-only`` with ``--memory-widths-of MODEL`` runs part 3 at a real model's widths.
+
     python examples/benchmark_structured.py                                  # the 7M model, everything
-    python examples/benchmark_structured.py --model /work/notes/smollm2-f32 --eval-windows 64 --methods flap,shortgpt
+    python examples/benchmark_structured.py --model ~/.cache/hf_sparse/testbed/smollm2-135m-instruct --eval-windows 64 \
+        --methods flap,shortgpt --no-speed --output /tmp/smol
 """
 
 from __future__ import annotations
