@@ -15,12 +15,14 @@ distinguish between these two views". Our reading, every choice an option where 
    value head, so ``num_attention_heads / num_key_value_heads`` stays an integer; one head in multi-head attention),
    and the rows of gate/up and the column of down of one MLP channel. It estimates how differently removing the
    structure changes the loss on the two views: a structure whose removal affects both views alike does not tell them
-   apart. Scores are divided by the structure's parameter count (the budget is in parameters; a group is ~100 MLP
-   channels) and ranked across all blocks, as FLAP ranks its units globally.
+   apart. By default (``normalization="layer"``) the scores are standardised within each block and structure kind, as
+   FLAP does, and then ranked across all blocks; ``"parameters"`` ranks the raw score per parameter instead, which
+   lets blocks with small gradient differences overall be emptied first (SmolLM2 at 20%: perplexity 104 against 56).
 4. **Iterations.** ``rounds`` rounds: round ``r`` removes the lowest-scoring remaining units until ``r / rounds`` of the
    target share of block parameters is gone (the same closest-to-budget choice as FLAP, never a block's last group or
    channel). The removed units are masked (their inputs to o/down zeroed) before the next round's gradients, so later
-   rounds score the already-pruned model. The edits are applied once at the end.
+   rounds score the already-pruned model. The edits are applied once at the end. The default is one round: more
+   rounds were measured worse on both test models (README, PIP ablation).
 
 Deterministic for a seed (the noise and the replaced tokens come from the pruning seed). Cost: ``rounds`` × 2 forwards
 and one backward of the whole model per calibration batch.
@@ -64,10 +66,10 @@ class PIPOptions(MethodOptions):
     strength: float = field(default=0.1, metadata={
         "help": "Perturbation strength: the noise standard deviation relative to each token's embedding RMS "
                 "(embedding_noise), or the share of tokens replaced (token_replace, at most 1).", "range": "> 0"})
-    rounds: int = field(default=4, metadata={
+    rounds: int = field(default=1, metadata={
         "help": "Pruning iterations; each re-measures the gradients on the model pruned so far and removes another "
                 "1/rounds of the target.", "range": ">= 1"})
-    normalization: str = field(default="parameters", metadata={
+    normalization: str = field(default="layer", metadata={
         "help": "How scores of different blocks and structures are made comparable before the global ranking: "
                 "'parameters' (each structure's score divided by its parameter count) or 'layer' (standardised "
                 "within each block and structure kind, as FLAP: a key/value group scores the mean of its attention "
