@@ -15,8 +15,16 @@ hooks) is timed too: the run-time cost of the selections alone.
 Part 3 (``--memory-depths``): peak RSS minus weight bytes while FLAP prunes random Llamas of one width and growing
 depth: flat when only one block's activations are alive.
 
+SLEB's greedy search costs (blocks removed) x (candidates) calibration forwards: ``--sleb-prefix`` runs it once at the
+largest sparsity and takes its first removals for the smaller ones (exactly what those runs would choose), and
+``--sleb-num-samples`` gives SLEB alone fewer calibration windows. A list of option sets per method
+(``--method-options '{"pip": [{"rounds": 1}, {"rounds": 4}]}'``) gives one row each against one dense baseline.
+``--speed-from FOLDER`` times the checkpoints an earlier run saved (part 2 alone, e.g. under ``cpu-run --threads 2``);
+``--memory-only`` with ``--memory-widths-of MODEL`` runs part 3 at a real model's widths.
+
     python examples/benchmark_structured.py                                  # the 7M model, everything
-    python examples/benchmark_structured.py --model /work/notes/smollm2-f32 --eval-windows 64 --methods flap,shortgpt
+    python examples/benchmark_structured.py --model ~/.cache/hf_sparse/testbed/smollm2-135m-instruct --eval-windows 64 \
+        --methods flap,shortgpt --no-speed --output /tmp/smol
     python examples/benchmark_structured.py --methods disp_llm,flap                    # DISP-LLM against FLAP
 """
 
@@ -84,18 +92,79 @@ def worker(job: dict) -> dict:
             "seconds": seconds, "peak_rss": peak, "bytes": checkpoint_bytes(out), "output": str(out)}
 
 
+def sleb_prefix_worker(job: dict) -> dict:
+    """SLEB once at the largest sparsity; the smaller ones are the first blocks it removed. Greedy removal makes this
+    exact: a SLEB run to fewer blocks takes the same steps on the same calibration data and stops earlier."""
+    import logging
+
+    import torch
+    import transformers
+
+    import hf_sparse
+    from hf_sparse.api import _prune_structured
+    from hf_sparse.methods.sleb import SLEBPruning
+    from hf_sparse.methods.structured import blocks_for_fraction
+    from hf_sparse.surgery import StructuredEdits
+
+    order: list[int] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("sleb: removing block "):
+                order.append(int(record.args[0]))
+
+    logging.getLogger("hf_sparse.methods.sleb").setLevel(logging.INFO)
+    logging.getLogger("hf_sparse.methods.sleb").addHandler(Capture())
+    largest = worker(job)
+    results = [largest]
+    for sparsity in job["prefix_sparsities"]:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(job["model"])
+        model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+        count = blocks_for_fraction(model.config.num_hidden_layers, sparsity)
+
+        class Prefix(SLEBPruning):
+            def plan_edits(self, session, _sparsity):
+                return StructuredEdits(removed_blocks=tuple(order[:count]))
+
+        cfg = hf_sparse.SparsityConfig(method="sleb", pattern="structured", sparsity=sparsity,
+                                       calibration=job["calibration"], num_samples=job["num_samples"],
+                                       sequence_length=job["sequence_length"], seed=0, tokenizer=tokenizer)
+        ids = hf_sparse.calibration.load_calibration(job["calibration"], tokenizer, job["num_samples"],
+                                                     job["sequence_length"], 0)
+        start = time.perf_counter()
+        _prune_structured(model, cfg, Prefix(), ids, None, show_progress=False)
+        seconds = time.perf_counter() - start
+        text = Path(job["eval"]).read_text()
+        ppl = hf_sparse.evaluation.perplexity(model, tokenizer, text, sequence_length=256, max_windows=job["windows"],
+                                              show_progress=False)
+        out = Path(job["output"]).with_name(f"sleb-{int(round(sparsity * 100))}")
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        results.append({"method": "sleb", "sparsity": sparsity, "achieved": hf_sparse.read_record(model).overall_sparsity,
+                        "perplexity": ppl, "seconds": seconds, "peak_rss": peak_rss_bytes(),
+                        "bytes": checkpoint_bytes(out), "output": str(out), "order": order[:count]})
+    largest["order"] = order
+    return {"results": results}
+
+
 def memory_worker(job: dict) -> dict:
     import torch
     import transformers
 
     import hf_sparse
 
-    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8,
-                                      num_key_value_heads=4, num_hidden_layers=job["depth"])
+    if job.get("config"):  # a real model's widths (e.g. SmolLM2), random weights, the requested depth
+        config = transformers.AutoConfig.from_pretrained(job["config"])
+        config.num_hidden_layers = job["depth"]
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = config.layer_types[:1] * job["depth"]
+    else:
+        config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768,
+                                          num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=job["depth"])
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    ids = torch.randint(0, 4096, (16, 256), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, config.vocab_size, (16, 256), generator=torch.Generator().manual_seed(0))
     before = peak_rss_bytes()
     hf_sparse.prune(model, hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.3,
                                                     calibration=ids, num_samples=16, sequence_length=256),
@@ -181,6 +250,53 @@ def speed_table(models: dict, prompt_tokens: int, decode_tokens: int, rounds: in
     return rows
 
 
+def saved_models(folder: Path, methods: list[str], sparsity: float) -> dict:
+    """The dense checkpoint and each method's checkpoint at ``sparsity`` from an earlier run's ``--output`` folder."""
+    import transformers
+
+    import hf_sparse
+
+    models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(folder / "dense").eval()}
+    for method in methods:
+        path = folder / f"{method}-{int(round(sparsity * 100))}"
+        if path.is_dir():
+            model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+            models[f"{method} {hf_sparse.read_record(model).overall_sparsity:.3f}"] = model
+    return models
+
+
+def print_speed(models: dict, args) -> None:
+    import torch
+
+    if not models:
+        return
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rows = speed_table(models, args.prompt_tokens, args.decode_tokens, args.rounds)
+    print(f"\nspeed, CPU float32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds: "
+          f"prefill of a {args.prompt_tokens}-token prompt, decode of {args.decode_tokens} tokens with the KV cache; "
+          f"load average before/after: {load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| model | prefill tok/s | speed-up | ideal | of ideal | decode tok/s | speed-up | ideal | of ideal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['model']} | {row['prefill_tok_s']:.0f} | {row['prefill_speedup']:.2f} | "
+              f"{row['ideal_prefill']:.2f} | {row['prefill_speedup'] / row['ideal_prefill']:.2f} | "
+              f"{row['decode_tok_s']:.1f} | {row['decode_speedup']:.2f} | {row['ideal_decode']:.2f} | "
+              f"{row['decode_speedup'] / row['ideal_decode']:.2f} |", flush=True)
+
+
+def print_memory(args) -> None:
+    if not args.memory_depths:
+        return
+    widths = f"widths of {args.memory_widths_of}" if args.memory_widths_of else "hidden 256"
+    print(f"\npeak RSS while FLAP prunes random Llamas ({widths}, 16 x 256 calibration tokens)")
+    print("| blocks | weights MB | peak RSS MB | peak minus weights MB |")
+    print("|---|---|---|---|")
+    for depth in (int(d) for d in args.memory_depths.split(",")):
+        r = run_worker({"kind": "memory", "depth": depth, "config": args.memory_widths_of})
+        print(f"| {depth} | {r['weights'] / MB:.1f} | {r['peak_rss'] / MB:.0f} | "
+              f"{(r['peak_rss'] - r['weights']) / MB:.0f} |", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -199,16 +315,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-speed", action="store_true", help="skip part 2")
     parser.add_argument("--memory-depths", default="", help="e.g. 6,12,24 (random Llamas pruned by FLAP)")
+    parser.add_argument("--memory-only", action="store_true", help="part 3 alone")
+    parser.add_argument("--memory-widths-of", default=None,
+                        help="part 3 with this model folder's widths (random weights) instead of hidden 256")
     parser.add_argument("--method-options", default="{}",
-                        help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\' (ablations)')
+                        help='JSON: options per method, e.g. \'{"pip": {"rounds": 1, "strength": 0.3}}\'; a list of '
+                             'option sets gives one row each (ablations), e.g. \'{"pip": [{"rounds": 1}, {"rounds": 2}]}\'')
+    parser.add_argument("--speed-from", default=None,
+                        help="skip part 1: time the checkpoints an earlier run saved in this --output folder (dense and "
+                             "each of --methods at --speed-sparsity)")
+    parser.add_argument("--sleb-prefix", action="store_true",
+                        help="run SLEB once at the largest sparsity and take its first removals for the smaller ones "
+                             "(exact for a greedy search; the prune seconds of those rows are the surgery only)")
+    parser.add_argument("--sleb-num-samples", type=int, default=None,
+                        help="calibration windows for SLEB only (its cost grows with blocks² × calibration tokens)")
     parser.add_argument("--output", default=None, help="folder for the pruned checkpoints (default: a temp dir)")
     args = parser.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        result = memory_worker(job) if job.get("kind") == "memory" else worker(job)
+        kind = job.get("kind")
+        result = (memory_worker(job) if kind == "memory" else sleb_prefix_worker(job) if kind == "sleb_prefix"
+                  else worker(job))
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
+    if args.memory_only:
+        print_memory(args)
+        return
+    if args.speed_from:
+        print_speed(saved_models(Path(args.speed_from), args.methods.split(","), args.speed_sparsity), args)
+        return
     out_root = Path(args.output or tempfile.mkdtemp(prefix="structured-bench-"))
     common = {"model": args.model, "calibration": str(SHARED / "data" / "calibration.txt"),
               "eval": str(SHARED / "data" / "wikitext2-test.txt"), "windows": args.eval_windows,
@@ -221,15 +357,32 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     method_options = json.loads(args.method_options)
     for method in args.methods.split(","):
-        options = method_options.get(method, {})
-        label = method + "".join(f" {k}={v}" for k, v in sorted(options.items()))
-        for sparsity in (float(s) for s in args.sparsities.split(",")):
-            r = run_worker({**common, "method": method, "sparsity": sparsity, "options": options,
-                            "output": str(out_root / f"{method}-{int(round(sparsity * 100))}")})
-            results.append(r)
-            print(f"| {label} | {sparsity:.0%} | {r['achieved']:.4f} | {r['perplexity']:.2f} | "
-                  f"{r['perplexity'] / dense['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss'] / MB:.0f} | "
-                  f"{r['bytes'] / dense['bytes']:.3f} |", flush=True)
+        option_sets = method_options.get(method, {})
+        for number, options in enumerate(option_sets if isinstance(option_sets, list) else [option_sets]):
+            label = method + "".join(f" {k}={v}" for k, v in sorted(options.items()))
+            sparsities = [float(s) for s in args.sparsities.split(",")]
+            job = {**common, "method": method, "options": options}
+            if method == "sleb" and args.sleb_num_samples:
+                job["num_samples"] = args.sleb_num_samples
+            rows = []
+            if method == "sleb" and args.sleb_prefix:
+                largest = max(sparsities)
+                rows = run_worker({**job, "kind": "sleb_prefix", "sparsity": largest,
+                                   "prefix_sparsities": [s for s in sparsities if s != largest],
+                                   "output": str(out_root / f"sleb-{int(round(largest * 100))}")})["results"]
+                print(f"sleb removal order ({job['num_samples']} x {args.sequence_length} calibration): "
+                      f"{rows[0]['order']}", flush=True)
+                rows.sort(key=lambda r: r["sparsity"])
+            else:
+                for sparsity in sparsities:
+                    folder = f"{method}-{int(round(sparsity * 100))}" + (f"-{number}" if number else "")
+                    rows.append(run_worker({**job, "sparsity": sparsity, "output": str(out_root / folder)}))
+            for r in rows:
+                sparsity = r["sparsity"]
+                results.append(r)
+                print(f"| {label} | {sparsity:.0%} | {r['achieved']:.4f} | {r['perplexity']:.2f} | "
+                      f"{r['perplexity'] / dense['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss'] / MB:.0f} | "
+                      f"{r['bytes'] / dense['bytes']:.3f} |", flush=True)
 
     import torch
     import transformers
@@ -246,27 +399,9 @@ def main() -> None:
                 transformers.AutoModelForCausalLM.from_pretrained(r["output"]).eval()
     if any(name.startswith("disp_llm") for name in models):
         models["dense, identity selections"] = identity_selections(models["dense"])
-    speed_rows = speed_table(models, args.prompt_tokens, args.decode_tokens, args.rounds) if models else []
-    if speed_rows:
-        print(f"\nspeed, CPU float32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds: "
-              f"prefill of a {args.prompt_tokens}-token prompt, decode of {args.decode_tokens} tokens with the KV cache")
-        print("| model | prefill tok/s | speed-up | ideal | of ideal | decode tok/s | speed-up | ideal | of ideal |")
-        print("|---|---|---|---|---|---|---|---|---|")
-    for row in speed_rows:
-        print(f"| {row['model']} | {row['prefill_tok_s']:.0f} | {row['prefill_speedup']:.2f} | "
-              f"{row['ideal_prefill']:.2f} | {row['prefill_speedup'] / row['ideal_prefill']:.2f} | "
-              f"{row['decode_tok_s']:.1f} | {row['decode_speedup']:.2f} | {row['ideal_decode']:.2f} | "
-              f"{row['decode_speedup'] / row['ideal_decode']:.2f} |", flush=True)
+    print_speed(models, args)
 
-    if args.memory_depths:
-        print("\npeak RSS while FLAP prunes random Llamas (hidden 256, 16 x 256 calibration tokens)")
-        print("| blocks | weights MB | peak RSS MB | peak minus weights MB |")
-        print("|---|---|---|---|")
-        for depth in (int(d) for d in args.memory_depths.split(",")):
-            r = run_worker({"kind": "memory", "depth": depth})
-            print(f"| {depth} | {r['weights'] / MB:.1f} | {r['peak_rss'] / MB:.0f} | "
-                  f"{(r['peak_rss'] - r['weights']) / MB:.0f} |", flush=True)
-
+    print_memory(args)
 
 if __name__ == "__main__":
     main()

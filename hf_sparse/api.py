@@ -69,15 +69,15 @@ def _provenance(model: nn.Module, config: SparsityConfig, method, calibration_id
 
 def _prune_structured(model: nn.Module, config: SparsityConfig, method, calibration_ids, previous,
                       show_progress: bool, gguf=None) -> SparsityRecord:
-    """pattern="structured": the method decides block edits, the surgery makes the modules smaller."""
-    from .structured_pipeline import run_structured
-
+    """pattern="structured": the engine's structured pipeline lets the method decide block edits, and the surgery
+    makes the modules smaller."""
     if previous is not None:
         raise ValueError(f"this model was already pruned ({previous.method}, {previous.pattern}); structured pruning "
                          "changes every shape and starts from the dense model")
+    engine = LayerwiseEngine(method, config.parsed_pattern, config.sparsity, device=config.device,
+                             show_progress=show_progress)
     with _inference_mode(model, config.seed):
-        structure = run_structured(model, method, calibration_ids, config.sparsity, batch_size=config.batch_size,
-                                   device=config.device, show_progress=show_progress)
+        structure = engine.run(model, calibration_ids, batch_size=config.batch_size).structure
     if gguf is not None:
         detach_gguf(model)  # the smaller weights are plain tensors: drop the GGUF quantizer so save_pretrained works
     record = SparsityRecord(

@@ -22,7 +22,7 @@ from hf_sparse.methods.disp_llm import (
     straight_through_mask,
     threshold_masks,
 )
-from hf_sparse.structured_pipeline import StructuredSession
+from hf_sparse.engine.structured import StructuredSession
 from hf_sparse.surgery import (
     RESIDUAL_POINTS,
     BlockEdit,

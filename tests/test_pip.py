@@ -11,8 +11,15 @@ import transformers
 
 import hf_sparse
 from hf_sparse.architectures import get_architecture, get_architecture_for
-from hf_sparse.methods.pip import PIPOptions, channel_scores, group_scores, masked_units, perturbed_view
-from hf_sparse.structured_pipeline import StructuredSession
+from hf_sparse.methods.pip import (
+    PIPOptions,
+    attention_channel_scores,
+    channel_scores,
+    group_scores,
+    masked_units,
+    perturbed_view,
+)
+from hf_sparse.engine.structured import StructuredSession
 from hf_sparse.surgery import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits, apply_and_describe, block_parameters, \
     unit_parameters
 from hf_sparse.surgery.apply import BlockShape
@@ -114,13 +121,31 @@ def test_gradient_difference_matches_autograd_on_both_views():
     assert all(p.requires_grad for p in model.parameters())  # restored
 
 
-@pytest.mark.parametrize("sparsity,rounds", [(0.2, 1), (0.5, 3)])
-def test_pip_meets_the_budget_and_keeps_every_block_alive(sparsity, rounds):
+def test_attention_channel_scores_add_up_to_the_group_scores():
+    decl, shape = LLAMA.attention_heads, BlockShape(6, 2, 4, 8)  # 3 query heads per group, head_dim 4
+    generator = torch.Generator().manual_seed(0)
+    sizes = {decl.query: (24, 16), decl.key: (8, 16), decl.value: (8, 16), decl.output: (16, 24)}
+    weights = {n: torch.randn(s, generator=generator) for n, s in sizes.items()}
+    grads = {n: torch.randn(s, generator=generator) for n, s in sizes.items()}
+    per_channel = attention_channel_scores(decl, shape, weights, grads)
+    assert per_channel.shape == (24,)
+    torch.testing.assert_close(per_channel.reshape(2, 12).sum(1), group_scores(decl, shape, weights, grads))
+    # Query row 5 (head 1, dim 1) and output column 5 belong to channel 5 alone.
+    bumped = {**weights, decl.query: weights[decl.query].clone()}
+    bumped[decl.query][5] += 1.0
+    changed = (attention_channel_scores(decl, shape, bumped, grads) != per_channel).nonzero().flatten().tolist()
+    assert changed == [5]
+
+
+@pytest.mark.parametrize("sparsity,rounds,options", [(0.2, 1, {}), (0.5, 3, {}),
+                                                     (0.3, 2, {"normalization": "layer"}),
+                                                     (0.3, 1, {"normalization": "layer", "bias_compensation": True})])
+def test_pip_meets_the_budget_and_keeps_every_block_alive(sparsity, rounds, options):
     model = build("llama")
     adapter = get_architecture(model)
     before = block_parameters(adapter, model)
     largest_unit = max(unit_parameters(adapter, b)["kv_group"] for b in adapter.blocks(model))
-    record = hf_sparse.prune(model, _config(sparsity, rounds=rounds), show_progress=False)
+    record = hf_sparse.prune(model, _config(sparsity, rounds=rounds, **options), show_progress=False)
     after = block_parameters(adapter, model)
     assert record.overall_sparsity == 1 - after / before
     assert abs((before - after) - sparsity * before) <= largest_unit
@@ -129,6 +154,22 @@ def test_pip_meets_the_budget_and_keeps_every_block_alive(sparsity, rounds):
         assert entry["attention_heads"] == 2 * entry["kv_heads"]  # whole GQA groups
     assert record.method_options["rounds"] == rounds
     assert torch.isfinite(_logits(model)).all()
+    has_bias = any(getattr(m, "bias", None) is not None for b in adapter.blocks(model)
+                   for m in b.modules() if isinstance(m, torch.nn.Linear))
+    assert has_bias == options.get("bias_compensation", False)
+
+
+def test_pip_bias_compensation_adds_the_removed_channels_mean_contribution():
+    plain, compensated = build("llama"), build("llama")
+    record = hf_sparse.prune(plain, _config(0.3, rounds=1), show_progress=False)
+    other = hf_sparse.prune(compensated, _config(0.3, rounds=1, bias_compensation=True), show_progress=False)
+    # Same units removed (the choice does not depend on compensation); only the new biases differ.
+    widths = [[(b["kv_heads"], b["mlp_channels"]) for b in r.structure["blocks"]] for r in (record, other)]
+    assert widths[0] == widths[1]
+    plain_state, comp_state = plain.state_dict(), compensated.state_dict()
+    assert set(comp_state) - set(plain_state)  # the biases
+    for name, tensor in plain_state.items():
+        assert torch.equal(tensor, comp_state[name])
 
 
 def test_pip_is_deterministic_for_a_seed_and_reloads_bit_identically(tmp_path):
@@ -147,6 +188,8 @@ def test_pip_is_deterministic_for_a_seed_and_reloads_bit_identically(tmp_path):
     ({"strength": 0.0}, "strength"),
     ({"perturbation": "token_replace", "strength": 1.5}, "at most 1"),
     ({"rounds": 0}, "rounds"),
+    ({"normalization": "zscore"}, "normalization must be one of"),
+    ({"bias_compensation": "yes"}, "bias_compensation"),
 ])
 def test_pip_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):

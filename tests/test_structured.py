@@ -322,9 +322,33 @@ def _config(method, sparsity, **kw):
                                     num_samples=4, sequence_length=32, batch_size=2, **kw)
 
 
+def test_structured_methods_run_in_the_engines_structured_pipeline():
+    from hf_sparse.engine import PIPELINES, LayerwiseEngine, StructuredPipeline, infer_pipeline
+    from hf_sparse.masks import SparsityPattern
+    from hf_sparse.methods import build_method
+
+    for name in ("flap", "shortgpt", "sleb", "pip"):
+        assert infer_pipeline(build_method(name), parallel=True) is PIPELINES["structured"] is StructuredPipeline
+    assert not infer_pipeline(build_method("wanda"), parallel=False).edits_structure
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    twin = copy.deepcopy(model)
+    engine = LayerwiseEngine(build_method("shortgpt"), SparsityPattern.parse("structured"), 0.25, show_progress=False)
+    result = engine.run(model, _calibration(), batch_size=2)
+    assert result.counts == {} and len(result.structure["removed_blocks"]) == 1
+    record = hf_sparse.prune(twin, _config("shortgpt", 0.25), show_progress=False)  # the same path from prune()
+    assert record.structure == result.structure
+    assert torch.equal(_logits(model), _logits(twin))
+    with pytest.raises(ValueError, match="one fraction of the block parameters"):
+        LayerwiseEngine(build_method("flap"), SparsityPattern.parse("structured"), {"a": 0.3},
+                        show_progress=False).run(model, _calibration())
+
+
 def test_shortgpt_block_influence_matches_hidden_states():
     from hf_sparse.methods.shortgpt import block_influence
-    from hf_sparse.structured_pipeline import StructuredSession
+    from hf_sparse.engine.structured import StructuredSession
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=128)
@@ -380,11 +404,25 @@ def test_flap_meets_the_parameter_budget_and_records_it_exactly(sparsity):
     assert torch.isfinite(_logits(model)).all()
 
 
+def test_flap_channel_multiple_rounds_every_blocks_width_and_keeps_its_order():
+    exact, rounded = build("llama"), build("llama")
+    plain = hf_sparse.prune(exact, _config("flap", 0.3), show_progress=False).structure
+    record = hf_sparse.prune(rounded, _config("flap", 0.3, method_options={"channel_multiple": 16}),
+                             show_progress=False).structure
+    original = record["original"]["mlp_channels"]
+    for before, after in zip(plain["blocks"], record["blocks"]):
+        assert after["mlp_channels"] % 16 == 0 or after["mlp_channels"] == original
+        assert abs(after["mlp_channels"] - before["mlp_channels"]) <= 8  # nearest multiple
+        assert after["kv_heads"] == before["kv_heads"]  # heads untouched
+    with pytest.raises(ValueError, match="channel_multiple"):
+        _config("flap", 0.3, method_options={"channel_multiple": 0})
+
+
 def test_flap_bias_compensation_keeps_the_mean_output():
     """The new bias makes the pruned o_proj/down_proj give, on the dense model's mean input, exactly the dense mean
     output: W[:, kept] · mean[kept] + b = W · mean."""
     from hf_sparse.methods import build_method
-    from hf_sparse.structured_pipeline import StructuredSession
+    from hf_sparse.engine.structured import StructuredSession
 
     model = build("llama")
     ids = _calibration()

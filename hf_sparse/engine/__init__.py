@@ -6,7 +6,9 @@ One room per concern; data flows down this list:
 - :mod:`~hf_sparse.engine.capture`: the first block's calibration inputs, and running a block on them;
 - :mod:`~hf_sparse.engine.statistics`: the registry of statistics a method can ask for, and the hooks collecting them;
 - :mod:`~hf_sparse.engine.devices`: where a block computes, and every read and write of a parameter (offload too);
-- :mod:`~hf_sparse.engine.pipelines`: how blocks are scheduled (data-free, sequential, threaded, distributed);
+- :mod:`~hf_sparse.engine.pipelines`: how blocks are scheduled (data-free, sequential, threaded, distributed,
+  structured);
+- :mod:`~hf_sparse.engine.structured`: what a structured method may measure on the dense model, and applying its edits;
 - :mod:`~hf_sparse.engine.layerwise`: :class:`LayerwiseEngine`, pruning one block and running the pipeline.
 
 >>> engine = LayerwiseEngine(build_method("wanda"), SparsityPattern.parse("2:4"), 0.5)  # doctest: +SKIP
@@ -23,7 +25,7 @@ from .devices import (
     write_weight,
 )
 from .layerwise import DENSE_CACHE_BYTES, BlockResult, EngineResult, LayerwiseEngine
-from .pipelines import PIPELINES, Pipeline, infer_pipeline, register_pipeline
+from .pipelines import PIPELINES, Pipeline, StructuredPipeline, infer_pipeline, register_pipeline
 from .planning import (
     BlockPlan,
     PruningPlan,
@@ -44,11 +46,13 @@ from .statistics import (
     StatisticsCollector,
     register_statistic,
 )
+from .structured import BlockPass, InputMoments, StructuredSession, run_structured
 
 __all__ = [
     "DENSE_CACHE_BYTES", "PIPELINES", "STATISTICS", "BlockInputs", "BlockPlan", "BlockResult", "DenseInputCache",
     "DenseSource", "EngineResult", "LayerwiseEngine", "LinearStatistics", "Pipeline", "PruningPlan", "PruningTarget",
-    "Reads", "Statistic", "StatisticsCollector", "TargetSparsity", "block_on_device", "capture_block_inputs",
+    "Reads", "Statistic", "StatisticsCollector", "StructuredPipeline", "StructuredSession", "BlockPass", "InputMoments",
+    "run_structured", "TargetSparsity", "block_on_device", "capture_block_inputs",
     "check_device_available", "check_pattern_fits", "execution_device", "group_targets", "infer_pipeline",
     "plan_targets", "readable_weight", "register_pipeline", "register_statistic", "run_block", "select_targets",
     "write_weight",

@@ -55,9 +55,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class EngineResult:
-    """What the engine did: zero count and size of every pruned module, in pruning order."""
+    """What the engine did: zero count and size of every pruned module, in pruning order; for structured methods
+    (nothing masked, no counts) the shape record of :func:`hf_sparse.surgery.describe_structure` instead."""
 
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (zeros, numel)
+    structure: dict | None = None
 
     @property
     def achieved(self) -> dict[str, float]:
@@ -221,10 +223,13 @@ class LayerwiseEngine:
 
     def run(self, model: nn.Module, calibration_ids: torch.Tensor | None, batch_size: int = 8) -> EngineResult:
         """Prune ``model`` in place. ``calibration_ids`` (samples, seq) may be ``None`` for data-free methods."""
-        plan = self.plan(model)
         pipeline = self.pipeline()
         if pipeline.needs_calibration and calibration_ids is None:
             raise ValueError(f"method {self.method.name!r} needs calibration data")
+        if pipeline.edits_structure:  # whole structures go: no plan of linears; the method shows its own progress
+            pipeline.run(model, None, calibration_ids, batch_size, None)
+            return EngineResult(structure=pipeline.structure)
+        plan = self.plan(model)
         progress = tqdm(total=len(plan.blocks), desc=f"pruning ({self.method.name}, {self.pattern})", unit="block",
                         disable=not self.show_progress)
         try:

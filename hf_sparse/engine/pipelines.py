@@ -6,7 +6,11 @@
   ``propagate_dense``);
 - ``threaded``: dense-propagating methods with ``parallel=True``: blocks are independent, pruned in worker threads;
 - ``distributed``: the same under ``torchrun``/``accelerate launch``: one process per device prunes its share of
-  the blocks, and the pruned weights are shared (:mod:`hf_sparse.engine.distributed`).
+  the blocks, and the pruned weights are shared (:mod:`hf_sparse.engine.distributed`);
+- ``structured``: methods that declare ``edits_structure`` (FLAP, ShortGPT, SLEB, PIP) remove whole heads, channels
+  or blocks: the method decides on the dense model (:class:`~hf_sparse.engine.structured.StructuredSession`), the
+  surgery applies its edits once (:func:`~hf_sparse.engine.structured.run_structured`), and the result is the shape
+  record rather than masks.
 
 A new schedule is a :class:`Pipeline` subclass decorated with :func:`register_pipeline`.
 """
@@ -39,6 +43,8 @@ class Pipeline(ABC):
     name: ClassVar[str]
     #: the pipeline reads calibration token ids (the engine refuses to start it without them)
     needs_calibration: ClassVar[bool] = True
+    #: the pipeline removes whole structures: no plan of linears, no masks; its result is :attr:`structure`
+    edits_structure: ClassVar[bool] = False
 
     def __init__(self, engine: LayerwiseEngine):
         self.engine = engine
@@ -94,7 +100,10 @@ def register_pipeline(name: str) -> Callable[[type[Pipeline]], type[Pipeline]]:
 
 def infer_pipeline(method: PruningMethod, parallel: bool) -> type[Pipeline]:
     """The pipeline for ``method``: data-free without statistics; with ``parallel`` (only for dense-propagating
-    methods, whose blocks are independent) threads, or processes when launched with several; else in order."""
+    methods, whose blocks are independent) threads, or processes when launched with several; else in order.
+    Structured methods (``edits_structure``) always take the structured pipeline."""
+    if method.edits_structure:
+        return PIPELINES["structured"]
     if not method.needs_calibration:
         return PIPELINES["data_free"]
     if parallel and method.propagate_dense:
@@ -214,3 +223,30 @@ class ThreadedPipeline(Pipeline):
             for part in pool.map(work, zip(plan.blocks, per_block_inputs)):
                 achieved.update(part)
         return achieved
+
+
+@register_pipeline("structured")
+class StructuredPipeline(Pipeline):
+    """Whole heads, channels or blocks removed: the method decides its edits on the dense model through a
+    :class:`~hf_sparse.engine.structured.StructuredSession` and the surgery applies them once
+    (:func:`~hf_sparse.engine.structured.run_structured`). The engine's ``sparsity`` is one number, the fraction of
+    the decoder-block parameters to remove. Nothing is masked, so :meth:`run` returns no counts; the shape record is
+    :attr:`structure` afterwards."""
+
+    edits_structure = True
+
+    def __init__(self, engine: LayerwiseEngine):
+        super().__init__(engine)
+        self.structure: dict | None = None
+
+    def run(self, model, plan, calibration_ids, batch_size, progress) -> Counts:
+        from .structured import run_structured
+
+        engine = self.engine
+        if engine.sparsity.value is None:
+            raise ValueError(f"structured method {engine.method.name!r} removes one fraction of the block parameters; "
+                             f"got a per-module target ({engine.sparsity.description})")
+        self.structure = run_structured(model, engine.method, calibration_ids, engine.sparsity.value,
+                                        batch_size=batch_size, device=engine.device,
+                                        show_progress=engine.show_progress)
+        return {}

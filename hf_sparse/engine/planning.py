@@ -27,14 +27,17 @@ class TargetSparsity:
     0.5
     """
 
-    def __init__(self, rule: Callable[[str], float], description: str):
+    def __init__(self, rule: Callable[[str], float], description: str, value: float | None = None):
         self._rule = rule
         self.description = description
+        #: the one sparsity of a uniform target (``None`` otherwise): structured methods read it as the fraction of
+        #: the block parameters to remove
+        self.value = value
 
     @classmethod
     def uniform(cls, sparsity: float) -> TargetSparsity:
         """The same sparsity for every module."""
-        return cls(lambda _name: sparsity, f"uniform {sparsity!r}")
+        return cls(lambda _name: sparsity, f"uniform {sparsity!r}", value=sparsity)
 
     @classmethod
     def per_module(cls, sparsities: Mapping[str, float], default: float | None = None) -> TargetSparsity:

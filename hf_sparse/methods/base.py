@@ -91,6 +91,9 @@ class PruningMethod(ABC):
     propagate_dense: ClassVar[bool] = False
     #: pattern kinds the method can produce
     supports_patterns: ClassVar[tuple[str, ...]] = ("unstructured", "n:m")
+    #: the method removes whole structures (heads, channels, blocks) through ``plan_edits`` instead of masking
+    #: weights: the engine runs it in the ``structured`` pipeline
+    edits_structure: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options if options is not None else self.options_class()

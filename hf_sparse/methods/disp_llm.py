@@ -46,7 +46,7 @@ from .base import MethodOptions, PaperReference, register_method
 from .structured import StructuredPruningMethod
 
 if TYPE_CHECKING:
-    from ..structured_pipeline import StructuredSession
+    from ..engine.structured import StructuredSession
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from .base import MethodOptions, PaperReference, register_method
 from .structured import StructuredPruningMethod
 
 if TYPE_CHECKING:
-    from ..structured_pipeline import StructuredSession
+    from ..engine.structured import StructuredSession
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,18 @@ class FLAPOptions(MethodOptions):
     bias_compensation: bool = field(default=True, metadata={
         "help": "Add the removed channels' mean contribution as a bias of o_proj / down_proj (the paper's baseline "
                 "bias compensation)."})
+    channel_multiple: int = field(default=1, metadata={
+        "help": "Round every block's kept MLP channel count to a multiple of this (e.g. 8 or 64: widths that matrix "
+                "kernels handle efficiently) by keeping or removing that block's next channels in score order; 1 "
+                "keeps the exact search. The removed share moves by at most half a multiple per block.",
+        "range": ">= 1"})
 
     def __post_init__(self):
         if not isinstance(self.bias_compensation, bool):
             raise ValueError(f"flap option bias_compensation must be True or False, got {self.bias_compensation!r}")
+        if isinstance(self.channel_multiple, bool) or not isinstance(self.channel_multiple, int) \
+                or self.channel_multiple < 1:
+            raise ValueError(f"flap option channel_multiple must be an integer >= 1, got {self.channel_multiple!r}")
 
 
 def _standardise(scores: torch.Tensor) -> torch.Tensor:
@@ -60,6 +68,33 @@ class _Unit:
     block: int
     kind: str  # "kv_group" | "mlp_channel"
     index: int
+
+
+def round_kept_channels(units: list[_Unit], chosen: list[_Unit], totals: dict[tuple[int, str], int],
+                        multiple: int) -> list[_Unit]:
+    """``chosen`` with every block's kept MLP channel count rounded to the nearest multiple of ``multiple`` (at least
+    one multiple, at most all channels): the block's lowest-scoring kept channels go, or its highest-scoring removed
+    ones come back.
+
+    >>> u = [_Unit(float(i), 1, 0, "mlp_channel", i) for i in range(10)]
+    >>> sorted(x.index for x in round_kept_channels(u, u[:3], {(0, "mlp_channel"): 10}, 4))  # keeps 7 -> 8
+    [0, 1]
+    """
+    if multiple == 1:
+        return chosen
+    chosen_ids = {id(u) for u in chosen}
+    result = [u for u in chosen if u.kind != "mlp_channel"]
+    for (block, kind), total in sorted(totals.items()):
+        if kind != "mlp_channel":
+            continue
+        ranked = sorted((u for u in units if u.block == block and u.kind == kind),
+                        key=lambda u: (u.score, u.index))  # ascending: removal order
+        removed = sum(id(u) in chosen_ids for u in ranked)
+        kept = total - removed
+        target = min(total, max(multiple, multiple * round(kept / multiple)))
+        # Removal follows the block's own score order, so the rounded choice is a prefix of it.
+        result += ranked[: total - target] if target < total else []
+    return result
 
 
 def choose_units(units: list[_Unit], budget: float, totals: dict[tuple[int, str], int]) -> list[_Unit]:
@@ -120,7 +155,8 @@ class FLAPPruning(StructuredPruningMethod):
             totals[(step.index, "mlp_channel")] = shape.mlp_channels
             means[step.index] = (step.moments[heads.output].mean.float(), step.moments[mlp.output].mean.float())
 
-        chosen = choose_units(units, sparsity * session.block_parameters, totals)
+        chosen = round_kept_channels(units, choose_units(units, sparsity * session.block_parameters, totals), totals,
+                                     self.options.channel_multiple)
         removed: dict[tuple[int, str], set[int]] = {}
         for unit in chosen:
             removed.setdefault((unit.block, unit.kind), set()).add(unit.index)

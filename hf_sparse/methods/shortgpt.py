@@ -18,7 +18,7 @@ from .base import PaperReference, register_method
 from .structured import StructuredPruningMethod, blocks_for_fraction
 
 if TYPE_CHECKING:
-    from ..structured_pipeline import StructuredSession
+    from ..engine.structured import StructuredSession
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Base class of structured methods: they decide block edits (heads, channels, whole blocks), not weight masks.
 
 A structured method implements :meth:`StructuredPruningMethod.plan_edits`, reading what it needs from the
-:class:`~hf_sparse.structured_pipeline.StructuredSession` and returning :class:`~hf_sparse.surgery.StructuredEdits`;
-the pipeline applies them through :mod:`hf_sparse.surgery` (methods never touch modules).
+:class:`~hf_sparse.engine.structured.StructuredSession` and returning :class:`~hf_sparse.surgery.StructuredEdits`;
+the engine's ``structured`` pipeline applies them through :mod:`hf_sparse.surgery` (methods never touch modules).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..masks import SparsityPattern
 from .base import LinearStatistics, PruningMethod
 
 if TYPE_CHECKING:  # the pipeline imports the engine, which imports this package: annotations only
-    from ..structured_pipeline import StructuredSession
+    from ..engine.structured import StructuredSession
     from ..surgery import StructuredEdits
 
 
@@ -42,6 +42,7 @@ class StructuredPruningMethod(PruningMethod):
     # Calibration is measured through the StructuredSession (whole blocks, input moments, losses), not per linear.
     needs_calibration: ClassVar[bool] = True
     supports_patterns: ClassVar[tuple[str, ...]] = ("structured",)
+    edits_structure: ClassVar[bool] = True
     #: structures the method removes (names from hf_sparse.architectures.STRUCTURES), checked before any weight loads
     removes: ClassVar[tuple[str, ...]] = ()
 

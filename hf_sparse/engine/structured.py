@@ -1,8 +1,10 @@
-"""The structured pipeline: what a structured method may measure, and the one path from its decision to a smaller model.
+"""Structured pruning in the engine: what a structured method may measure, and the one path from its decision to a
+smaller model.
 
 A structured method (:class:`hf_sparse.methods.structured.StructuredPruningMethod`) gets a :class:`StructuredSession`
 and returns :class:`~hf_sparse.surgery.StructuredEdits`; :func:`run_structured` applies them through
-:mod:`hf_sparse.surgery` and returns the shape record. The session offers three measurements, all on the *dense*
+:mod:`hf_sparse.surgery` and returns the shape record. The engine reaches it through the ``structured`` pipeline of
+:mod:`hf_sparse.engine.pipelines`, chosen for every method that declares ``edits_structure``. The session offers three measurements, all on the *dense*
 model, one block's activations alive at a time:
 
 * :meth:`StructuredSession.dense_block_passes` - every block's calibration inputs and outputs, in order, with the
@@ -24,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import ArchitectureAdapter, get_architecture
-from .engine import BlockInputs, block_on_device, capture_block_inputs, execution_device, run_block
-from .surgery import StructuredEdits, apply_and_describe, block_parameters, block_shape, unit_parameters
-from .surgery.apply import BlockShape, _submodule
+from ..architectures import ArchitectureAdapter, get_architecture
+from ..surgery import StructuredEdits, apply_and_describe, block_parameters, block_shape, unit_parameters
+from ..surgery.apply import BlockShape, _submodule
+from .capture import capture_block_inputs, run_block
+from .devices import block_on_device, execution_device
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +182,7 @@ class StructuredSession:
 def run_structured(model: nn.Module, method, calibration_ids: torch.Tensor, sparsity: float, batch_size: int = 8,
                    device: str | None = None, show_progress: bool = True) -> dict:
     """Let ``method`` decide the edits on the dense ``model``, apply them, and return the ``structure`` record."""
-    from .record import read_record
+    from ..record import read_record
 
     existing = read_record(model)
     if existing is not None and existing.structure is not None:
