@@ -136,17 +136,18 @@ def worker_pretrained(job: dict) -> dict:
 def _depth_model(job: dict):
     """A random Llama of llama-7m-books' width with ``blocks`` blocks, or ``--depth-model`` cut to its first blocks."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import hf_sparse
     from hf_sparse.threads import set_num_threads
 
     set_num_threads(job["threads"])
     if job["kind"] == "depth_real":
-        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
-        del model.model.layers[job["blocks"]:]
-        model.config.num_hidden_layers = job["blocks"]
-        return model
+        # Built with `blocks` blocks and only their weights read, so the process never holds the whole checkpoint
+        # and its peak RSS is this depth's own (the checkpoint's later blocks are ignored, not loaded then dropped).
+        config = AutoConfig.from_pretrained(job["model"])
+        config.num_hidden_layers = job["blocks"]
+        return AutoModelForCausalLM.from_pretrained(job["model"], config=config, dtype=torch.float32).eval()
     torch.manual_seed(0)
     # Same width as llama-7m-books; only the number of decoder blocks changes.
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8,
