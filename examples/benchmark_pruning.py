@@ -202,6 +202,14 @@ def worker_reference_speed(job: dict) -> dict:
     calibration_text = (Path(job["shared"]) / "data" / "calibration.txt").read_text(encoding="utf-8")
     stream = tokenizer(calibration_text, return_tensors="pt").input_ids[0]  # tokenized as the harness does
     get_loaders = peer_ref.make_get_loaders(stream)
+    if job.get("windows") == "hf_sparse":
+        # hf_sparse's own draw (a seeded torch.Generator over the same text) for both sides instead of the reference's.
+        ours = hf_sparse.calibration.load_calibration(
+            str(Path(job["shared"]) / "data" / "calibration.txt"), tokenizer, num_samples=job["num_samples"],
+            sequence_length=job["sequence_length"], seed=job["seed"])
+
+        def get_loaders(name, nsamples=128, seed=0, seqlen=2048, tokenizer=None):
+            return [(row.unsqueeze(0), row.unsqueeze(0)) for row in ours[:nsamples, :seqlen]], None
     n, m = (0, 0) if job["pattern"] == "unstructured" else map(int, job["pattern"].split(":"))
     sparsity = job["sparsity"] if job["sparsity"] is not None else 0.5
     if job["side"] == "reference":
@@ -365,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-reference", action="store_true",
                         help="part 3: prune with the reference code and with hf_sparse on the same windows, one after "
                              "the other, and print both wall times")
+    parser.add_argument("--windows", choices=("reference", "hf_sparse"), default="reference",
+                        help="part 3: whose calibration draw both sides prune on (default: %(default)s: python "
+                             "random over the tokenized text, as the reference code draws)")
     parser.add_argument("--reference-model", type=Path, default=None,
                         help="model for part 3 (default: --model)")
     parser.add_argument("--reference-eval-windows", type=int, default=64,
@@ -489,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = args.reference_model or (model_dir if model_dir is not None else resolve_model(args.model, parser)[0])
         base = dict(common, kind="reference_speed", model=str(model_dir), wanda_repo=args.wanda_repo,
                     wanda_src=str(Path(tempfile.gettempdir()) / "benchmark-wanda-src"),
-                    eval_windows=args.reference_eval_windows, evaluate=args.reference_eval_windows > 0)
+                    eval_windows=args.reference_eval_windows, evaluate=args.reference_eval_windows > 0,
+                    windows=args.windows)
         rows = []
         for method in [m for m in methods if m in REFERENCE_METHODS]:  # what the reference code implements
             for label, pattern, sparsity in patterns:
@@ -503,8 +515,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([method, label, f"{reference['seconds']:.1f}", f"{ours['seconds']:.1f}",
                              f"{ours['seconds'] / reference['seconds']:.2f}", *ppl])
         print(f"\nPruning wall time, reference code (locuslab/wanda lib/prune.py via tools/peer_ref.py) vs hf_sparse, "
-              f"on {model_dir}, the same {args.num_samples} x {args.sequence_length} calibration windows (seed "
-              f"{args.seed}), threads {args.threads or 'torch default'}; perplexity on the first "
+              f"on {model_dir}, the same {args.num_samples} x {args.sequence_length} calibration windows ({args.windows}'s "
+              f"draw, seed {args.seed}), threads {args.threads or 'torch default'}; perplexity on the first "
               f"{args.reference_eval_windows} 256-token windows of wikitext2-test.txt:\n")
         print(table(["method", "pattern", "reference s", "hf_sparse s", "ratio", "reference ppl", "hf_sparse ppl"],
                     rows))
