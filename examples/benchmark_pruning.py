@@ -14,22 +14,30 @@ engine keeps only one block's activations and statistics alive.
 
 ``--depth-model DIR`` runs part 2 on a real checkpoint instead, cut to its first 6, 12, ... blocks (``--depths``).
 
-Part 3 (with ``--wanda-repo``, a checkout or bare git snapshot of locuslab/wanda) times the reference code against
-``hf_sparse.prune`` side by side: for each method x pattern, the Wanda authors' own ``lib/prune.py`` (run through
-``../shared/tools/peer_ref.py``'s adaptations to transformers 5 and CPU) and ``hf_sparse.prune`` prune the same model
-(``--reference-model``, default llama-7m-books) on the *same* calibration windows (the reference's own draw: python
-``random`` over the tokenized ``calibration.txt``), each in a fresh process with the same thread count, and the table
-shows both wall times, their ratio and both perplexities on the first ``--reference-eval-windows`` windows.
+``--seeds 0,1,2`` runs every calibrated method once per calibration seed and shows each cell as the mean, the sample
+standard deviation and every seed's value. With ``--wanda-repo`` (a checkout or bare git snapshot of locuslab/wanda)
+part 1 also runs the reference code -- the Wanda authors' own ``lib/prune.py`` through ``../shared/tools/peer_ref.py``'s
+adaptations to transformers 5 and CPU -- for every method it implements and every seed, with its own calibration draw
+(python ``random`` over the tokenized ``calibration.txt``), and puts its perplexities beside ours. ``--cache DIR`` keeps
+each finished run, so a long benchmark can be resumed, or run in parts (``--sides hf_sparse``, ``--sides reference``)
+and printed together afterwards.
+
+Part 3 (``--time-reference``, with ``--wanda-repo``) times the reference code against ``hf_sparse.prune`` side by
+side: for each method x pattern both prune the same model (``--reference-model``, default ``--model``) on the *same*
+calibration windows (the reference's draw, or hf_sparse's with ``--windows hf_sparse``), one after the other, each in
+a fresh process with the same thread count, and the table shows both wall times, their ratio and both perplexities
+on the first ``--reference-eval-windows`` windows.
 
 Every run is a fresh subprocess, so each peak RSS belongs to that run alone. ``--threads N`` fixes torch's thread
 count in every run (on a shared machine use fewer threads than cores; see the README).
 
     python examples/benchmark_pruning.py                          # everything (~1 h on 2 busy CPU cores)
     python examples/benchmark_pruning.py --max-windows 200 --methods wanda,sparsegpt --patterns 2:4
-    python examples/benchmark_pruning.py --model smollm2 --methods magnitude,wanda,sparsegpt,fista --depths ''
-    python examples/benchmark_pruning.py --skip-quality --depths '' --wanda-repo WANDA \
-        --reference-model SMOLLM2_DIR --methods wanda,sparsegpt --patterns 50%,2:4 --threads 2
-    python examples/benchmark_pruning.py --skip-quality --depth-model SMOLLM2_DIR --depths 10,30
+    python examples/benchmark_pruning.py --model smollm2 --methods magnitude,wanda,sparsegpt --patterns 50%,2:4,70% \
+        --seeds 0,1,2 --wanda-repo WANDA --depths '' --cache bench-cache
+    python examples/benchmark_pruning.py --model smollm2 --skip-quality --depths '' --wanda-repo WANDA \
+        --time-reference --methods wanda,sparsegpt --patterns 50%,2:4 --threads 2
+    python examples/benchmark_pruning.py --skip-quality --depth-model SMOLLM2_DIR --depths 10,20,30
 """
 
 from __future__ import annotations
@@ -416,16 +424,18 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_quality:
         seeds = args.seeds or [args.seed]
         calibrated = {m: hf_sparse.METHODS[m].needs_calibration for m in methods}
-        jobs = [dict(common, method="dense", pattern="unstructured", sparsity=None)] if "hf_sparse" in args.sides else []
+        ours_too = "hf_sparse" in args.sides
+        jobs = [dict(common, method="dense", pattern="unstructured", sparsity=None)] if ours_too else []
         # Pattern by pattern, so a run cut short has whole columns (every method at the first pattern) to show. A
         # method without calibration gives the same result for every seed: it runs once.
-        if "hf_sparse" in args.sides:
+        if ours_too:
             jobs += [dict(common, method=m, pattern=p, sparsity=s, label=label, seed=seed)
                      for label, p, s in patterns for m in methods for seed in (seeds if calibrated[m] else seeds[:1])]
         if args.wanda_repo and "reference" in args.sides:
             # The reference code on the same model and evaluation, with its own calibration draw for each seed.
             jobs += [dict(common, kind="reference_speed", side="reference", model=str(model_dir),
-                          wanda_repo=args.wanda_repo, wanda_src=str(Path(tempfile.gettempdir()) / "benchmark-wanda-src"),
+                          wanda_repo=args.wanda_repo,
+                          wanda_src=str(Path(tempfile.gettempdir()) / "benchmark-wanda-src"),
                           eval_windows=max_windows, method=m, pattern=p, sparsity=s, label=label, seed=seed)
                      for label, p, s in patterns for m in methods if m in REFERENCE_METHODS
                      for seed in (seeds if calibrated[m] else seeds[:1])]
@@ -437,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
                 side = "reference code" if job.get("side") == "reference" else "hf_sparse"
                 print(f"done: {side} {job['method']} {job.get('label', '')} seed {job['seed']}: perplexity "
                       f"{out['perplexity']:.2f}, prune {out['seconds']:.1f} s", flush=True)
-        dense = outputs[0] if "hf_sparse" in args.sides else None
+        dense = outputs[0] if ours_too else None
         windows = "all" if max_windows is None else f"first {max_windows}"
         # ../shared/ASSETS.md's numbers hold for its settings only.
         assets = REFERENCE.get(model_name, {}) if (max_windows == DEFAULT_WINDOWS.get(model_name)
@@ -497,7 +507,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.time_reference:
         if not args.wanda_repo:
             parser.error("--time-reference needs --wanda-repo (a locuslab/wanda checkout or bare git dir)")
-        model_dir = args.reference_model or (model_dir if model_dir is not None else resolve_model(args.model, parser)[0])
+        if model_dir is None:
+            model_dir = resolve_model(args.model, parser)[0]
+        model_dir = args.reference_model or model_dir
         base = dict(common, kind="reference_speed", model=str(model_dir), wanda_repo=args.wanda_repo,
                     wanda_src=str(Path(tempfile.gettempdir()) / "benchmark-wanda-src"),
                     eval_windows=args.reference_eval_windows, evaluate=args.reference_eval_windows > 0,
@@ -515,9 +527,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([method, label, f"{reference['seconds']:.1f}", f"{ours['seconds']:.1f}",
                              f"{ours['seconds'] / reference['seconds']:.2f}", *ppl])
         print(f"\nPruning wall time, reference code (locuslab/wanda lib/prune.py via tools/peer_ref.py) vs hf_sparse, "
-              f"on {model_dir}, the same {args.num_samples} x {args.sequence_length} calibration windows ({args.windows}'s "
-              f"draw, seed {args.seed}), threads {args.threads or 'torch default'}; perplexity on the first "
-              f"{args.reference_eval_windows} 256-token windows of wikitext2-test.txt:\n")
+              f"on {model_dir}, the same {args.num_samples} x {args.sequence_length} calibration windows "
+              f"({args.windows}'s draw, seed {args.seed}), threads {args.threads or 'torch default'}; perplexity on "
+              f"the first {args.reference_eval_windows} 256-token windows of wikitext2-test.txt:\n")
         print(table(["method", "pattern", "reference s", "hf_sparse s", "ratio", "reference ppl", "hf_sparse ppl"],
                     rows))
 
