@@ -14,28 +14,37 @@ engine keeps only one block's activations and statistics alive.
 
 ``--depth-model DIR`` runs part 2 on a real checkpoint instead, cut to its first 6, 12, ... blocks (``--depths``).
 
-Part 3 (with ``--wanda-repo``, a checkout or bare git snapshot of locuslab/wanda) times the reference code against
-``hf_sparse.prune`` side by side: for each method x pattern, the Wanda authors' own ``lib/prune.py`` (run through
-``../shared/tools/peer_ref.py``'s adaptations to transformers 5 and CPU) and ``hf_sparse.prune`` prune the same model
-(``--reference-model``, default llama-7m-books) on the *same* calibration windows (the reference's own draw: python
-``random`` over the tokenized ``calibration.txt``), each in a fresh process with the same thread count, and the table
-shows both wall times, their ratio and both perplexities on the first ``--reference-eval-windows`` windows.
+``--seeds 0,1,2`` runs every calibrated method once per calibration seed and shows each cell as the mean, the sample
+standard deviation and every seed's value. With ``--wanda-repo`` (a checkout or bare git snapshot of locuslab/wanda)
+part 1 also runs the reference code -- the Wanda authors' own ``lib/prune.py`` through ``../shared/tools/peer_ref.py``'s
+adaptations to transformers 5 and CPU -- for every method it implements and every seed, with its own calibration draw
+(python ``random`` over the tokenized ``calibration.txt``), and puts its perplexities beside ours. ``--cache DIR`` keeps
+each finished run, so a long benchmark can be resumed, or run in parts (``--sides hf_sparse``, ``--sides reference``)
+and printed together afterwards.
+
+Part 3 (``--time-reference``, with ``--wanda-repo``) times the reference code against ``hf_sparse.prune`` side by
+side: for each method x pattern both prune the same model (``--reference-model``, default ``--model``) on the *same*
+calibration windows (the reference's draw, or hf_sparse's with ``--windows hf_sparse``), one after the other, each in
+a fresh process with the same thread count, and the table shows both wall times, their ratio and both perplexities
+on the first ``--reference-eval-windows`` windows.
 
 Every run is a fresh subprocess, so each peak RSS belongs to that run alone. ``--threads N`` fixes torch's thread
 count in every run (on a shared machine use fewer threads than cores; see the README).
 
     python examples/benchmark_pruning.py                          # everything (~1 h on 2 busy CPU cores)
     python examples/benchmark_pruning.py --max-windows 200 --methods wanda,sparsegpt --patterns 2:4
-    python examples/benchmark_pruning.py --model smollm2 --methods magnitude,wanda,sparsegpt,fista --depths ''
-    python examples/benchmark_pruning.py --skip-quality --depths '' --wanda-repo WANDA \
-        --reference-model SMOLLM2_DIR --methods wanda,sparsegpt --patterns 50%,2:4 --threads 2
-    python examples/benchmark_pruning.py --skip-quality --depth-model SMOLLM2_DIR --depths 10,30
+    python examples/benchmark_pruning.py --model smollm2 --methods magnitude,wanda,sparsegpt --patterns 50%,2:4,70% \
+        --seeds 0,1,2 --wanda-repo WANDA --depths '' --cache bench-cache
+    python examples/benchmark_pruning.py --model smollm2 --skip-quality --depths '' --wanda-repo WANDA \
+        --time-reference --methods wanda,sparsegpt --patterns 50%,2:4 --threads 2
+    python examples/benchmark_pruning.py --skip-quality --depth-model SMOLLM2_DIR --depths 10,20,30
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -135,17 +144,18 @@ def worker_pretrained(job: dict) -> dict:
 def _depth_model(job: dict):
     """A random Llama of llama-7m-books' width with ``blocks`` blocks, or ``--depth-model`` cut to its first blocks."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import hf_sparse
     from hf_sparse.threads import set_num_threads
 
     set_num_threads(job["threads"])
     if job["kind"] == "depth_real":
-        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
-        del model.model.layers[job["blocks"]:]
-        model.config.num_hidden_layers = job["blocks"]
-        return model
+        # Built with `blocks` blocks and only their weights read, so the process never holds the whole checkpoint
+        # and its peak RSS is this depth's own (the checkpoint's later blocks are ignored, not loaded then dropped).
+        config = AutoConfig.from_pretrained(job["model"])
+        config.num_hidden_layers = job["blocks"]
+        return AutoModelForCausalLM.from_pretrained(job["model"], config=config, dtype=torch.float32).eval()
     torch.manual_seed(0)
     # Same width as llama-7m-books; only the number of decoder blocks changes.
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8,
@@ -200,6 +210,14 @@ def worker_reference_speed(job: dict) -> dict:
     calibration_text = (Path(job["shared"]) / "data" / "calibration.txt").read_text(encoding="utf-8")
     stream = tokenizer(calibration_text, return_tensors="pt").input_ids[0]  # tokenized as the harness does
     get_loaders = peer_ref.make_get_loaders(stream)
+    if job.get("windows") == "hf_sparse":
+        # hf_sparse's own draw (a seeded torch.Generator over the same text) for both sides instead of the reference's.
+        ours = hf_sparse.calibration.load_calibration(
+            str(Path(job["shared"]) / "data" / "calibration.txt"), tokenizer, num_samples=job["num_samples"],
+            sequence_length=job["sequence_length"], seed=job["seed"])
+
+        def get_loaders(name, nsamples=128, seed=0, seqlen=2048, tokenizer=None):
+            return [(row.unsqueeze(0), row.unsqueeze(0)) for row in ours[:nsamples, :seqlen]], None
     n, m = (0, 0) if job["pattern"] == "unstructured" else map(int, job["pattern"].split(":"))
     sparsity = job["sparsity"] if job["sparsity"] is not None else 0.5
     if job["side"] == "reference":
@@ -229,7 +247,7 @@ def worker_reference_speed(job: dict) -> dict:
         hf_sparse.prune(model, config, show_progress=False)
         seconds = time.perf_counter() - start
     result = {"seconds": seconds, "peak_rss": peak_rss_bytes()}
-    if job["eval_windows"]:
+    if job.get("evaluate", True):
         heldout = (Path(job["shared"]) / "data" / "wikitext2-test.txt").read_text(encoding="utf-8")
         result["perplexity"] = hf_sparse.evaluate.perplexity(model, tokenizer, heldout, sequence_length=256,
                                                              max_windows=job["eval_windows"], show_progress=False)
@@ -252,7 +270,50 @@ def run_worker(job: dict) -> dict:
     raise RuntimeError(f"benchmark worker for {job} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
 
 
+def run_cached(job: dict, cache: Path | None) -> dict:
+    """:func:`run_worker`, reading the result from ``cache`` when this job (thread count aside: results do not depend
+    on it) already ran there, and storing it otherwise."""
+    if cache is None:
+        return run_worker(job)
+    key = json.dumps({k: v for k, v in job.items() if k != "threads"}, sort_keys=True)
+    path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["result"]
+    result = run_worker(job)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"job": json.loads(key), "result": result}))
+    os.replace(tmp, path)  # atomic: a run cut short leaves no half-written result
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def seed_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: give at least one seed")
+    return seeds
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def spread(values: list[float]) -> str:
+    """``"70.23 ± 1.11 [69.09 / 71.29 / 70.31]"`` for several values, the value alone for one, ``-`` for none."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    centre = mean(values)
+    sd = (sum((v - centre) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{centre:.2f} ± {sd:.2f} [{' / '.join(f'{v:.2f}' for v in values)}]"
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -297,6 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=seed_list, default=None,
+                        help="comma-separated calibration seeds: each calibrated method runs once per seed and the "
+                             "table shows the mean and spread (default: --seed)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder of finished quality runs: a run already there is read instead of rerun, so a "
+                             "long benchmark can be cut short, resumed, or run in parts (timings are never cached)")
     parser.add_argument("--depths", default="6,12,24", help="block counts for the memory-scaling part ('' skips it)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (each still its own process; >1 makes wall times noisier)")
@@ -305,9 +372,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth-model", type=Path, default=None,
                         help="run the memory-scaling part on this checkpoint cut to --depths blocks")
     parser.add_argument("--wanda-repo", default=None,
-                        help="locuslab/wanda checkout or bare git dir: time the reference code side by side (part 3)")
+                        help="locuslab/wanda checkout or bare git dir: run the reference code beside ours, for every "
+                             "seed (part 1), and time it with --time-reference (part 3)")
+    parser.add_argument("--sides", type=lambda t: t.split(","), default=["hf_sparse", "reference"],
+                        help="with --wanda-repo: which sides of part 1 to run, 'hf_sparse', 'reference' or both "
+                             "(default); with --cache, run the sides in separate processes and then both to print "
+                             "them together")
+    parser.add_argument("--time-reference", action="store_true",
+                        help="part 3: prune with the reference code and with hf_sparse on the same windows, one after "
+                             "the other, and print both wall times")
+    parser.add_argument("--windows", choices=("reference", "hf_sparse"), default="reference",
+                        help="part 3: whose calibration draw both sides prune on (default: %(default)s: python "
+                             "random over the tokenized text, as the reference code draws)")
     parser.add_argument("--reference-model", type=Path, default=None,
-                        help="model for part 3 (default: llama-7m-books)")
+                        help="model for part 3 (default: --model)")
     parser.add_argument("--reference-eval-windows", type=int, default=64,
                         help="perplexity windows after each part-3 run (0 skips the evaluation)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -344,34 +422,69 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     if not args.skip_quality:
-        jobs = [dict(common, method="dense", pattern="unstructured", sparsity=None)]
-        # Pattern by pattern, so a run cut short has whole columns (every method at the first pattern) to show.
-        jobs += [dict(common, method=m, pattern=p, sparsity=s, label=label) for label, p, s in patterns for m in methods]
+        seeds = args.seeds or [args.seed]
+        calibrated = {m: hf_sparse.METHODS[m].needs_calibration for m in methods}
+        ours_too = "hf_sparse" in args.sides
+        jobs = [dict(common, method="dense", pattern="unstructured", sparsity=None)] if ours_too else []
+        # Pattern by pattern, so a run cut short has whole columns (every method at the first pattern) to show. A
+        # method without calibration gives the same result for every seed: it runs once.
+        if ours_too:
+            jobs += [dict(common, method=m, pattern=p, sparsity=s, label=label, seed=seed)
+                     for label, p, s in patterns for m in methods for seed in (seeds if calibrated[m] else seeds[:1])]
+        if args.wanda_repo and "reference" in args.sides:
+            # The reference code on the same model and evaluation, with its own calibration draw for each seed.
+            jobs += [dict(common, kind="reference_speed", side="reference", model=str(model_dir),
+                          wanda_repo=args.wanda_repo,
+                          wanda_src=str(Path(tempfile.gettempdir()) / "benchmark-wanda-src"),
+                          eval_windows=max_windows, method=m, pattern=p, sparsity=s, label=label, seed=seed)
+                     for label, p, s in patterns for m in methods if m in REFERENCE_METHODS
+                     for seed in (seeds if calibrated[m] else seeds[:1])]
         outputs = []
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             # Each run is reported as it finishes, so a long benchmark cut short still shows what it measured.
-            for job, out in zip(jobs, pool.map(run_worker, jobs)):
+            for job, out in zip(jobs, pool.map(lambda j: run_cached(j, args.cache), jobs)):
                 outputs.append(out)
-                print(f"done: {job['method']} {job.get('label', '')}: perplexity {out['perplexity']:.2f}, "
-                      f"prune {out['seconds']:.1f} s, sparsity {out['sparsity']:.4f}", flush=True)
-        dense = outputs[0]
+                side = "reference code" if job.get("side") == "reference" else "hf_sparse"
+                print(f"done: {side} {job['method']} {job.get('label', '')} seed {job['seed']}: perplexity "
+                      f"{out['perplexity']:.2f}, prune {out['seconds']:.1f} s", flush=True)
+        dense = outputs[0] if ours_too else None
         windows = "all" if max_windows is None else f"first {max_windows}"
-        reference = REFERENCE.get(model_name, {})
+        # ../shared/ASSETS.md's numbers hold for its settings only.
+        assets = REFERENCE.get(model_name, {}) if (max_windows == DEFAULT_WINDOWS.get(model_name)
+                                                   and (args.num_samples, args.sequence_length) == (32, 256)) else {}
         print(f"\nPruning {model_name} ({model_dir}); calibration {args.num_samples} x {args.sequence_length} tokens, "
-              f"seed {args.seed}; perplexity on {windows} non-overlapping 256-token windows of wikitext2-test.txt")
-        print(f"dense perplexity {dense['perplexity']:.2f} (reference code: "
-              f"{_fmt(reference.get(('dense', '-')))}); loading the model + evaluating: peak RSS "
-              f"{dense['peak_rss'] / MB:.0f} MB\n")
+              f"seeds {', '.join(map(str, seeds))}; perplexity on {windows} non-overlapping 256-token windows of "
+              "wikitext2-test.txt")
+        if dense is not None:
+            print(f"dense perplexity {dense['perplexity']:.2f} (reference code: "
+                  f"{_fmt(assets.get(('dense', '-')))}); loading the model + evaluating: peak RSS "
+                  f"{dense['peak_rss'] / MB:.0f} MB\n")
+        ours: dict = {}
+        theirs: dict = {}
+        for job, out in zip(jobs, outputs):
+            if job["method"] == "dense":
+                continue
+            side = theirs if job.get("side") == "reference" else ours
+            side.setdefault((job["method"], job["label"]), []).append(out)
+            results["quality"].append({**job, **out, "dense_perplexity": dense and dense["perplexity"]})
         rows = []
-        for job, out in zip(jobs[1:], outputs[1:]):
-            results["quality"].append({**job, **out, "dense_perplexity": dense["perplexity"]})
-            ref = reference.get((job["method"], job["label"]))
-            delta = f"{out['perplexity'] / ref - 1:+.1%}" if ref else "-"
-            rows.append([job["method"], job["label"], f"{dense['perplexity']:.2f}", f"{out['perplexity']:.2f}",
-                         _fmt(ref), delta, f"{out['sparsity']:.4f}", f"{out['seconds']:.1f}",
-                         f"{out['peak_rss'] / MB:.0f}", f"{(out['peak_rss'] - out['rss_loaded']) / MB:.0f}"])
-        print(table(["method", "pattern", "dense ppl", "pruned ppl", "reference ppl", "vs reference", "sparsity",
-                     "prune s", "peak RSS MB", "peak - loaded MB"], rows))
+        for method, label in dict.fromkeys([*ours, *theirs]):
+            runs = ours.get((method, label), [])
+            ppl = [r["perplexity"] for r in ours.get((method, label), [])]
+            if args.wanda_repo:
+                ref = [r["perplexity"] for r in theirs.get((method, label), [])]
+            else:  # ../shared/ASSETS.md's seed-0 number, where it has one
+                ref = [assets[(method, label)]] if (method, label) in assets and seeds == [0] else []
+            delta = f"{mean(ppl) / mean(ref) - 1:+.1%}" if ref and ppl else "-"
+            measured = [f"{runs[0]['sparsity']:.4f}", f"{mean([r['seconds'] for r in runs]):.1f}",
+                        f"{max(r['peak_rss'] for r in runs) / MB:.0f}",
+                        f"{max(r['peak_rss'] - r['rss_loaded'] for r in runs) / MB:.0f}"] if runs else ["-"] * 4
+            rows.append([method, label, spread(ppl), spread(ref), delta, *measured])
+        print(table(["method", "pattern", "hf_sparse ppl", "reference ppl", "vs reference (means)", "sparsity",
+                     "hf_sparse prune s", "peak RSS MB", "peak - loaded MB"], rows))
+        if len(seeds) > 1:
+            print("\nppl cells: mean ± sample standard deviation over the calibration seeds [each seed's value]; a "
+                  "method without calibration runs once.")
 
     depths = [int(d) for d in args.depths.split(",") if d]
     if depths:
@@ -391,11 +504,16 @@ def main(argv: list[str] | None = None) -> None:
         print(table(["blocks", "weights MB", "RSS after build MB", "peak RSS MB", "peak RSS - weights MB",
                      "prune s"], rows))
 
-    if args.wanda_repo:
-        model_dir = args.reference_model or SHARED / "models" / "llama-7m-books"
+    if args.time_reference:
+        if not args.wanda_repo:
+            parser.error("--time-reference needs --wanda-repo (a locuslab/wanda checkout or bare git dir)")
+        if model_dir is None:
+            model_dir = resolve_model(args.model, parser)[0]
+        model_dir = args.reference_model or model_dir
         base = dict(common, kind="reference_speed", model=str(model_dir), wanda_repo=args.wanda_repo,
                     wanda_src=str(Path(tempfile.gettempdir()) / "benchmark-wanda-src"),
-                    eval_windows=args.reference_eval_windows)
+                    eval_windows=args.reference_eval_windows, evaluate=args.reference_eval_windows > 0,
+                    windows=args.windows)
         rows = []
         for method in [m for m in methods if m in REFERENCE_METHODS]:  # what the reference code implements
             for label, pattern, sparsity in patterns:
@@ -409,9 +527,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([method, label, f"{reference['seconds']:.1f}", f"{ours['seconds']:.1f}",
                              f"{ours['seconds'] / reference['seconds']:.2f}", *ppl])
         print(f"\nPruning wall time, reference code (locuslab/wanda lib/prune.py via tools/peer_ref.py) vs hf_sparse, "
-              f"on {model_dir}, the same {args.num_samples} x {args.sequence_length} calibration windows (seed "
-              f"{args.seed}), threads {args.threads or 'torch default'}; perplexity on the first "
-              f"{args.reference_eval_windows} 256-token windows of wikitext2-test.txt:\n")
+              f"on {model_dir}, the same {args.num_samples} x {args.sequence_length} calibration windows "
+              f"({args.windows}'s draw, seed {args.seed}), threads {args.threads or 'torch default'}; perplexity on "
+              f"the first {args.reference_eval_windows} 256-token windows of wikitext2-test.txt:\n")
         print(table(["method", "pattern", "reference s", "hf_sparse s", "ratio", "reference ppl", "hf_sparse ppl"],
                     rows))
 
