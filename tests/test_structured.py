@@ -218,6 +218,26 @@ def test_even_widths_rewrite_the_config(tmp_path):
     assert torch.equal(_logits(_plain_transformers_logits(tmp_path)), expected)
 
 
+def test_even_widths_the_config_class_refuses_keep_the_dense_config(tmp_path):
+    # 3 of 4 heads left in every block: one shape, but Llama's config refuses hidden_size 64 over 3 heads when saved,
+    # so the checkpoint keeps the dense keys and loads through hf_sparse (found by per-block targets: the same share
+    # in every block gives every block the same shape).
+    from conftest import tiny_llama
+
+    model = tiny_llama(num_key_value_heads=4)
+    adapter = get_architecture(model)
+    edit = lambda: BlockEdit(attention=AttentionEdit((1, 2, 3), (1, 2, 3)))  # noqa: E731
+    structure = apply_and_describe(adapter, model, StructuredEdits(blocks={0: edit(), 1: edit()}))
+    assert structure["loading"] == "hf_sparse"
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 4)
+    _record(model, structure)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert [block_shape(adapter, b).attention_heads for b in adapter.blocks(reloaded)] == [3, 3]
+    assert torch.equal(_logits(reloaded), expected)
+
+
 def _plain_transformers_logits(path) -> torch.Tensor:
     """Load ``path`` in a subprocess where hf_sparse cannot be imported and return its logits on IDS."""
     script = textwrap.dedent(f"""

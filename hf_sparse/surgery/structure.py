@@ -20,7 +20,8 @@ int64 buffers ``<block>.residual_dims.<point>`` (:mod:`.residual`), so the recor
 
 ``loading == "config"``: every block has the same shape and the config's own keys (``num_hidden_layers``,
 ``intermediate_size``, ``num_attention_heads``, ...) were rewritten, so plain transformers loads the checkpoint.
-``"hf_sparse"``: the blocks differ (or gained biases the config cannot express); the config keeps the dense widths and
+``"hf_sparse"``: the blocks differ (or gained biases, or have a shape the config class refuses to save, such as a
+head count that does not divide ``hidden_size``); the config keeps the dense widths and
 carries ``quantization_config = {"quant_method": "hf_sparse_structured"}`` (and, when saved, the loading guard of
 :mod:`hf_sparse.formats.guard`) so that transformers without hf_sparse refuses the checkpoint with an error naming
 hf_sparse instead of loading wrong shapes, and hf_sparse's loader shrinks the empty model to these shapes
@@ -29,6 +30,7 @@ before any weight is read (:func:`shrink_to_structure`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import nn
@@ -126,23 +128,48 @@ def _rewritable(adapter: ArchitectureAdapter, structure: dict[str, Any]) -> bool
     return True
 
 
+def _config_updates(adapter: ArchitectureAdapter, structure: dict[str, Any]) -> dict[str, Any]:
+    """The config keys that describe blocks which all have the first block's shape."""
+    original, first = structure["original"], structure["blocks"][0]
+    updates: dict[str, Any] = {}
+    if "attention_heads" in first and first["attention_heads"] != original["attention_heads"]:
+        decl = adapter.attention_heads
+        updates[decl.heads_key] = first["attention_heads"]
+        if decl.kv_heads_key is not None:
+            updates[decl.kv_heads_key] = first["kv_heads"]
+        updates[decl.head_dim_key] = original["head_dim"]  # no longer hidden_size // heads
+    if "mlp_channels" in first and first["mlp_channels"] != original["mlp_channels"]:
+        updates[adapter.mlp_channels.width_key] = first["mlp_channels"]
+    return updates
+
+
+def _config_accepts(config, updates: dict[str, Any]) -> bool:
+    """Whether ``config``'s class accepts ``updates``: transformers validates a config when it is saved, and some
+    classes refuse shapes the model itself runs (Llama wants ``hidden_size`` divisible by ``num_attention_heads``
+    even with an explicit ``head_dim``: 6 of 8 heads left at width 256 cannot be written as config keys)."""
+    trial = copy.deepcopy(config)
+    try:
+        for key, value in updates.items():
+            setattr(trial, key, value)
+        validate = getattr(trial, "validate", None)
+        if validate is not None:
+            validate()
+    except Exception:  # noqa: BLE001 - any refusal (ValueError, huggingface_hub's strict-dataclass errors) means no
+        return False
+    return True
+
+
 def finish_config(adapter: ArchitectureAdapter, model: nn.Module, structure: dict[str, Any]) -> dict[str, Any]:
     """Rewrite the config's own keys where every block has one shape, else mark the config as needing hf_sparse.
 
     Returns ``structure`` with ``"loading"`` set. Block removal has already shortened ``num_hidden_layers``.
     """
     original = structure["original"]
-    if _rewritable(adapter, structure):
-        first = structure["blocks"][0]
+    updates = _config_updates(adapter, structure) if _rewritable(adapter, structure) else None
+    if updates is not None and all(_config_accepts(config, updates) for config in _configs(model)):
         for config in _configs(model):
-            if "attention_heads" in first and first["attention_heads"] != original["attention_heads"]:
-                decl = adapter.attention_heads
-                setattr(config, decl.heads_key, first["attention_heads"])
-                if decl.kv_heads_key is not None:
-                    setattr(config, decl.kv_heads_key, first["kv_heads"])
-                setattr(config, decl.head_dim_key, original["head_dim"])  # no longer hidden_size // heads
-            if "mlp_channels" in first and first["mlp_channels"] != original["mlp_channels"]:
-                setattr(config, adapter.mlp_channels.width_key, first["mlp_channels"])
+            for key, value in updates.items():
+                setattr(config, key, value)
         structure["loading"] = "config"
     else:
         structure["loading"] = "hf_sparse"
