@@ -25,7 +25,8 @@ from .engine import LayerwiseEngine, TargetSparsity, plan_targets
 from .integrations.gguf import check_gguf_weights_dense, detach_gguf, gguf_source
 from .methods import build_method
 from .record import SparsityRecord, merge_records, overall_sparsity, read_record, write_record
-from .surgery import removed_fraction
+from .architectures import get_architecture
+from .surgery import parameters_per_block, removed_fraction, removed_per_block
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +71,33 @@ def _provenance(model: nn.Module, config: SparsityConfig, method, calibration_id
 def _prune_structured(model: nn.Module, config: SparsityConfig, method, calibration_ids, previous,
                       show_progress: bool, gguf=None) -> SparsityRecord:
     """pattern="structured": the engine's structured pipeline lets the method decide block edits, and the surgery
-    makes the modules smaller."""
+    makes the modules smaller. A non-uniform sparsity profile is planned by the same :func:`allocate` as for
+    unstructured methods (OWL's dense statistics pass included) and handed to the method as per-block shares."""
     if previous is not None:
         raise ValueError(f"this model was already pruned ({previous.method}, {previous.pattern}); structured pruning "
                          "changes every shape and starts from the dense model")
     engine = LayerwiseEngine(method, config.parsed_pattern, config.sparsity, device=config.device,
                              show_progress=show_progress)
+    adapter = get_architecture(model)
+    dense_sizes = parameters_per_block(adapter, model)
+    allocation = None
     with _inference_mode(model, config.seed):
+        if config.sparsity_profile != UNIFORM:
+            # A block's share is of all its parameters (what structured sparsity counts): OWL weighs blocks by them.
+            allocation = allocate(config.sparsity_profile, config.profile_options, config.sparsity, engine, model,
+                                  calibration_ids, config.batch_size, block_sizes=dict(enumerate(dense_sizes)))
+            engine.sparsity = TargetSparsity.per_module(allocation.module_sparsity, blocks=allocation.block_sparsity)
         structure = engine.run(model, calibration_ids, batch_size=config.batch_size).structure
     if gguf is not None:
         detach_gguf(model)  # the smaller weights are plain tensors: drop the GGUF quantizer so save_pretrained works
+    profile = None
+    if allocation is not None:
+        achieved = removed_per_block(adapter, model, structure, dense_sizes)
+        profile = {**allocation.to_record(),
+                   "block_achieved": {str(i): round(share, 6) for i, share in achieved.items()}}
     record = SparsityRecord(
         method=config.method, pattern=config.pattern, target_sparsity=config.sparsity, modules={},
-        overall_sparsity=removed_fraction(structure), structure=structure,
+        overall_sparsity=removed_fraction(structure), structure=structure, sparsity_profile=profile,
         **_provenance(model, config, method, calibration_ids, gguf),
     )
     write_record(model, record)
@@ -115,8 +130,10 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
     if gguf is not None:
         check_gguf_weights_dense(model)
     if config.sparsity_profile != UNIFORM:
-        # An explicit profile that does not fit this model fails before any calibration data is read.
-        check_profile_fits(plan_targets(model, config.include, config.exclude, config.parsed_pattern, config.sparsity),
+        # An explicit profile that does not fit this model fails before any calibration data is read. Structured
+        # methods remove units of whole blocks: include/exclude do not apply to them.
+        include, exclude = (None, None) if config.parsed_pattern.is_structured else (config.include, config.exclude)
+        check_profile_fits(plan_targets(model, include, exclude, config.parsed_pattern, config.sparsity),
                            config.sparsity_profile, config.sparsity)
     calibration_ids = None
     if config.needs_calibration:  # the method's statistics, or the profile's (OWL)

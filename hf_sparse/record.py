@@ -32,7 +32,8 @@ modules it pruned). Version 1 records read as one pass.
 A structurally pruned model (``pattern == "structured"``) has ``"structure"``: the original dimensions and, per
 remaining block, the head and channel counts kept (validated by :func:`hf_sparse.surgery.structure.validate_structure`);
 its ``modules`` is empty (the matrices are smaller, there are no zeros to keep) and ``overall_sparsity`` is the
-fraction of decoder-block parameters removed. Such records are written as ``format_version`` 2 too, so older readers
+fraction of decoder-block parameters removed. Pruned with a non-uniform sparsity profile, its ``sparsity_profile``
+holds each block's target share (``block_sparsity``) next to the share removed (``block_achieved``). Such records are written as ``format_version`` 2 too, so older readers
 refuse them rather than take a smaller model for a dense one.
 
 Masks are the exact zeros of the listed modules' weights: :func:`get_masks` restores them without calibration.
@@ -130,8 +131,13 @@ class ProfileEntry:
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "The profile's options.",
                                                                     "check": _json_object})
     block_sparsity: dict[str, float] = field(default_factory=dict, metadata={
-        "help": "Target per block (parameter-weighted over its pruned modules).",
+        "help": "Target per block (parameter-weighted over its pruned modules; for structured pruning the share of "
+                "the block's parameters to remove).",
         "check": lambda name, value: _block_values(name, value, {"range": "[0, 1]"})})
+    block_achieved: dict[str, float] | None = field(default=None, metadata={
+        "help": "Structured pruning: the share of each block's parameters actually removed (heads and channels "
+                "are whole units, so it differs from the target by less than one unit).",
+        "check": lambda name, value: None if value is None else _block_values(name, value, {"range": "[0, 1]"})})
     block_outlier_ratio: dict[str, float] | None = field(default=None, metadata={
         "help": "OWL: each block's share of outlier scores.",
         "check": lambda name, value: None if value is None else _block_values(name, value, {"range": "[0, 1]"})})
@@ -144,7 +150,7 @@ def _profile_entry(name: str, value: Any) -> Any:
     if value is None:
         return None
     return to_json_dict(ProfileEntry(**validate_mapping(value, ProfileEntry, f"{name}.")), omit_none=(
-        "block_outlier_ratio", "explicit"))
+        "block_achieved", "block_outlier_ratio", "explicit"))
 
 
 def _domain_check(name: str, value: Any) -> Any:

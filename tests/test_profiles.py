@@ -224,9 +224,12 @@ def test_a_good_explicit_profile_passes_the_check_before_loading(tmp_path):
     assert record["target_modules"]["model.layers.1.mlp.up_proj"] == 0.25
 
 
-def test_profiles_are_refused_with_structured_methods():
-    with pytest.raises(ValueError, match="applies to unstructured pruning.*'flap'"):
-        hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.2, sparsity_profile="owl")
+def test_profiles_with_structured_methods_need_per_block_targets():
+    # FLAP, PIP and DISP-LLM take per-block targets (tests/test_structured_profiles.py); layer removal cannot.
+    assert hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.2,
+                                    sparsity_profile="owl").sparsity_profile == "owl"
+    with pytest.raises(ValueError, match="method 'shortgpt' removes whole decoder blocks"):
+        hf_sparse.SparsityConfig(method="shortgpt", pattern="structured", sparsity=0.2, sparsity_profile="owl")
 
 
 def test_owl_with_magnitude_needs_calibration(tmp_path, monkeypatch):

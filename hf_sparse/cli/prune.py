@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--sparsity-profile", type=parse_sparsity_profile, default="uniform",
                       metavar="uniform|owl|FILE.json",
                       help="how the sparsity is shared out over the blocks: uniform (default), owl (outlier-weighted, "
-                           "same overall sparsity), or a JSON file {block index or module regex: sparsity}")
+                           "same overall sparsity), or a JSON file {block index or module regex: sparsity}; with "
+                           "--pattern structured (flap, pip, disp_llm) each block loses its share of its own "
+                           "parameters, and a JSON file takes block indices only")
     what.add_argument("--profile-option", dest="profile_options", action="append", type=parse_profile_option,
                       default=[], metavar="KEY=VALUE", help="a sparsity-profile option, repeatable (owl: m=5, lambda=0.08)")
     add_selection_arguments(what)

@@ -14,8 +14,11 @@
   expression that matches it, else its block's, else ``SparsityConfig.sparsity``.
 
 Whatever the profile, :func:`allocate` returns a :class:`SparsityAllocation`: a target per pruned module *and* a
-target fraction per block. Unstructured methods read the first; structured methods (which remove heads or channels
-of a block, not single weights) can read the second, so FLAP- or OWL-style allocation is one code path.
+target fraction per block. Unstructured methods read the first; structured methods that remove heads or channels
+(FLAP, PIP, DISP-LLM) read the second as the share of each block's parameters to remove, so FLAP- and OWL-style
+allocation are one code path. For them an explicit profile takes block indices only (a module cannot lose a share
+of itself when whole heads and channels go: :func:`require_block_indices`), and OWL weighs the blocks by all their
+parameters (``block_sizes``), which is what structured sparsity counts.
 
 >>> owl_block_sparsities([1.0, 2.0, 3.0], [10, 10, 10], sparsity=0.5, lam=0.1)
 [0.6, 0.5, 0.4]
@@ -96,6 +99,24 @@ def check_profile(name: str, value: Any) -> Any:
                 raise ValueError(f"{name} key {key!r} is not a valid regular expression: {error}") from None
         checked[key] = check_value(f"{name}[{key!r}]", sparsity, float, {"range": "[0, 1)"})
     return checked
+
+
+def require_block_indices(profile: str | Mapping, pattern: str = "structured") -> None:
+    """Raise if an explicit ``profile`` has a module-name regular expression among its keys: with ``pattern``
+    (structured) a profile gives each decoder block the share of its parameters to remove.
+
+    >>> require_block_indices({"0": 0.2, "mlp": 0.5})
+    Traceback (most recent call last):
+    ...
+    ValueError: sparsity_profile key 'mlp' is a module-name regular expression; with pattern='structured' a profile gives each decoder block the share of its parameters to remove, so its keys must be block indices, e.g. {"0": 0.2, "5": 0.35}
+    """
+    if isinstance(profile, str):
+        return
+    for key in profile:
+        if not (isinstance(key, int) or key.isdigit()):
+            raise ValueError(f"sparsity_profile key {key!r} is a module-name regular expression; with "
+                             f"pattern={pattern!r} a profile gives each decoder block the share of its parameters to "
+                             'remove, so its keys must be block indices, e.g. {"0": 0.2, "5": 0.35}')
 
 
 def profile_name(profile: str | Mapping) -> str:
@@ -234,9 +255,11 @@ def _block_means(plan: PruningPlan, module_sparsity: Mapping[str, float]) -> dic
 
 
 def owl_allocation(engine: LayerwiseEngine, model: nn.Module, calibration_ids: torch.Tensor, batch_size: int,
-                   sparsity: float, options: Mapping[str, Any]) -> SparsityAllocation:
+                   sparsity: float, options: Mapping[str, Any],
+                   block_sizes: Mapping[int, int] | None = None) -> SparsityAllocation:
     """OWL's targets for ``model``: one dense statistics pass (``sq_norm`` of every pruned linear's input), the
-    blocks' outlier ratios, then :func:`owl_block_sparsities`."""
+    blocks' outlier ratios, then :func:`owl_block_sparsities` weighted by ``block_sizes`` (default: each block's
+    pruned linear weights)."""
     owl = OwlOptions.from_dict(options)
 
     def block_outlier_ratio(weights_and_stats) -> float:
@@ -248,7 +271,8 @@ def owl_allocation(engine: LayerwiseEngine, model: nn.Module, calibration_ids: t
     ratios = engine.summarize_dense_blocks(model, calibration_ids, batch_size, frozenset({"sq_norm"}),
                                            block_outlier_ratio, description="OWL outlier statistics")
     plan = engine.plan(model)
-    sizes = [sum(t.module.weight.numel() for t in block.targets) for block in plan.blocks]
+    sizes = [block_sizes[block.index] if block_sizes is not None else
+             sum(t.module.weight.numel() for t in block.targets) for block in plan.blocks]
     indices = [block.index for block in plan.blocks if block.targets]
     block_values = owl_block_sparsities([ratios[i] for i in indices], [sizes[i] for i in indices], sparsity,
                                         owl.lambda_)
@@ -259,8 +283,13 @@ def owl_allocation(engine: LayerwiseEngine, model: nn.Module, calibration_ids: t
 
 
 def allocate(profile: str | Mapping, options: Mapping[str, Any], sparsity: float, engine: LayerwiseEngine,
-             model: nn.Module, calibration_ids: torch.Tensor | None, batch_size: int) -> SparsityAllocation:
+             model: nn.Module, calibration_ids: torch.Tensor | None, batch_size: int,
+             block_sizes: Mapping[int, int] | None = None) -> SparsityAllocation:
     """The targets of ``profile`` for ``model`` (pruned by ``engine``), before anything is pruned.
+
+    ``block_sizes`` (block index -> parameters) says what a block's share is a share of, when that is more than its
+    pruned linears: structured methods pass every parameter of each block (norms too), so OWL's shift makes the
+    parameter-weighted mean of the blocks' shares the target exactly as structured sparsity counts it.
 
     >>> allocation = allocate("owl", {"m": 5, "lambda": 0.08}, 0.7, engine, model, ids, 8)  # doctest: +SKIP
     >>> allocation.block_sparsity  # doctest: +SKIP
@@ -274,7 +303,7 @@ def allocate(profile: str | Mapping, options: Mapping[str, Any], sparsity: float
         if calibration_ids is None:
             raise ValueError("sparsity_profile='owl' needs calibration data (its outlier statistics are Wanda scores "
                              "of the dense model): set SparsityConfig(calibration=...)")
-        return owl_allocation(engine, model, calibration_ids, batch_size, sparsity, options)
+        return owl_allocation(engine, model, calibration_ids, batch_size, sparsity, options, block_sizes)
     module_sparsity = explicit_module_sparsity(plan, profile, sparsity)
     return SparsityAllocation("explicit", {}, _block_means(plan, module_sparsity), module_sparsity,
                               explicit={str(k): float(v) for k, v in profile.items()})
@@ -293,4 +322,4 @@ def allocation_overall(plan: PruningPlan, allocation: SparsityAllocation) -> flo
 
 __all__ = ["NAMED_PROFILES", "OWL", "UNIFORM", "OwlOptions", "SparsityAllocation", "allocate", "allocation_overall",
            "check_profile", "check_profile_fits", "check_profile_options", "explicit_module_sparsity", "outlier_ratio",
-           "owl_block_sparsities", "profile_name", "profile_needs_calibration"]
+           "owl_block_sparsities", "profile_name", "profile_needs_calibration", "require_block_indices"]

@@ -13,7 +13,9 @@ from ..calibration.descriptors import check_descriptor, describe_calibration
 from ..calibration.mixes import check_mix
 from ..masks import SparsityPattern
 from ..methods import get_method_class
-from .profiles import UNIFORM, check_profile, check_profile_options, profile_name, profile_needs_calibration
+from ..methods.structured import check_per_block_targets
+from .profiles import (UNIFORM, check_profile, check_profile_options, profile_name, profile_needs_calibration,
+                       require_block_indices)
 from .validation import regex_list, validate_dataclass
 
 QUANT_METHOD = "hf_sparse"
@@ -88,7 +90,9 @@ class SparsityConfig(QuantizationConfigMixin):
         metadata={"help": "How the target is shared out over the decoder blocks: 'uniform' (every module gets "
                           "`sparsity`), 'owl' (outlier-weighted: blocks with more activation outliers keep more "
                           "weights; overall sparsity stays `sparsity`), or an explicit dict from block index or "
-                          "module-name regular expression to sparsity. Unstructured patterns only.",
+                          "module-name regular expression to sparsity. Unstructured patterns, and pattern="
+                          "'structured' with methods that remove heads/channels (flap, pip, disp_llm): there each "
+                          "block loses its share of its own parameters, and an explicit dict takes block indices only.",
                   "check": check_profile},
     )
     profile_options: dict[str, Any] = field(
@@ -185,11 +189,10 @@ class SparsityConfig(QuantizationConfigMixin):
                 "pattern='unstructured' with a sparsity, or the uniform profile with N:M"
             )
         if parsed.is_structured and self.sparsity_profile != UNIFORM:
-            raise ValueError(
-                f"sparsity_profile={profile_name(self.sparsity_profile)!r} applies to unstructured pruning; "
-                f"method {self.method!r} with pattern={self.pattern!r} decides how much each block loses itself "
-                "and takes one overall sparsity: use sparsity_profile='uniform' (the default)"
-            )
+            # A profile gives every block its own share of its parameters: only methods that remove units of a
+            # block (not whole blocks) can honour it, and its keys must be blocks, not modules.
+            check_per_block_targets(method_cls, f"sparsity_profile={self.sparsity_profile!r}")
+            require_block_indices(self.sparsity_profile, self.pattern)
         if self.calibration_weights is not None:
             self.calibration_weights = check_mix(self.calibration, self.calibration_weights)
         self.profile_options = check_profile_options(self.sparsity_profile, self.profile_options)

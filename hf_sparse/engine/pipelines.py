@@ -230,8 +230,9 @@ class StructuredPipeline(Pipeline):
     """Whole heads, channels or blocks removed: the method decides its edits on the dense model through a
     :class:`~hf_sparse.engine.structured.StructuredSession` and the surgery applies them once
     (:func:`~hf_sparse.engine.structured.run_structured`). The engine's ``sparsity`` is one number, the fraction of
-    the decoder-block parameters to remove. Nothing is masked, so :meth:`run` returns no counts; the shape record is
-    :attr:`structure` afterwards."""
+    the decoder-block parameters to remove, or, from a sparsity profile, a share per block
+    (:attr:`~hf_sparse.engine.planning.TargetSparsity.blocks`). Nothing is masked, so :meth:`run` returns no
+    counts; the shape record is :attr:`structure` afterwards."""
 
     edits_structure = True
 
@@ -243,10 +244,12 @@ class StructuredPipeline(Pipeline):
         from .structured import run_structured
 
         engine = self.engine
-        if engine.sparsity.value is None:
-            raise ValueError(f"structured method {engine.method.name!r} removes one fraction of the block parameters; "
-                             f"got a per-module target ({engine.sparsity.description})")
+        blocks = engine.sparsity.blocks
+        if engine.sparsity.value is None and blocks is None:
+            raise ValueError(f"structured method {engine.method.name!r} removes one fraction of the block parameters "
+                             f"or, with a sparsity profile, a share of each block's; got a per-module target "
+                             f"({engine.sparsity.description}) without per-block shares")
         self.structure = run_structured(model, engine.method, calibration_ids, engine.sparsity.value,
                                         batch_size=batch_size, device=engine.device,
-                                        show_progress=engine.show_progress)
+                                        show_progress=engine.show_progress, block_targets=blocks)
         return {}

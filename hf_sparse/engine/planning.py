@@ -27,12 +27,16 @@ class TargetSparsity:
     0.5
     """
 
-    def __init__(self, rule: Callable[[str], float], description: str, value: float | None = None):
+    def __init__(self, rule: Callable[[str], float], description: str, value: float | None = None,
+                 blocks: Mapping[int, float] | None = None):
         self._rule = rule
         self.description = description
         #: the one sparsity of a uniform target (``None`` otherwise): structured methods read it as the fraction of
         #: the block parameters to remove
         self.value = value
+        #: each block's share of its own parameters to remove, when a sparsity profile decided per block (``None``
+        #: otherwise): structured methods that take per-block targets read it instead of ``value``
+        self.blocks = dict(blocks) if blocks is not None else None
 
     @classmethod
     def uniform(cls, sparsity: float) -> TargetSparsity:
@@ -40,8 +44,14 @@ class TargetSparsity:
         return cls(lambda _name: sparsity, f"uniform {sparsity!r}", value=sparsity)
 
     @classmethod
-    def per_module(cls, sparsities: Mapping[str, float], default: float | None = None) -> TargetSparsity:
-        """``sparsities[name]`` for the listed modules, ``default`` for the others (an error if it is ``None``)."""
+    def per_module(cls, sparsities: Mapping[str, float], default: float | None = None,
+                   blocks: Mapping[int, float] | None = None) -> TargetSparsity:
+        """``sparsities[name]`` for the listed modules, ``default`` for the others (an error if it is ``None``);
+        ``blocks`` (block index -> share of its parameters) is what structured methods read of the same plan.
+
+        >>> TargetSparsity.per_module({"b.0.q": 0.3}, blocks={0: 0.3}).blocks
+        {0: 0.3}
+        """
         sparsities = dict(sparsities)
 
         def rule(name: str) -> float:
@@ -52,7 +62,7 @@ class TargetSparsity:
                                  f"{sorted(sparsities)}; list it or give a default")
             return default
 
-        return cls(rule, f"per module ({len(sparsities)} listed, default {default!r})")
+        return cls(rule, f"per module ({len(sparsities)} listed, default {default!r})", blocks=blocks)
 
     @classmethod
     def coerce(cls, value: TargetSparsity | float | Mapping[str, float] | Callable[[str], float]) -> TargetSparsity:

@@ -10,15 +10,21 @@ model, one block's activations alive at a time:
 * :meth:`StructuredSession.dense_block_passes` - every block's calibration inputs and outputs, in order, with the
   per-channel mean and variance of the inputs of chosen linears (FLAP's fluctuation, ShortGPT's block influence);
 * :meth:`StructuredSession.calibration_nll` - the calibration loss with some blocks bypassed (SLEB);
-* :meth:`StructuredSession.unit_parameters` / :attr:`StructuredSession.block_parameters` - what removing a head, an
-  MLP channel or a block saves, so a method can meet a parameter budget.
+* :meth:`StructuredSession.unit_parameters` / :attr:`StructuredSession.block_parameters` /
+  :meth:`StructuredSession.parameters_of_block` - what removing a head, an MLP channel or a block saves, so a method
+  can meet a parameter budget.
+
+With a non-uniform sparsity profile the session also carries :attr:`StructuredSession.block_targets`, each block's
+share of its own parameters to remove, from the same planner unstructured methods use
+(:func:`hf_sparse.config.profiles.allocate`); only methods declaring ``per_block_targets`` accept them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -85,7 +91,8 @@ class StructuredSession:
     """
 
     def __init__(self, model: nn.Module, calibration_ids: torch.Tensor, batch_size: int = 8,
-                 device: str | None = None, show_progress: bool = True):
+                 device: str | None = None, show_progress: bool = True,
+                 block_targets: Mapping[int, float] | None = None):
         self.model = model
         self.adapter: ArchitectureAdapter = get_architecture(model)
         self.model_type: str | None = getattr(model.config, "model_type", None)
@@ -93,6 +100,18 @@ class StructuredSession:
         self.batch_size = batch_size
         self.device = device
         self.show_progress = show_progress
+        #: each block's share of its own parameters to remove (``None``: one overall budget, the method shares it out)
+        self.block_targets: dict[int, float] | None = None
+        if block_targets is not None:
+            self.block_targets = {int(i): float(t) for i, t in block_targets.items()}
+            missing = sorted(set(range(self.num_blocks)) - set(self.block_targets))
+            extra = sorted(set(self.block_targets) - set(range(self.num_blocks)))
+            if missing or extra:
+                raise ValueError(f"per-block targets must name every decoder block 0..{self.num_blocks - 1} once; "
+                                 f"missing {missing}, unknown {extra}")
+            for index, target in self.block_targets.items():
+                if not 0.0 <= target < 1.0:
+                    raise ValueError(f"block {index}'s target share must be in [0, 1), got {target!r}")
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -106,6 +125,17 @@ class StructuredSession:
     def block_parameters(self) -> int:
         """Parameters in all decoder blocks (the denominator of structured sparsity)."""
         return block_parameters(self.adapter, self.model)
+
+    def parameters_of_block(self, index: int) -> int:
+        """Parameters of block ``index`` (weights, biases and norms): what a per-block target is a share of."""
+        return sum(p.numel() for p in self.blocks[index].parameters())
+
+    def overall_target(self) -> float | None:
+        """The parameter-weighted mean of :attr:`block_targets` over the blocks (``None`` without them)."""
+        if self.block_targets is None:
+            return None
+        sizes = [self.parameters_of_block(i) for i in range(self.num_blocks)]
+        return math.fsum(self.block_targets[i] * n for i, n in enumerate(sizes)) / sum(sizes)
 
     def block_shape(self, index: int) -> BlockShape:
         return block_shape(self.adapter, self.blocks[index])
@@ -179,16 +209,26 @@ class StructuredSession:
         return total / count
 
 
-def run_structured(model: nn.Module, method, calibration_ids: torch.Tensor, sparsity: float, batch_size: int = 8,
-                   device: str | None = None, show_progress: bool = True) -> dict:
-    """Let ``method`` decide the edits on the dense ``model``, apply them, and return the ``structure`` record."""
+def run_structured(model: nn.Module, method, calibration_ids: torch.Tensor, sparsity: float | None,
+                   batch_size: int = 8, device: str | None = None, show_progress: bool = True,
+                   block_targets: Mapping[int, float] | None = None) -> dict:
+    """Let ``method`` decide the edits on the dense ``model``, apply them, and return the ``structure`` record.
+
+    ``sparsity`` is the share of all decoder-block parameters to remove; with ``block_targets`` (block index -> share
+    of that block's parameters, for methods declaring ``per_block_targets``) it may be ``None`` and the method is
+    handed the targets' parameter-weighted mean."""
+    from ..methods.structured import check_per_block_targets
     from ..record import read_record
 
     existing = read_record(model)
     if existing is not None and existing.structure is not None:
         raise ValueError("this model was already pruned structurally; prune the dense model instead (the record "
                          "describes shapes relative to the dense original)")
-    session = StructuredSession(model, calibration_ids, batch_size, device, show_progress)
+    if block_targets is not None:
+        check_per_block_targets(type(method))
+    session = StructuredSession(model, calibration_ids, batch_size, device, show_progress, block_targets)
+    if block_targets is not None:
+        sparsity = session.overall_target()
     edits = method.plan_edits(session, sparsity)
     if not isinstance(edits, StructuredEdits):
         raise TypeError(f"{type(method).__name__}.plan_edits must return StructuredEdits, got {type(edits).__name__}")

@@ -147,6 +147,10 @@ def _profile_text(profile: dict[str, Any] | None) -> str:
     blocks = profile.get("block_sparsity") or {}
     spread = (f": blocks from {min(blocks.values()) * 100:.1f}% to {max(blocks.values()) * 100:.1f}%"
               if blocks else "")
+    achieved = profile.get("block_achieved")  # structured: whole units removed, the shares reached per block
+    if achieved and blocks:
+        spread += (f" of their parameters (removed: {min(achieved.values()) * 100:.1f}% to "
+                   f"{max(achieved.values()) * 100:.1f}%)")
     options = f" ({', '.join(f'{k}={v}' for k, v in profile.get('options', {}).items())})" if profile.get("options") \
         else ""
     return f"{profile['name']}{options}{spread}"

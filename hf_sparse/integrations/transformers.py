@@ -32,7 +32,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from ..api import prune
 from ..calibration import check_fits_model, check_source, is_token_source, tokenizer_for
 from ..config import QUANT_METHOD, SparsityConfig
-from ..config.profiles import check_profile_fits
+from ..config.profiles import UNIFORM, check_profile_fits
 from ..engine import check_device_available, plan_targets
 from ..record import read_record
 from ..surgery import mark_for_loading
@@ -129,6 +129,8 @@ class HfSparseQuantizer(PlainModelQuantizer):
             from ..methods.structured import check_structures
 
             check_structures(model, config.method)
+            if config.sparsity_profile != UNIFORM:  # per-block targets: an explicit profile's blocks must exist
+                check_plan_before_loading(model, config)
             return model
         # Unsupported architecture, include/exclude matching nothing, N:M not tiling a layer, an explicit sparsity
         # profile naming a block past the model or a module that does not exist: all raise here.
@@ -169,7 +171,10 @@ def check_plan_before_loading(model: PreTrainedModel, config: SparsityConfig) ->
     Traceback (most recent call last):
     ValueError: sparsity_profile names block(s) [40], but the model has 30 decoder blocks (0..29)
     """
-    plan = plan_targets(model, config.include, config.exclude, config.parsed_pattern, lambda _: config.sparsity)
+    # Structured methods remove units of whole blocks: include/exclude do not apply, a profile's blocks are all of them.
+    structured = config.parsed_pattern.is_structured
+    plan = plan_targets(model, None if structured else config.include, None if structured else config.exclude,
+                        config.parsed_pattern, lambda _: config.sparsity)
     check_profile_fits(plan, config.sparsity_profile, config.sparsity)
 
 

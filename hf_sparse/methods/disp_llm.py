@@ -22,6 +22,10 @@ The selections are learned, the LLM stays frozen:
 4. **Final masks**: the noise-free scores ``logit + offset`` of the trained network, thresholded at the one global
    value whose kept parameters come closest to the target (every selection keeps at least its best dimension): the
    achieved share is within one dimension's parameters of the target, and the record states it exactly.
+5. **Per-block targets** (a non-uniform ``sparsity_profile``, OWL or explicit): block ``i`` is to keep
+   ``(1 - t_i)`` of its own parameters. The penalty becomes the mean over blocks of λ·|log(P_i(m) / P_i,target)|, and
+   the final masks take one threshold per block, closest to that block's budget (within one dimension's parameters
+   of it); the network still learns which dimensions each block keeps.
 
 Deterministic for a seed (the pruning seed initialises the network and draws the noise and the windows). Cost:
 ``steps`` forward and backward passes of the frozen model on ``windows_per_step`` calibration windows (no weight
@@ -120,22 +124,29 @@ def block_costs(session: StructuredSession, index: int) -> BlockCosts:
         "attention_rows", "attention_width", "readers", "reader_biases", "writer_bias", "hidden_size", "channels")))
 
 
+def kept_per_block(costs: list[BlockCosts], masks: list[torch.Tensor]) -> list:
+    """Parameters each block keeps under ``masks`` (five per block, :data:`SELECTIONS` order); differentiable."""
+    return [block.parameters(*[m.sum() for m in masks[5 * index: 5 * index + 5]]) for index, block in enumerate(costs)]
+
+
 def kept_parameters(costs: list[BlockCosts], masks: list[torch.Tensor]):
     """Decoder-block parameters kept by ``masks`` (five per block, :data:`SELECTIONS` order); differentiable."""
     total = 0
-    for index, block in enumerate(costs):
-        sizes = [m.sum() for m in masks[5 * index: 5 * index + 5]]
-        total = total + block.parameters(*sizes)
+    for kept in kept_per_block(costs, masks):
+        total = total + kept
     return total
 
 
-def parameter_penalty(kept, target: float, lam: float) -> torch.Tensor:
-    """λ·|log(kept / target)|: zero on target, symmetric in the ratio.
+def parameter_penalty(kept, target, lam: float) -> torch.Tensor:
+    """λ·|log(kept / target)|: zero on target, symmetric in the ratio; the mean over the entries when ``kept`` and
+    ``target`` are per-block tensors (per-block targets: each block's budget weighs the same).
 
     >>> round(parameter_penalty(torch.tensor(200.0), 100.0, 6.0).item(), 4)  # 6·log 2
     4.1589
+    >>> round(parameter_penalty(torch.tensor([200.0, 100.0]), torch.tensor([100.0, 100.0]), 6.0).item(), 4)
+    2.0794
     """
-    return lam * torch.log(kept / target).abs()
+    return (lam * torch.log(kept / target).abs()).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,6 +247,7 @@ class DISPLLMPruning(StructuredPruningMethod):
     paper = PaperReference("DISP-LLM: Dimension-Independent Structural Pruning for Large Language Models",
                            "Gao et al.", 2024, "https://arxiv.org/abs/2410.11988")
     removes = ("residual_dims", "mlp_channels")
+    per_block_targets = True
     options_class = DISPOptions
 
     def plan_edits(self, session: StructuredSession, sparsity: float) -> StructuredEdits:
@@ -244,21 +256,29 @@ class DISPLLMPruning(StructuredPruningMethod):
         costs = [block_costs(session, index) for index in range(session.num_blocks)]
         total = session.block_parameters
         target = (1.0 - sparsity) * total
+        # Per-block targets: each block's kept parameters are budgeted on their own, in the loss and at the end.
+        block_targets = None if session.block_targets is None else [
+            (1.0 - session.block_targets[index]) * session.parameters_of_block(index) for index in range(len(costs))]
         widths = [w for c in costs for w in (c.hidden_size, c.hidden_size, c.hidden_size, c.channels, c.hidden_size)]
         device = session.model.get_input_embeddings().weight.device
         network = SelectionNetwork(widths).to(device)  # initialised from the pruning seed (api seeds the RNG)
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-        self._train(session, network, costs, target, total, generator)
+        self._train(session, network, costs, target, total, generator, block_targets)
         with torch.no_grad():
             scores = [logit + self.options.offset for logit in network()]
-        masks = threshold_masks(scores, costs, target)
+        if block_targets is None:
+            masks = threshold_masks(scores, costs, target)
+        else:  # one threshold per block, each closest to that block's budget
+            masks = [mask for index, block_target in enumerate(block_targets)
+                     for mask in threshold_masks(scores[5 * index: 5 * index + 5], costs[index: index + 1],
+                                                 block_target)]
         kept = float(kept_parameters(costs, masks))
         logger.info("disp_llm: final masks keep %.4f of the block parameters (target %.4f)", kept / total,
                     1 - sparsity)
         return self._edits(masks, costs)
 
     def _train(self, session: StructuredSession, network: SelectionNetwork, costs: list[BlockCosts], target: float,
-               total: int, generator: torch.Generator) -> None:
+               total: int, generator: torch.Generator, block_targets: list[float] | None = None) -> None:
         options, model = self.options, session.model
         windows = session.calibration_ids
         device = model.get_input_embeddings().weight.device
@@ -278,8 +298,14 @@ class DISPLLMPruning(StructuredPruningMethod):
                     with masked_residual(model, session.adapter, per_block):
                         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
                     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-                    kept = kept_parameters(costs, masks)
-                    loss = ce + parameter_penalty(kept, target, options.lam)
+                    if block_targets is None:
+                        kept = kept_parameters(costs, masks)
+                        penalty = parameter_penalty(kept, target, options.lam)
+                    else:
+                        per_block = torch.stack(kept_per_block(costs, masks))
+                        kept = per_block.sum()
+                        penalty = parameter_penalty(per_block, per_block.new_tensor(block_targets), options.lam)
+                    loss = ce + penalty
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

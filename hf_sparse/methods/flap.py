@@ -15,6 +15,12 @@
 With grouped-query attention the unit is a whole key/value group (its query heads' channels averaged), so
 ``num_attention_heads / num_key_value_heads`` stays an integer; for multi-head attention that is one head, as in the
 paper. Every block keeps at least one group and one MLP channel.
+
+With per-block targets (a non-uniform ``sparsity_profile``: OWL or explicit, from the same planner as unstructured
+methods) step 2 is replaced by FLAP's uniform-per-layer rule ("UL-UM") with each block's own share: block ``i`` loses
+the nearest count of its key/value groups to ``t_i`` of them and the MLP channels that make up the rest of ``t_i``
+of its parameters (:func:`hf_sparse.methods.units.block_unit_counts`, within half an MLP channel per block, the new
+compensation biases counted); within a block the lowest-scoring groups and channels go.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING
 from ..surgery import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits
 from .base import MethodOptions, PaperReference, register_method
 from .structured import StructuredPruningMethod
+from .units import Unit, block_target_counts, choose_units, lowest_units
 
 if TYPE_CHECKING:
     from ..engine.structured import StructuredSession
@@ -61,22 +68,13 @@ def _standardise(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / (std if std > 0 else 1.0)
 
 
-@dataclass
-class _Unit:
-    score: float
-    cost: int
-    block: int
-    kind: str  # "kv_group" | "mlp_channel"
-    index: int
-
-
-def round_kept_channels(units: list[_Unit], chosen: list[_Unit], totals: dict[tuple[int, str], int],
-                        multiple: int) -> list[_Unit]:
+def round_kept_channels(units: list[Unit], chosen: list[Unit], totals: dict[tuple[int, str], int],
+                        multiple: int) -> list[Unit]:
     """``chosen`` with every block's kept MLP channel count rounded to the nearest multiple of ``multiple`` (at least
     one multiple, at most all channels): the block's lowest-scoring kept channels go, or its highest-scoring removed
     ones come back.
 
-    >>> u = [_Unit(float(i), 1, 0, "mlp_channel", i) for i in range(10)]
+    >>> u = [Unit(float(i), 1, 0, "mlp_channel", i) for i in range(10)]
     >>> sorted(x.index for x in round_kept_channels(u, u[:3], {(0, "mlp_channel"): 10}, 4))  # keeps 7 -> 8
     [0, 1]
     """
@@ -97,30 +95,6 @@ def round_kept_channels(units: list[_Unit], chosen: list[_Unit], totals: dict[tu
     return result
 
 
-def choose_units(units: list[_Unit], budget: float, totals: dict[tuple[int, str], int]) -> list[_Unit]:
-    """Units in ascending score order, each taken when it brings the removed total closer to ``budget``; never the
-    last unit of a kind in a block.
-
-    >>> u = [_Unit(0.1, 3, 0, "mlp_channel", 0), _Unit(0.2, 3, 0, "mlp_channel", 1), _Unit(0.3, 5, 0, "kv_group", 0)]
-    >>> [x.index for x in choose_units(u, 4.0, {(0, "mlp_channel"): 3, (0, "kv_group"): 2})]
-    [0]
-    """
-    left = dict(totals)
-    chosen: list[_Unit] = []
-    removed = 0
-    for unit in sorted(units, key=lambda u: (u.score, u.block, u.kind, u.index)):
-        if left[(unit.block, unit.kind)] <= 1:
-            continue
-        # The reference stops at the first unit that overshoots; going on with the smaller units that still bring
-        # the total closer lands within one MLP channel of the target instead of within one head.
-        if abs(removed + unit.cost - budget) >= abs(removed - budget):
-            continue
-        chosen.append(unit)
-        removed += unit.cost
-        left[(unit.block, unit.kind)] -= 1
-    return chosen
-
-
 @register_method
 class FLAPPruning(StructuredPruningMethod):
     """Remove attention heads (key/value groups) and MLP channels by fluctuation, ranked across all layers."""
@@ -130,12 +104,16 @@ class FLAPPruning(StructuredPruningMethod):
     paper = PaperReference("Fluctuation-based Adaptive Structured Pruning for Large Language Models",
                            "An et al.", 2024, "https://arxiv.org/abs/2312.11983")
     removes = ("attention_heads", "mlp_channels")
+    per_block_targets = True
     options_class = FLAPOptions
 
     def plan_edits(self, session: StructuredSession, sparsity: float) -> StructuredEdits:
         heads = session.require("attention_heads")
         mlp = session.require("mlp_channels")
-        units: list[_Unit] = []
+        # Per-block targets are turned into unit counts first: a share out of a block's reach fails before the pass.
+        per_block = (block_target_counts(session, self.options.bias_compensation)
+                     if session.block_targets is not None else None)
+        units: list[Unit] = []
         totals: dict[tuple[int, str], int] = {}
         means: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for step in session.dense_block_passes(observe=(heads.output, mlp.output), desc="flap fluctuation"):
@@ -148,15 +126,18 @@ class FLAPPruning(StructuredPruningMethod):
             # A group's score is the mean over all its query heads' channels of the layer-standardised scores.
             group_scores = _standardise(attn).reshape(shape.kv_heads, per_group * shape.head_dim).mean(1)
             channel_scores = _standardise(channel)
-            units += [_Unit(float(s), costs["kv_group"], step.index, "kv_group", g) for g, s in enumerate(group_scores)]
-            units += [_Unit(float(s), costs["mlp_channel"], step.index, "mlp_channel", c)
+            units += [Unit(float(s), costs["kv_group"], step.index, "kv_group", g) for g, s in enumerate(group_scores)]
+            units += [Unit(float(s), costs["mlp_channel"], step.index, "mlp_channel", c)
                       for c, s in enumerate(channel_scores)]
             totals[(step.index, "kv_group")] = shape.kv_heads
             totals[(step.index, "mlp_channel")] = shape.mlp_channels
             means[step.index] = (step.moments[heads.output].mean.float(), step.moments[mlp.output].mean.float())
 
-        chosen = round_kept_channels(units, choose_units(units, sparsity * session.block_parameters, totals), totals,
-                                     self.options.channel_multiple)
+        if per_block is None:  # one budget, units of all blocks ranked together (AL-AM)
+            chosen = choose_units(units, sparsity * session.block_parameters, totals)
+        else:  # each block its own share (UL-UM with per-block shares)
+            chosen = lowest_units(units, per_block)
+        chosen = round_kept_channels(units, chosen, totals, self.options.channel_multiple)
         removed: dict[tuple[int, str], set[int]] = {}
         for unit in chosen:
             removed.setdefault((unit.block, unit.kind), set()).add(unit.index)

@@ -23,6 +23,10 @@ distinguish between these two views". Our reading, every choice an option where 
    channel). The removed units are masked (their inputs to o/down zeroed) before the next round's gradients, so later
    rounds score the already-pruned model. The edits are applied once at the end. The default is one round: more
    rounds were measured worse on both test models (README, PIP ablation).
+5. **Per-block targets** (a non-uniform ``sparsity_profile``, OWL or explicit): instead of one budget ranked across
+   blocks, block ``i`` loses the share ``t_i`` of its own parameters: the key/value groups and MLP channels that takes
+   are counted once (:func:`hf_sparse.methods.units.block_unit_counts`, FLAP's per-layer rule, within half an MLP
+   channel per block), round ``r`` removes the lowest-scoring remaining units up to ``r / rounds`` of each count.
 
 Deterministic for a seed (the noise and the replaced tokens come from the pruning seed). Cost: ``rounds`` × 2 forwards
 and one backward of the whole model per calibration batch.
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -44,8 +49,8 @@ from tqdm.auto import tqdm
 from ..surgery import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits
 from ..surgery.apply import _submodule
 from .base import MethodOptions, PaperReference, register_method
-from .flap import _Unit, choose_units
 from .structured import StructuredPruningMethod
+from .units import Unit, block_target_counts, choose_units, lowest_units
 
 if TYPE_CHECKING:
     from ..architectures import AttentionHeads, MLPChannels
@@ -272,6 +277,7 @@ class PIPPruning(StructuredPruningMethod):
     paper = PaperReference("PIP: Perturbation-based Iterative Pruning for Large Language Models",
                            "Cao et al.", 2025, "https://arxiv.org/abs/2501.15278")
     removes = ("attention_heads", "mlp_channels")
+    per_block_targets = True
     options_class = PIPOptions
 
     def plan_edits(self, session: StructuredSession, sparsity: float) -> StructuredEdits:
@@ -283,6 +289,9 @@ class PIPPruning(StructuredPruningMethod):
         shapes = [session.block_shape(index) for index in range(session.num_blocks)]
         costs = [session.unit_parameters(index) for index in range(session.num_blocks)]
         budget = sparsity * session.block_parameters
+        # Per-block targets become unit counts before any gradient is taken (a share out of reach fails first).
+        final_counts = (block_target_counts(session, self.options.bias_compensation)
+                        if session.block_targets is not None else None)
         # The pruning seed (api forks and seeds the global RNG) fixes the perturbations.
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         removed: dict[tuple[int, str], set[int]] = {}
@@ -304,10 +313,15 @@ class PIPPruning(StructuredPruningMethod):
                                                              costs[index]).items():
                     gone = removed.get((index, kind), set())
                     left[(index, kind)] = len(scores) - len(gone)
-                    units += [_Unit(s, costs[index][kind], index, kind, u)
+                    units += [Unit(s, costs[index][kind], index, kind, u)
                               for u, s in enumerate(scores) if u not in gone]
-            target = budget * round_index / rounds
-            for unit in choose_units(units, target - removed_parameters, left):
+            if final_counts is None:  # one budget, ranked across all blocks
+                target = budget * round_index / rounds
+                chosen = choose_units(units, target - removed_parameters, left)
+            else:  # r / rounds of every block's own unit counts (units holds the remaining ones only)
+                chosen = lowest_units(units, {key: math.floor(count * round_index / rounds + 0.5)
+                                              - len(removed.get(key, ())) for key, count in final_counts.items()})
+            for unit in chosen:
                 removed.setdefault((unit.block, unit.kind), set()).add(unit.index)
                 removed_parameters += unit.cost
             progress.set_postfix(removed=f"{removed_parameters / session.block_parameters:.3f}")

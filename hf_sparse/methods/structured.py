@@ -45,6 +45,9 @@ class StructuredPruningMethod(PruningMethod):
     edits_structure: ClassVar[bool] = True
     #: structures the method removes (names from hf_sparse.architectures.STRUCTURES), checked before any weight loads
     removes: ClassVar[tuple[str, ...]] = ()
+    #: the method can give each block its own share to remove (``session.block_targets``, from a non-uniform sparsity
+    #: profile) instead of deciding the blocks' shares itself from one overall budget
+    per_block_targets: ClassVar[bool] = False
 
     def prune_weight(self, weight: torch.Tensor, stats: LinearStatistics | None, pattern: SparsityPattern,
                      sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +56,32 @@ class StructuredPruningMethod(PruningMethod):
 
     @abstractmethod
     def plan_edits(self, session: StructuredSession, sparsity: float) -> StructuredEdits:
-        """Decide which heads, channels or blocks go so that ``sparsity`` of the block parameters is removed."""
+        """Decide which heads, channels or blocks go so that ``sparsity`` of the block parameters is removed.
+
+        When ``session.block_targets`` is set (only for methods declaring ``per_block_targets``), block ``i`` is to
+        lose ``session.block_targets[i]`` of its own parameters, and ``sparsity`` is their parameter-weighted mean."""
+
+
+def check_per_block_targets(method_cls: type[PruningMethod], asked_by: str = "per-block targets") -> None:
+    """Raise unless structured method ``method_cls`` can take per-block targets (``asked_by`` says what asks for
+    them, for the message: the sparsity profile).
+
+    >>> from hf_sparse.methods import get_method_class
+    >>> check_per_block_targets(get_method_class("shortgpt"), "sparsity_profile='owl'")
+    Traceback (most recent call last):
+    ...
+    ValueError: sparsity_profile='owl' gives every decoder block its own share to remove, but method 'shortgpt' removes whole decoder blocks, so no block can lose part of itself; per-block targets work with structured methods ['disp_llm', 'flap', 'pip']; use sparsity_profile='uniform' with 'shortgpt'
+    """
+    from .base import METHODS
+
+    if getattr(method_cls, "per_block_targets", False):
+        return
+    accepting = sorted(name for name, cls in METHODS.items() if getattr(cls, "per_block_targets", False))
+    reason = ("removes whole decoder blocks, so no block can lose part of itself" if "blocks" in
+              getattr(method_cls, "removes", ()) else "decides how much each block loses itself")
+    raise ValueError(f"{asked_by} gives every decoder block its own share to remove, but method "
+                     f"{method_cls.name!r} {reason}; per-block targets work with structured methods {accepting}; "
+                     f"use sparsity_profile='uniform' with {method_cls.name!r}")
 
 
 def check_structures(model, method_name: str) -> None:

@@ -50,6 +50,21 @@ def block_parameters(adapter: ArchitectureAdapter, model: nn.Module) -> int:
     return sum(p.numel() for p in adapter.blocks(model).parameters())
 
 
+def parameters_per_block(adapter: ArchitectureAdapter, model: nn.Module) -> list[int]:
+    """Parameters of each decoder block, in order (what a per-block structured target is a share of)."""
+    return [sum(p.numel() for p in block.parameters()) for block in adapter.blocks(model)]
+
+
+def removed_per_block(adapter: ArchitectureAdapter, model: nn.Module, structure: dict[str, Any],
+                      dense_sizes: list[int]) -> dict[int, float]:
+    """Share of each original block's parameters that is gone (1.0 for a removed block), by original index, for
+    ``model`` after its edits; ``dense_sizes`` is :func:`parameters_per_block` of the dense model."""
+    shares = {index: 1.0 for index in structure["removed_blocks"]}
+    for entry, size in zip(structure["blocks"], parameters_per_block(adapter, model)):
+        shares[entry["original_index"]] = 1.0 - size / dense_sizes[entry["original_index"]]
+    return dict(sorted(shares.items()))
+
+
 def unit_parameters(adapter: ArchitectureAdapter, block: nn.Module) -> dict[str, int]:
     """Parameters one removable unit of ``block`` holds: ``"kv_group"`` (a key/value head with its query heads; one
     head in multi-head attention), ``"query_head"`` (one query head alone) and ``"mlp_channel"``."""
