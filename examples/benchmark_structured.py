@@ -20,12 +20,18 @@ largest sparsity and takes its first removals for the smaller ones (exactly what
 ``--sleb-num-samples`` gives SLEB alone fewer calibration windows. A list of option sets per method
 (``--method-options '{"pip": [{"rounds": 1}, {"rounds": 4}]}'``) gives one row each against one dense baseline.
 ``--speed-from FOLDER`` times the checkpoints an earlier run saved (part 2 alone, e.g. under ``cpu-run --threads 2``);
-``--memory-only`` with ``--memory-widths-of MODEL`` runs part 3 at a real model's widths.
+``--memory-only`` with ``--memory-widths-of MODEL`` runs part 3 at a real model's widths. ``--sparsity-profiles``
+compares how the share is spread over the blocks (methods that take per-block targets: flap, pip, disp_llm):
+``uniform`` (the default: one global budget, the method decides each block's share), ``per-block`` (every block
+loses the same share of its own parameters: FLAP's UL-UM), ``owl`` (OWL's outlier-weighted shares, options from
+``--profile-options``) or a JSON file (an explicit profile).
 
     python examples/benchmark_structured.py                                  # the 7M model, everything
     python examples/benchmark_structured.py --model ~/.cache/hf_sparse/testbed/smollm2-135m-instruct --eval-windows 64 \
         --methods flap,shortgpt --no-speed --output /tmp/smol
     python examples/benchmark_structured.py --methods disp_llm,flap                    # DISP-LLM against FLAP
+    python examples/benchmark_structured.py --methods flap --sparsities 0.2,0.3 --no-speed \
+        --sparsity-profiles uniform,per-block,owl                                    # global vs per-block vs OWL
 """
 
 from __future__ import annotations
@@ -76,7 +82,9 @@ def worker(job: dict) -> dict:
         cfg = hf_sparse.SparsityConfig(method=job["method"], pattern="structured", sparsity=job["sparsity"],
                                        calibration=job["calibration"], num_samples=job["num_samples"],
                                        sequence_length=job["sequence_length"], seed=0, tokenizer=tokenizer,
-                                       method_options=job.get("options") or {})
+                                       method_options=job.get("options") or {},
+                                       sparsity_profile=sparsity_profile(job),
+                                       profile_options=job.get("profile_options") or {})
         model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32,
                                                                   sparsity_config=cfg)
         fraction = hf_sparse.read_record(model).overall_sparsity
@@ -88,8 +96,23 @@ def worker(job: dict) -> dict:
     out = Path(job["output"])
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    profile = hf_sparse.read_record(model).sparsity_profile if job["method"] != "dense" else None
     return {"method": job["method"], "sparsity": job["sparsity"], "achieved": fraction, "perplexity": ppl,
-            "seconds": seconds, "peak_rss": peak, "bytes": checkpoint_bytes(out), "output": str(out)}
+            "seconds": seconds, "peak_rss": peak, "bytes": checkpoint_bytes(out), "output": str(out),
+            "block_achieved": (profile or {}).get("block_achieved")}
+
+
+def sparsity_profile(job: dict):
+    """The job's ``sparsity_profile``: ``per-block`` is every block at the job's sparsity (an explicit profile)."""
+    profile = job.get("profile") or "uniform"
+    if profile == "per-block":
+        import transformers
+
+        blocks = transformers.AutoConfig.from_pretrained(job["model"]).num_hidden_layers
+        return {str(index): job["sparsity"] for index in range(blocks)}
+    if profile.endswith(".json"):
+        return json.loads(Path(profile).read_text())
+    return profile
 
 
 def sleb_prefix_worker(job: dict) -> dict:
@@ -329,6 +352,11 @@ def main() -> None:
                              "(exact for a greedy search; the prune seconds of those rows are the surgery only)")
     parser.add_argument("--sleb-num-samples", type=int, default=None,
                         help="calibration windows for SLEB only (its cost grows with blocks² × calibration tokens)")
+    parser.add_argument("--sparsity-profiles", default="uniform",
+                        help="comma-separated: uniform (global budget), per-block (the same share of every block), "
+                             "owl, or a JSON file (explicit profile); one row each")
+    parser.add_argument("--profile-options", default="{}", help='JSON options of the owl profile, e.g. '
+                                                                '\'{"m": 5, "lambda": 0.08}\'')
     parser.add_argument("--output", default=None, help="folder for the pruned checkpoints (default: a temp dir)")
     args = parser.parse_args()
     if args.worker:
@@ -356,12 +384,16 @@ def main() -> None:
     print("\n| method | target | removed (exact) | perplexity | x dense | prune s | peak RSS MB | checkpoint vs dense |")
     print("|---|---|---|---|---|---|---|---|")
     method_options = json.loads(args.method_options)
-    for method in args.methods.split(","):
+    profiles = args.sparsity_profiles.split(",")
+    block_lines: list[str] = []
+    for method, profile in ((m, p) for m in args.methods.split(",") for p in profiles):
         option_sets = method_options.get(method, {})
         for number, options in enumerate(option_sets if isinstance(option_sets, list) else [option_sets]):
-            label = method + "".join(f" {k}={v}" for k, v in sorted(options.items()))
+            label = method + "".join(f" {k}={v}" for k, v in sorted(options.items())) + (
+                f" [{Path(profile).stem if profile.endswith('.json') else profile}]" if profile != "uniform" else "")
             sparsities = [float(s) for s in args.sparsities.split(",")]
-            job = {**common, "method": method, "options": options}
+            job = {**common, "method": method, "options": options, "profile": profile,
+                   "profile_options": json.loads(args.profile_options) if profile == "owl" else {}}
             if method == "sleb" and args.sleb_num_samples:
                 job["num_samples"] = args.sleb_num_samples
             rows = []
@@ -375,7 +407,8 @@ def main() -> None:
                 rows.sort(key=lambda r: r["sparsity"])
             else:
                 for sparsity in sparsities:
-                    folder = f"{method}-{int(round(sparsity * 100))}" + (f"-{number}" if number else "")
+                    folder = f"{method}-{int(round(sparsity * 100))}" + (f"-{number}" if number else "") + (
+                        f"-{Path(profile).stem}" if profile != "uniform" else "")
                     rows.append(run_worker({**job, "sparsity": sparsity, "output": str(out_root / folder)}))
             for r in rows:
                 sparsity = r["sparsity"]
@@ -383,6 +416,12 @@ def main() -> None:
                 print(f"| {label} | {sparsity:.0%} | {r['achieved']:.4f} | {r['perplexity']:.2f} | "
                       f"{r['perplexity'] / dense['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss'] / MB:.0f} | "
                       f"{r['bytes'] / dense['bytes']:.3f} |", flush=True)
+                r["label"] = label
+                if r.get("block_achieved"):
+                    block_lines.append(f"{label} {sparsity:.0%}: removed per block "
+                                       + " ".join(f"{v:.3f}" for v in r["block_achieved"].values()))
+    for line in block_lines:  # after the table, so it stays one table
+        print(line, flush=True)
 
     import torch
     import transformers
@@ -395,7 +434,7 @@ def main() -> None:
         models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(dense["output"]).eval()}
     for r in results[1:] if models else ():
         if abs(r["sparsity"] - args.speed_sparsity) < 1e-9:
-            models[f"{r['method']} {r['achieved']:.3f}"] = \
+            models[f"{r.get('label', r['method'])} {r['achieved']:.3f}"] = \
                 transformers.AutoModelForCausalLM.from_pretrained(r["output"]).eval()
     if any(name.startswith("disp_llm") for name in models):
         models["dense, identity selections"] = identity_selections(models["dense"])
