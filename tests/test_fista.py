@@ -138,6 +138,31 @@ def test_objective_tolerance_stops_at_the_first_small_decrease():
         FistaOptions(objective_tolerance=1.5)
 
 
+def test_support_tolerance_stops_once_the_kept_mask_settles():
+    """With ``support`` the solve stops at the first accepted step that leaves the hard-threshold mask (almost)
+    unchanged; up to there the iterates are the untouched ones."""
+    weight, x, x_hat = _problem(out=8, n_in=32, tokens=400)
+    problem = _layer_problem(weight, x, x_hat)
+    pattern = SparsityPattern.parse("2:4")
+    start = weight.clone()  # dense: the first steps move the mask a lot
+    masks = []
+
+    def support(candidate):
+        masks.append(hard_threshold(candidate, pattern, 0.5))
+        return masks[-1]
+
+    full, _, full_history = fista_solve(problem, start, None, 0.5, 200)
+    early, _, early_history = fista_solve(problem, start, None, 0.5, 200, support=support, support_tolerance=0.0)
+    assert len(early_history) < len(full_history)
+    assert early_history == full_history[:len(early_history)]
+    changed = [int((a != b).sum()) for a, b in zip(masks, masks[1:])]
+    assert len(changed) >= 2, changed  # it ran several steps before the mask settled
+    assert changed[-1] == 0 < min(changed[:-1])  # tolerance 0: it stopped at the first step that kept the mask
+    assert torch.equal(hard_threshold(early, pattern, 0.5), masks[-1])  # the mask it stopped on is the final one
+    with pytest.raises(ValueError, match="support_tolerance must be in"):
+        FistaOptions(support_tolerance=1.0)
+
+
 def test_fista_solve_reuses_the_given_product():
     weight, x, x_hat = _problem()
     problem = _layer_problem(weight, x, x_hat)
