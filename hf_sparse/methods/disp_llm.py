@@ -68,11 +68,11 @@ LOSSES = ("kl", "ce")
 class DISPOptions(MethodOptions):
     steps: int = field(default=200, metadata={
         "help": "Hypernetwork training steps (the paper: 10,000 steps of 2048 tokens on GPUs).", "range": ">= 1"})
-    lam: float = field(default=2.0, metadata={
+    lam: float = field(default=1.0, metadata={
         "help": "λ, the weight of the parameter penalty |log(kept / target)| (the paper: 6; the authors' script 16). "
                 "The final threshold lands on the target whatever λ; a smaller λ only lets the share wander a little "
-                "during training and leaves the language-modelling term more say (2: lower perplexity than 6 or 16 on "
-                "the 7M test model).", "range": "> 0"})
+                "during training and leaves the language-modelling term more say (1: lower perplexity than 2, 6 or 16 "
+                "on the 7M test model).", "range": "> 0"})
     lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the hypernetwork.", "range": "> 0"})
     temperature: float = field(default=0.4, metadata={
         "help": "Gumbel-sigmoid temperature.", "range": "> 0"})
