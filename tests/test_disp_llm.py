@@ -17,6 +17,7 @@ from hf_sparse.methods.disp_llm import (
     BlockCosts,
     SelectionNetwork,
     block_costs,
+    fit_loss,
     kept_parameters,
     parameter_penalty,
     straight_through_mask,
@@ -210,6 +211,21 @@ def test_hard_masks_keep_one_dimension_and_pass_sigmoid_gradients():
     assert straight_through_mask(torch.tensor([0.5, -0.5, 2.0])).tolist() == [1.0, 0.0, 1.0]
 
 
+def test_fit_loss_is_the_papers_cross_entropy_or_the_kl_to_the_dense_model():
+    model = build("llama")
+    with torch.no_grad():
+        dense = model(IDS).logits[:, :-1].float()  # (2, 15, vocab)
+    torch.testing.assert_close(fit_loss(model, IDS, dense, "ce"),
+                               torch.nn.functional.cross_entropy(dense.reshape(-1, dense.shape[-1]),
+                                                                 IDS[:, 1:].reshape(-1)))
+    assert fit_loss(model, IDS, dense, "kl").abs() < 1e-6  # the dense model fits itself exactly
+    shifted = dense.clone()
+    shifted[..., 0] += 1.0  # masked logits that differ: KL(p || q) by hand
+    p, q = dense.log_softmax(-1), shifted.log_softmax(-1)
+    torch.testing.assert_close(fit_loss(model, IDS, shifted, "kl"), (p.exp() * (p - q)).sum(-1).mean())
+    assert fit_loss(model, IDS, shifted, "kl") > 0
+
+
 def test_final_threshold_lands_within_one_dimension_of_the_target():
     model = build("llama")
     session = StructuredSession(model, IDS, show_progress=False)
@@ -241,7 +257,7 @@ def _config(sparsity=0.3, seed=0, **options):
 def test_disp_llm_hits_the_target_is_deterministic_and_reloads(tmp_path):
     first, second, other = build("llama"), build("llama"), build("llama")
     record = hf_sparse.prune(first, _config(), show_progress=False)
-    assert record.method == "disp_llm" and record.method_options["lam"] == 6.0
+    assert record.method == "disp_llm" and record.method_options["lam"] == 1.0
     assert record.overall_sparsity == 1 - record.structure["block_parameters"] / \
         record.structure["original"]["block_parameters"]
     assert abs(record.overall_sparsity - 0.3) < 0.02
@@ -262,7 +278,7 @@ def test_unsupported_architecture_fails_before_weights_load(tmp_path):
 
 @pytest.mark.parametrize("options,message", [
     ({"steps": 0}, "steps"), ({"lam": 0.0}, "lam"), ({"lr": -1.0}, "lr"), ({"temperature": 0.0}, "temperature"),
-    ({"windows_per_step": 0}, "windows_per_step"), ({"lambda": 6}, "unknown option"),
+    ({"windows_per_step": 0}, "windows_per_step"), ({"loss": "mse"}, "loss"), ({"lambda": 6}, "unknown option"),
 ])
 def test_disp_llm_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):

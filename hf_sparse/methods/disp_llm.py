@@ -16,9 +16,12 @@ The selections are learned, the LLM stays frozen:
    training starts from "keep almost everything"), rounded to 0/1 with a straight-through gradient; a selection that
    would keep nothing keeps its highest-scoring dimension. The frozen model runs with these masks
    (:func:`~hf_sparse.surgery.masked_residual`: exactly the pruned model), so the loss is the pruned model's.
-3. **Loss**: language-modelling cross-entropy on calibration windows + λ·|log(P(m) / P_target)|, with P(m) the
+3. **Loss**: a language-modelling term on calibration windows + λ·|log(P(m) / P_target)|, with P(m) the
    decoder-block parameters the hard masks keep (:func:`kept_parameters`, differentiable through the
-   straight-through masks). AdamW on the hypernetwork only.
+   straight-through masks). AdamW on the hypernetwork only. The language-modelling term (:func:`fit_loss`) is by
+   default KL(dense || masked) of the next-token distributions, the frozen dense model's own predictions on the same
+   windows as targets; the paper's cross-entropy on the calibration tokens is ``loss="ce"``. On the 7M test model
+   the KL reached a lower held-out perplexity at every sparsity measured (README), at one extra forward per step.
 4. **Final masks**: the noise-free scores ``logit + offset`` of the trained network, thresholded at the one global
    value whose kept parameters come closest to the target (every selection keeps at least its best dimension): the
    achieved share is within one dimension's parameters of the target, and the record states it exactly.
@@ -28,8 +31,9 @@ The selections are learned, the LLM stays frozen:
    of it); the network still learns which dimensions each block keeps.
 
 Deterministic for a seed (the pruning seed initialises the network and draws the noise and the windows). Cost:
-``steps`` forward and backward passes of the frozen model on ``windows_per_step`` calibration windows (no weight
-gradients); the hypernetwork itself is negligible.
+``steps`` forward and backward passes of the masked frozen model on ``windows_per_step`` calibration windows (no
+weight gradients), plus one forward pass of the dense model with ``loss="kl"``; the hypernetwork itself is
+negligible.
 """
 
 from __future__ import annotations
@@ -56,16 +60,20 @@ logger = logging.getLogger(__name__)
 
 #: the five selections of one block, in execution order (the hypernetwork's sequence order within a block)
 SELECTIONS = ("attention_input", "attention_output", "mlp_input", "mlp_channels", "mlp_output")
+#: what the masked model fits during training (``DISPOptions.loss``)
+LOSSES = ("kl", "ce")
 
 
 @dataclass
 class DISPOptions(MethodOptions):
     steps: int = field(default=200, metadata={
         "help": "Hypernetwork training steps (the paper: 10,000 steps of 2048 tokens on GPUs).", "range": ">= 1"})
-    lam: float = field(default=6.0, metadata={
-        "help": "λ, the weight of the parameter penalty |log(kept / target)| (the paper: 6; the authors' script 16).",
-        "range": "> 0"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the hypernetwork.", "range": "> 0"})
+    lam: float = field(default=1.0, metadata={
+        "help": "λ, the weight of the parameter penalty |log(kept / target)| (the paper: 6; the authors' script 16). "
+                "The final threshold lands on the target whatever λ; a smaller λ only lets the share wander a little "
+                "during training and leaves the language-modelling term more say (1: lower perplexity than 2, 6 or 16 "
+                "on the 7M test model).", "range": "> 0"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the hypernetwork.", "range": "> 0"})
     temperature: float = field(default=0.4, metadata={
         "help": "Gumbel-sigmoid temperature.", "range": "> 0"})
     offset: float = field(default=3.0, metadata={
@@ -73,6 +81,11 @@ class DISPOptions(MethodOptions):
                 "everything.", "range": ">= 0"})
     windows_per_step: int = field(default=4, metadata={
         "help": "Calibration windows per step (tokens per step = this x sequence_length).", "range": ">= 1"})
+    loss: str = field(default="kl", metadata={
+        "help": "What the masked model is trained to fit: 'kl' (the default), KL(dense || masked) of the next-token "
+                "distributions, the frozen dense model run on the same windows without gradients; 'ce' (the paper), "
+                "cross-entropy on the calibration tokens. 'kl' costs one extra forward pass per step.",
+        "choices": LOSSES})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,6 +160,23 @@ def parameter_penalty(kept, target, lam: float) -> torch.Tensor:
     2.0794
     """
     return (lam * torch.log(kept / target).abs()).mean()
+
+
+def fit_loss(model: nn.Module, batch: torch.Tensor, logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """The language-modelling term of the training loss for the masked model's ``logits`` ``(windows, seq - 1,
+    vocab)`` on ``batch`` ``(windows, seq)``: ``"ce"``, the cross-entropy on the next tokens (the paper), or ``"kl"``,
+    the mean over positions of KL(dense || masked), with ``model`` run unmasked on ``batch`` without gradients (call
+    it outside :func:`~hf_sparse.surgery.masked_residual`).
+
+    >>> fit_loss(model, batch, model(batch).logits[:, :-1], "kl")  # doctest: +SKIP
+    tensor(0.)
+    """
+    targets = batch[:, 1:].reshape(-1)
+    if loss == "ce":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
+    with torch.no_grad():
+        dense = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+    return (dense.exp() * (dense - F.log_softmax(logits, dim=-1))).sum(-1).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +327,7 @@ class DISPLLMPruning(StructuredPruningMethod):
                     per_block = {i: dict(zip(SELECTIONS, masks[5 * i: 5 * i + 5])) for i in range(len(costs))}
                     with masked_residual(model, session.adapter, per_block):
                         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+                    ce = fit_loss(model, batch, logits, options.loss)
                     if block_targets is None:
                         kept = kept_parameters(costs, masks)
                         penalty = parameter_penalty(kept, target, options.lam)
@@ -309,7 +339,7 @@ class DISPLLMPruning(StructuredPruningMethod):
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    progress.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}",
+                    progress.set_postfix(loss=f"{loss.item():.3f}", **{options.loss: f"{ce.item():.3f}"},
                                          kept=f"{kept.item() / total:.3f}")
         finally:
             progress.close()
