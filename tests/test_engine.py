@@ -210,28 +210,35 @@ def test_write_parameter_takes_a_new_shape_in_the_module_and_in_the_offload_stor
 
 
 @pytest.mark.parametrize("method, options", [("sparsegpt", {}), ("fista", OFFLOAD_QUICK_FISTA)])
-def test_pruning_does_not_depend_on_the_thread_count(method, options):
-    """One block with operators as wide as the shared model's, pruned with 1 and with 2 torch threads: the same
-    masks, and the same kept weights bit for bit for SparseGPT. FISTA's kept weights may differ by float32 rounding
-    (about 1e-8 on an AMD EPYC with torch 2.13: a multi-threaded product reduces in another order); the masks never
-    differ, and a repeated run with the same thread count is bit-identical (README, "Determinism across thread
-    counts")."""
+def test_pruning_is_repeatable_and_thread_count_only_moves_fista_by_rounding(method, options):
+    """One block with operators as wide as the shared model's, pruned with 1, 2 and again 1 torch threads. A repeated
+    run with the same thread count is bit-identical for every method. SparseGPT is bit-identical across thread counts
+    too. FISTA is not: a multi-threaded product reduces in another order, and its iterations carry that float32
+    rounding into near-tied 2:4 choices (on an Intel Xeon with torch 2.13, 4 to 36,000 mask entries of this block's
+    operators move between 1 and 2 threads, with the old defaults as with the new; on an AMD EPYC none did), so across
+    thread counts the test asks for the same quality: the pruned block's output error against the dense one within
+    2% (measured: 0.5334 and 0.5324, 0.2% apart). README, "Determinism across thread counts"."""
     ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(2))
+    probe = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense = tiny_llama(hidden_size=256, intermediate_size=768, num_hidden_layers=1)(probe).logits
     cfg = hf_sparse.SparsityConfig(method=method, pattern="2:4", calibration=ids, num_samples=8, sequence_length=64,
                                    batch_size=4, method_options=options)
     before = torch.get_num_threads()
-    weights = []
+    weights, errors = [], []
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 1):
             torch.set_num_threads(threads)
             model = tiny_llama(hidden_size=256, intermediate_size=768, num_hidden_layers=1)
             hf_sparse.prune(model, cfg, show_progress=False)
             weights.append({k: v.clone() for k, v in model.state_dict().items()})
+            with torch.no_grad():
+                errors.append(((model(probe).logits - dense).norm() / dense.norm()).item())
     finally:
         torch.set_num_threads(before)
-    for key, value in weights[0].items():
-        assert torch.equal(weights[1][key] == 0, value == 0), f"{key}: the mask depends on the thread count"
+    one_thread, two_threads, one_thread_again = weights
+    for key, value in one_thread.items():
+        assert torch.equal(one_thread_again[key], value), f"{key}: a repeated run with 1 thread differs"
         if method == "sparsegpt":
-            assert torch.equal(weights[1][key], value), key
-        else:
-            torch.testing.assert_close(weights[1][key], value, rtol=1e-6, atol=1e-7, msg=key)
+            assert torch.equal(two_threads[key], value), f"{key}: SparseGPT depends on the thread count"
+    assert 0 < errors[0] < 1 and errors[1] == pytest.approx(errors[0], rel=0.02), errors
