@@ -114,16 +114,8 @@ def group_scores(decl: AttentionHeads, shape: BlockShape, weights: dict[str, tor
     >>> group_scores(decl, BlockShape(2, 2, 1, 4), w, w)
     tensor([8., 8.])
     """
-    d, heads, groups = shape.head_dim, shape.attention_heads, shape.kv_heads
-    per_group = heads // groups
-    output = (weights[decl.output].float() * grads[decl.output].float()).abs().sum(0)  # (heads * d,)
-    scores = output.reshape(groups, per_group * d).sum(1)
-    if decl.layout == "fused_per_head":  # rows [q_h; k_h; v_h] per head, multi-head attention
-        return scores + _row_scores(weights[decl.query], grads[decl.query]).reshape(groups, 3 * d).sum(1)
-    scores = scores + _row_scores(weights[decl.query], grads[decl.query]).reshape(groups, per_group * d).sum(1)
-    for name in (decl.key, decl.value):
-        scores = scores + _row_scores(weights[name], grads[name]).reshape(groups, d).sum(1)
-    return scores
+    # a group's score is the sum of its channels' scores (one definition of the split, in attention_channel_scores)
+    return attention_channel_scores(decl, shape, weights, grads).reshape(shape.kv_heads, -1).sum(1)
 
 
 def attention_channel_scores(decl: AttentionHeads, shape: BlockShape, weights: dict[str, torch.Tensor],
