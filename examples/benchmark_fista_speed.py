@@ -41,7 +41,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_sparse
-from hf_sparse.cli.common import add_threads_argument, apply_threads
+from hf_sparse.cli.common import add_threads_argument, apply_threads, parse_method_option
 
 # Llama shapes. num_key_value_heads < num_attention_heads is grouped-query attention (smaller k_proj and v_proj).
 PRESETS = {
@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pruning.add_argument("--num-samples", type=int, default=16, help="calibration sequences (default 16)")
     pruning.add_argument("--sequence-length", type=int, default=512, help="tokens per sequence (default 512)")
     pruning.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    pruning.add_argument("--method-option", dest="method_options", action="append", type=parse_method_option,
+                         default=[], metavar="KEY=VALUE",
+                         help="an option for the FISTA runs only, repeatable (e.g. rounds=3; the value is read as JSON)")
     run = parser.add_argument_group("run")
     run.add_argument("--device", help="'cuda', 'cuda:1', 'cpu'... (default: cuda if available, else cpu)")
     run.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: float16 on cuda, float32 on cpu)")
@@ -151,10 +154,12 @@ def random_token_ids(vocab_size: int, num_samples: int, sequence_length: int, se
 
 def sparsity_config(method: str, args: argparse.Namespace, calibration: torch.Tensor,
                     device: torch.device) -> hf_sparse.SparsityConfig:
+    # Options are FISTA's: the baseline keeps its defaults, so the ratio shows what a FISTA setting costs.
+    options = dict(args.method_options) if method == "fista" else {}
     return hf_sparse.SparsityConfig(
         method=method, pattern=args.pattern, sparsity=args.sparsity, calibration=calibration,
         num_samples=args.num_samples, sequence_length=args.sequence_length, batch_size=args.batch_size,
-        seed=args.seed, device=str(device),
+        seed=args.seed, device=str(device), method_options=options,
     )
 
 
@@ -237,7 +242,8 @@ def format_report(args: argparse.Namespace, config: LlamaConfig, device: torch.d
         f"Model: random-weight Llama, {args.blocks} block(s), hidden {config.hidden_size}, intermediate "
         f"{config.intermediate_size}, {config.num_attention_heads} heads, {config.num_key_value_heads} kv heads, vocab "
         f"{config.vocab_size}. Calibration: {args.num_samples} x {args.sequence_length} random tokens, batch "
-        f"{args.batch_size}, seed {args.seed}. Times: fastest of {args.repeats} run(s).",
+        f"{args.batch_size}, seed {args.seed}. Times: fastest of {args.repeats} run(s). FISTA options: "
+        f"{dict(args.method_options) or 'defaults'}.",
         "",
         "| method | pattern | total s | s per block | ratio to SparseGPT | peak memory |",
         "|---|---|---|---|---|---|",
