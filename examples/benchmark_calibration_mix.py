@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_pruning import SHARED, table  # noqa: E402
 from split_book import main as split_book  # noqa: E402
 
+from hf_sparse.cli.common import add_threads_argument, apply_threads  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-windows", type=int, default=50)
     parser.add_argument("--domain-only", action="store_true",
                         help="only the domain check's table (dense model, no pruning: well under a minute on the 7M)")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    apply_threads(args)
     if (args.book is None) == (args.second_calibration is None or args.second_eval is None):
         parser.error("give --book, or both --second-calibration and --second-eval")
     if args.book is not None:

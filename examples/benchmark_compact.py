@@ -117,10 +117,12 @@ def size_table(name: str, source: Path, repeats: int) -> None:
 _LOAD_CHILD = r"""
 import ctypes, json, os, sys, threading, time, torch
 import hf_sparse
+from hf_sparse.threads import set_num_threads
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()
+set_num_threads()  # the parent's --threads, passed in HF_SPARSE_NUM_THREADS
 folder, dtype, mode = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
 libc = ctypes.CDLL("libc.so.6")
 
@@ -242,6 +244,9 @@ def memory_table(repeats: int) -> None:
 
 
 def main() -> None:
+    sys.path.insert(0, str(REPO))
+    from hf_sparse.cli.common import add_threads_argument, apply_threads
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHARED / "models" / "llama-7m-books"))
     parser.add_argument("--smollm2", default=None,
@@ -250,8 +255,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-sizes", action="store_true")
+    add_threads_argument(parser)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
+    # The loads run in subprocesses, which read the count from the environment (hf_sparse.threads).
+    os.environ["HF_SPARSE_NUM_THREADS"] = str(apply_threads(args))
     if args.smollm2 is None:
         from hf_sparse.testbed import testbed_dir
 

@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hf_sparse.cli.common import add_threads_argument, apply_threads
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
 RESULT_PREFIX = "BENCHMARK-RESULT "
@@ -358,7 +360,11 @@ def main() -> None:
     parser.add_argument("--profile-options", default="{}", help='JSON options of the owl profile, e.g. '
                                                                 '\'{"m": 5, "lambda": 0.08}\'')
     parser.add_argument("--output", default=None, help="folder for the pruned checkpoints (default: a temp dir)")
+    add_threads_argument(parser)
     args = parser.parse_args()
+    # The workers are subprocesses: they read the count from the environment (hf_sparse.threads), so every part of
+    # the run, pruning and timing alike, uses the same number of threads.
+    os.environ["HF_SPARSE_NUM_THREADS"] = str(apply_threads(args))
     if args.worker:
         job = json.loads(args.worker)
         kind = job.get("kind")
