@@ -361,8 +361,11 @@ def _least_squares_target(weight: torch.Tensor, gram: torch.Tensor, cross_target
     return solution.to(weight.dtype), inverse_cholesky.to(weight.dtype)
 
 
-def _warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern, sparsity: float,
-                options: FistaOptions) -> torch.Tensor:
+def warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern, sparsity: float,
+               options: FistaOptions) -> torch.Tensor:
+    """The first round's start, as ``options.init`` says: SparseGPT on the least-squares target ``C·G⁻¹`` (already
+    pruned to the target), ``W`` masked by the Wanda score, or ``W`` itself.
+    (``examples/fista_layer_study.py`` compares final masks with this one to see what the λ rounds changed.)"""
     if options.init == "dense":
         return weight.clone()
     if options.init == "wanda":
@@ -403,7 +406,7 @@ def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
         product = kept @ problem.gram
         return kept, mask, problem.error(kept, product), product
 
-    start = _warm_start(weight, problem, pattern, sparsity, options)
+    start = warm_start(weight, problem, pattern, sparsity, options)
     best_weight, best_mask, best_error, best_product = rounded(start)
     # The warm start is usually already sparse (SparseGPT, Wanda): then its product is the one just computed.
     best_start = start

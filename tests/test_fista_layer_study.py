@@ -1,0 +1,61 @@
+"""``examples/fista_layer_study.py``: the per-operator study behind the README's account of what FISTA's λ rounds
+change (errors relative to the first setting, masks compared with the warm start's)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "fista_layer_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("fista_layer_study_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_setting_is_a_name_and_a_json_object_of_valid_options(study):
+    assert study.parse_setting('old={"rounds": 3, "precondition": false}') == ("old", {"rounds": 3,
+                                                                                      "precondition": False})
+    for bad in ("old", "old=[1]", "={}", "old={rounds: 3}"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=JSON-OBJECT"):
+            study.parse_setting(bad)
+    with pytest.raises(ValueError, match="rounds"):
+        study.parse_setting('old={"rounds": 0}')
+
+
+@pytest.mark.slow
+def test_the_study_of_a_real_block_compares_settings_on_the_same_problems(study, capsys, restore_threads):
+    study.main(["--model", "llama-7m-books", "--blocks", "1", "--num-samples", "8", "--sequence-length", "128",
+                "--threads", "1", "--setting", "defaults={}", "--setting", "again={}",
+                "--setting", 'no-refit={"refit_iterations": 0}'])
+    out = capsys.readouterr().out
+    assert "7 operators of blocks 1, 2:4" in out
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:6]]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| setting")}
+    assert list(rows) == ["defaults", "again", "no-refit"]
+    assert rows["defaults"][1] == rows["again"][1] == "1.0000"  # the same options solve the same problems alike
+    assert rows["defaults"][0] == rows["again"][0]
+    assert float(rows["no-refit"][1]) > 1.0  # the refit only ever lowers the error
+    for _, _, masks, _ in rows.values():
+        low, mean = (float(value) for value in masks.split(" / "))
+        assert 0.0 <= low <= mean <= 1.0
