@@ -78,8 +78,10 @@ class _ScatterDims:
 
     def __call__(self, _module, _args, output):
         narrow = output[0] if isinstance(output, tuple) else output  # (..., kept)
+        # In place on the fresh zeros: one full-width tensor instead of two. Autograd allows it (the zeros are not
+        # an input of anything), so LoRA training through the hook still gets its gradients.
         full = narrow.new_zeros(*narrow.shape[:-1], self.dims.hidden_size)
-        full = full.index_add(-1, self.dims.indices(self.point), narrow)
+        full.index_add_(-1, self.dims.indices(self.point), narrow)
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
 
