@@ -211,8 +211,8 @@ def memory_table(repeats: int) -> None:
             folders[f"compact {label}"] = Path(tmp) / f"compact-{label[:2]}"
             model.save_pretrained(folders[f"compact {label}"], compressed=True)
             del model
-        print(f"\n## Memory while loading (random Llama: hidden 1024, MLP 4096, 4 blocks, vocab 4096; float16 "
-              f"checkpoints, 144 MiB of weights; the largest matrix is 8 MiB in float16, 16 MiB in float32)\n")
+        print("\n## Memory while loading (random Llama: hidden 1024, MLP 4096, 4 blocks, vocab 4096; float16 "
+              "checkpoints, 144 MiB of weights; the largest matrix is 8 MiB in float16, 16 MiB in float32)\n")
         print("Each load in a fresh process. *Held*: bytes the process holds after the load (above its state after "
               "the imports); *peak*: the most it held during the load; *above model* = peak - held, also in units "
               "of the largest matrix in the loaded dtype. *malloc*: glibc's count of allocated bytes (mallinfo2, "

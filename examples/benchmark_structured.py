@@ -431,7 +431,6 @@ def main() -> None:
     for line in block_lines:  # after the table, so it stays one table
         print(line, flush=True)
 
-    import torch
     import transformers
 
     import hf_sparse  # noqa: F401  (loads the non-uniform FLAP checkpoints)

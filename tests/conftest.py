@@ -66,6 +66,34 @@ def heldout_text() -> str:
     return TEST_TXT.read_text(encoding="utf-8")
 
 
+def import_example(name: str):
+    """``examples/<name>.py`` imported as a module for tests, registered in ``sys.modules`` under a test name (its
+    dataclasses look their module up there); returns the module."""
+    import importlib.util
+    import sys
+
+    module_name = f"{name}_under_test"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+@pytest.fixture
+def restore_threads():
+    """Give the process its torch thread count back after a test that sets it (``--threads``)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_pretrained():
     from transformers import AutoModelForCausalLM
 

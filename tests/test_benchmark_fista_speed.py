@@ -3,27 +3,15 @@ compares a FISTA setting against SparseGPT's defaults, and the report names the 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark_fista_speed.py"
+from conftest import import_example
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_fista_speed_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-
+    return import_example("benchmark_fista_speed")
 
 def test_method_options_go_to_fista_only(bench):
     args = bench.parse_args(["--method-option", "rounds=3", "--method-option", "precondition=false"])
@@ -38,13 +26,6 @@ def test_a_bad_option_fails_before_any_model_is_built(bench):
     args = bench.parse_args(["--method-option", "rounds=0"])
     with pytest.raises(ValueError, match="rounds"):
         bench.sparsity_config("fista", args, torch.zeros(2, 8, dtype=torch.long), torch.device("cpu"))
-
-
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # --threads sets the process-wide count; later tests get theirs back
 
 
 def test_the_report_times_both_methods_and_names_the_fista_setting(bench, capsys, restore_threads):

@@ -4,22 +4,16 @@ seeds, assembled from runs that may have been made in separate processes through
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark_pruning.py"
+from conftest import import_example
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_pruning_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+    return import_example("benchmark_pruning")
 
 def test_spread_shows_mean_sample_sd_and_each_seed(bench):
     assert bench.spread([69.09, 71.29, 70.31]) == "70.23 ± 1.10 [69.09 / 71.29 / 70.31]"

@@ -3,7 +3,6 @@ and LoRA recovery on the real model."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 

@@ -36,7 +36,7 @@ from typing import Any
 from torch import nn
 
 from ..architectures import ArchitectureAdapter
-from .apply import BlockShape, _configs, _submodule, apply_block_edit, block_shape
+from .apply import _configs, _submodule, apply_block_edit, block_shape
 from .edits import RESIDUAL_POINTS, AttentionEdit, BlockEdit, MLPEdit, ResidualEdit
 
 STRUCTURE_VERSION = 1
@@ -179,7 +179,6 @@ def finish_config(adapter: ArchitectureAdapter, model: nn.Module, structure: dic
 
     Returns ``structure`` with ``"loading"`` set. Block removal has already shortened ``num_hidden_layers``.
     """
-    original = structure["original"]
     updates = _config_updates(adapter, structure) if _rewritable(adapter, structure) else None
     if updates is not None and all(_config_accepts(config, updates) for config in _configs(model)):
         for config in _configs(model):
