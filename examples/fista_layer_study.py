@@ -11,7 +11,10 @@ again with each ``--setting`` and prints, per setting:
 - the share of kept-mask entries equal to the warm start's mask (SparseGPT on the corrected target), the lowest over
   the operators and the mean: 1.000 everywhere means the λ rounds changed nothing and the result is the warm start
   refitted on its own mask;
-- the solver's seconds for all operators (one thread unless ``--threads``).
+- the solver's seconds for all operators (one thread unless ``--threads``);
+- with ``--holdout-seed S``, the same error measured on other calibration windows (the problems of the same blocks
+  collected from calibration seed ``S``): how well each setting's weights fit tokens they were not fitted on. A
+  setting that fits the calibration windows better but the held-out ones worse is overfitting them.
 
     python examples/fista_layer_study.py --model smollm2 --blocks 3,15,27 --pattern 2:4 \\
         --setting defaults='{}' \\
@@ -95,10 +98,12 @@ def warm_start_mask(problem: OperatorProblem, pattern: SparsityPattern, options:
     return warm_start(weight, solver_problem, pattern, problem.sparsity, options) != 0
 
 
-def study(problems: list[OperatorProblem], pattern: SparsityPattern, settings: dict[str, dict]) -> list[str]:
-    """One markdown row per setting (see the module docstring)."""
+def study(problems: list[OperatorProblem], pattern: SparsityPattern, settings: dict[str, dict],
+          holdout: list[OperatorProblem] | None = None) -> list[str]:
+    """One markdown row per setting (see the module docstring); ``holdout`` (the same operators' problems on
+    other windows) adds the held-out error and its ratio to the first setting's."""
     warm_masks = [warm_start_mask(p, pattern, FistaOptions()) for p in problems]
-    rows, first_errors = [], None
+    rows, first_errors, first_holdout = [], None, None
     for name, options in settings.items():
         fista_options = FistaOptions(**options)
         started = time.perf_counter()
@@ -109,8 +114,14 @@ def study(problems: list[OperatorProblem], pattern: SparsityPattern, settings: d
         first_errors = first_errors or errors
         ratio = math.exp(sum(math.log(e / f) for e, f in zip(errors, first_errors)) / len(errors))
         same = [float((mask == warm).float().mean()) for (_, mask), warm in zip(results, warm_masks)]
-        rows.append(f"| {name} | {sum(errors) / len(errors):.5f} | {ratio:.4f} | {min(same):.4f} / "
-                    f"{sum(same) / len(same):.4f} | {seconds:.1f} |")
+        row = (f"| {name} | {sum(errors) / len(errors):.5f} | {ratio:.4f} | {min(same):.4f} / "
+               f"{sum(same) / len(same):.4f} | {seconds:.1f} |")
+        if holdout is not None:
+            held = [p.relative_error(pruned) for p, (pruned, _) in zip(holdout, results)]
+            first_holdout = first_holdout or held
+            held_ratio = math.exp(sum(math.log(e / f) for e, f in zip(held, first_holdout)) / len(held))
+            row += f" {sum(held) / len(held):.5f} | {held_ratio:.4f} |"
+        rows.append(row)
     return rows
 
 
@@ -136,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--holdout-seed", type=int, default=None,
+                        help="also measure every setting's error on the problems of calibration seed N")
     parser.add_argument("--setting", dest="settings", action="append", type=parse_setting, default=[],
                         metavar="NAME=JSON", help="a FISTA option set, repeatable (default: the defaults only)")
     add_threads_argument(parser)
@@ -147,25 +160,38 @@ def main(argv: list[str] | None = None) -> None:
     apply_threads(args)
     settings = dict(args.settings) or {"defaults": {}}
 
+    if args.holdout_seed == args.seed:
+        parser.error(f"--holdout-seed {args.holdout_seed} is the calibration seed: held-out windows need another")
+
     model_dir = resolve_model(args.model, parser)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    n_blocks = model.config.num_hidden_layers
-    if any(not 0 <= block < n_blocks for block in blocks):
-        parser.error(f"--blocks {args.blocks}: the model has blocks 0..{n_blocks - 1}")
-    calibration = load_calibration(str(SHARED / "data" / "calibration.txt"), tokenizer, args.num_samples,
-                                   args.sequence_length, args.seed)
-    config = hf_sparse.SparsityConfig(method="fista", pattern=args.pattern, sparsity=args.sparsity,
-                                      calibration=calibration, num_samples=args.num_samples,
-                                      sequence_length=args.sequence_length)
-    problems = collect_problems(model, calibration, config, blocks)
+
+    def problems_of_seed(seed: int) -> tuple[list[OperatorProblem], hf_sparse.SparsityConfig]:
+        # A fresh model per seed: collecting prunes the studied blocks in place.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        n_blocks = model.config.num_hidden_layers
+        if any(not 0 <= block < n_blocks for block in blocks):
+            parser.error(f"--blocks {args.blocks}: the model has blocks 0..{n_blocks - 1}")
+        calibration = load_calibration(str(SHARED / "data" / "calibration.txt"), tokenizer, args.num_samples,
+                                       args.sequence_length, seed)
+        config = hf_sparse.SparsityConfig(method="fista", pattern=args.pattern, sparsity=args.sparsity,
+                                          calibration=calibration, num_samples=args.num_samples,
+                                          sequence_length=args.sequence_length)
+        return collect_problems(model, calibration, config, blocks), config
+
+    problems, config = problems_of_seed(args.seed)
+    holdout = None if args.holdout_seed is None else problems_of_seed(args.holdout_seed)[0]
     print(f"{args.model}: {len(problems)} operators of blocks {args.blocks}, {args.pattern}"
           f"{'' if config.parsed_pattern.is_n_m else f' {config.sparsity:.0%}'}, calibration {args.num_samples} x "
-          f"{args.sequence_length} tokens, seed {args.seed}, {torch.get_num_threads()} thread(s)\n")
-    print("| setting | mean relative error | ratio to the first | mask equal to the warm start's (min / mean) "
-          "| solver s |")
-    print("|---|---|---|---|---|")
-    for row in study(problems, config.parsed_pattern, settings):
+          f"{args.sequence_length} tokens, seed {args.seed}"
+          f"{'' if holdout is None else f' (held out: seed {args.holdout_seed})'}, "
+          f"{torch.get_num_threads()} thread(s)\n")
+    header = "| setting | mean relative error | ratio to the first | mask equal to the warm start's (min / mean) | solver s |"
+    if holdout is not None:
+        header += " held-out error | held-out ratio |"
+    print(header)
+    print("|---" * header.count(" | ") + "|---|")
+    for row in study(problems, config.parsed_pattern, settings, holdout):
         print(row, flush=True)
 
 

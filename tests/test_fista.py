@@ -231,12 +231,34 @@ def test_fista_improves_its_warm_start_on_the_layer_objective():
     assert max(errors.values()) < problem.error(sparsegpt_weight)
 
 
+def test_ridge_is_the_stated_objective_and_pulls_kept_weights_to_their_dense_values():
+    weight, x, x_hat = _problem(out=16, n_in=32, tokens=600)
+    stats = _stats(weight, x, x_hat)
+    pattern = SparsityPattern.parse("2:4")
+    plain, plain_mask = fista_prune(weight, *stats, pattern, 0.5, FistaOptions(ridge=0.0))
+
+    def objective(w, rho):  # ‖ŴX̂ − WX‖² + ρ‖Ŵ − W‖², from explicit products
+        return float((w.double() @ x_hat.double() - weight.double() @ x.double()).pow(2).sum()
+                     + rho * (w.double() - weight.double()).pow(2).sum())
+
+    rho = 0.1 * float(torch.diagonal(stats[0]).mean())
+    ridged, ridged_mask = fista_prune(weight, *stats, pattern, 0.5, FistaOptions(ridge=0.1))
+    # Each solution is the better one for its own objective: the ridge changes what is minimised.
+    assert objective(ridged, rho) < objective(plain, rho)
+    assert objective(plain, 0.0) < objective(ridged, 0.0)
+    assert (ridged - weight * ridged_mask).norm() < (plain - weight * plain_mask).norm()
+    # A dominant ridge leaves the kept weights at their dense values.
+    huge, huge_mask = fista_prune(weight, *stats, pattern, 0.5, FistaOptions(ridge=1e6))
+    assert torch.allclose(huge, weight * huge_mask, rtol=1e-3, atol=1e-4)
+
+
 def test_options_are_validated():
     for bad, match in [({"init": "magnitude"}, "init must be one of"), ({"xi": 1.5}, "xi must be in"),
                        ({"iterations": 0}, "iterations must be an integer >= 1"),
                        ({"error_correction": "yes"}, "error_correction must be True or False"),
                        ({"lambda_factor": 1.0}, "lambda_factor must be a number > 1"),
-                       ({"tolerance": -1}, "tolerance must be in")]:
+                       ({"tolerance": -1}, "tolerance must be in"),
+                       ({"ridge": -0.1}, "ridge must be a number >= 0")]:
         with pytest.raises(ValueError, match=match):
             FistaOptions(**bad)
         with pytest.raises(ValueError, match=match):
