@@ -98,6 +98,11 @@ def warm_start_mask(problem: OperatorProblem, pattern: SparsityPattern, options:
     return warm_start(weight, solver_problem, pattern, problem.sparsity, options) != 0
 
 
+def geometric_mean_ratio(values: list[float], reference: list[float]) -> float:
+    """exp(mean log(value / reference)): the typical per-operator ratio, which a few large operators cannot dominate."""
+    return math.exp(sum(math.log(v / r) for v, r in zip(values, reference)) / len(values))
+
+
 def study(problems: list[OperatorProblem], pattern: SparsityPattern, settings: dict[str, dict],
           holdout: list[OperatorProblem] | None = None) -> list[str]:
     """One markdown row per setting (see the module docstring); ``holdout`` (the same operators' problems on
@@ -112,14 +117,14 @@ def study(problems: list[OperatorProblem], pattern: SparsityPattern, settings: d
         seconds = time.perf_counter() - started
         errors = [p.relative_error(pruned) for p, (pruned, _) in zip(problems, results)]
         first_errors = first_errors or errors
-        ratio = math.exp(sum(math.log(e / f) for e, f in zip(errors, first_errors)) / len(errors))
+        ratio = geometric_mean_ratio(errors, first_errors)
         same = [float((mask == warm).float().mean()) for (_, mask), warm in zip(results, warm_masks)]
         row = (f"| {name} | {sum(errors) / len(errors):.5f} | {ratio:.4f} | {min(same):.4f} / "
                f"{sum(same) / len(same):.4f} | {seconds:.1f} |")
         if holdout is not None:
             held = [p.relative_error(pruned) for p, (pruned, _) in zip(holdout, results)]
             first_holdout = first_holdout or held
-            held_ratio = math.exp(sum(math.log(e / f) for e, f in zip(held, first_holdout)) / len(held))
+            held_ratio = geometric_mean_ratio(held, first_holdout)
             row += f" {sum(held) / len(held):.5f} | {held_ratio:.4f} |"
         rows.append(row)
     return rows
@@ -186,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.sequence_length} tokens, seed {args.seed}"
           f"{'' if holdout is None else f' (held out: seed {args.holdout_seed})'}, "
           f"{torch.get_num_threads()} thread(s)\n")
-    header = "| setting | mean relative error | ratio to the first | mask equal to the warm start's (min / mean) | solver s |"
+    header = ("| setting | mean relative error | ratio to the first | mask equal to the warm start's (min / mean) "
+              "| solver s |")
     if holdout is not None:
         header += " held-out error | held-out ratio |"
     print(header)

@@ -410,7 +410,8 @@ def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
     if options.ridge:
         # ρ‖Ŵ − W‖² = ρ tr(ŴŴᵀ) − 2ρ tr(ŴWᵀ) + ρ‖W‖²: the Gram form absorbs it as G + ρI, C + ρW, const + ρ‖W‖².
         rho = options.ridge * float(torch.diagonal(gram).mean())
-        gram = gram + rho * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        gram = gram.clone()  # `hessian` may be this very tensor: it is the caller's
+        gram.diagonal().add_(rho)
         target = target + rho * weight
         const += rho * float(weight.pow(2).sum(dtype=torch.float64))
     problem = Problem.build(gram, target, const, options.precondition, options.power_iterations)
