@@ -39,6 +39,33 @@ def test_statistics_match_explicit_forward():
     torch.testing.assert_close(stats.hessian, x.T @ x, rtol=1e-5, atol=1e-4)
 
 
+
+
+def test_a_statistics_pass_ends_before_its_last_operator_runs_unless_it_reads_outputs():
+    model = tiny_llama()
+    block = get_architecture(model).blocks(model)[0]
+    inputs = capture_block_inputs(model, block, _ids(), batch_size=2, device=torch.device("cpu"))
+    calls = {"gate": 0, "up": 0}
+    handles = [block.mlp.gate_proj.register_forward_hook(lambda *_: calls.__setitem__("gate", calls["gate"] + 1)),
+               block.mlp.up_proj.register_forward_hook(lambda *_: calls.__setitem__("up", calls["up"] + 1))]
+    targets = [PruningTarget("gate", block.mlp.gate_proj, 0.5), PruningTarget("up", block.mlp.up_proj, 0.5)]
+    collector = StatisticsCollector(targets, frozenset({"hessian"}), torch.device("cpu"))
+    collector.collect(block, inputs, None)
+    # gate_proj runs before up_proj reads the same input; up_proj itself never runs: its input was all the pass needed.
+    assert calls == {"gate": 2, "up": 0}
+    assert collector.stats["up"].hessian is collector.stats["gate"].hessian
+
+    calls.update(gate=0, up=0)
+    collector = StatisticsCollector(targets, frozenset({"hessian", "dense_output_sq_norm"}), torch.device("cpu"))
+    collector.collect(block, inputs, None)
+    for handle in handles:
+        handle.remove()
+    assert calls == {"gate": 2, "up": 2}  # the output statistic needs up_proj's output
+    x = collector.stats["up"].hessian
+    weight = block.mlp.up_proj.weight.detach()
+    # ‖W X‖² = tr(W XXᵀ Wᵀ): the output statistic of the one pass agrees with the input statistic.
+    torch.testing.assert_close(collector.stats["up"].dense_output_sq_norm, float(torch.trace(weight @ x @ weight.T)),
+                               rtol=1e-4, atol=1e-3)
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_accelerate_cpu_offload_prunes_the_offloaded_weights(method):
     from accelerate import cpu_offload

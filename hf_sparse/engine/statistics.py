@@ -303,7 +303,8 @@ class StatisticsCollector:
     another, like XX̂ᵀ = X̂X̂ᵀ, is that one).
 
     Operators that read the very same input tensor (q/k/v, gate/up) share one accumulator instead of each
-    multiplying the same X̂ᵀX̂. Each pass stops as soon as the last operator of the group has seen its input.
+    multiplying the same X̂ᵀX̂. Each pass stops as soon as the last operator of the group has its input (before it
+    runs), or, in a pass that reads outputs, once it has run.
 
     >>> collector = StatisticsCollector(targets, frozenset({"hessian"}), torch.device("cpu"))  # doctest: +SKIP
     >>> collector.collect(block, inputs, None); collector.stats[targets[0].name].hessian.shape  # doctest: +SKIP
@@ -335,12 +336,13 @@ class StatisticsCollector:
         self.stats: dict[str, LinearStatistics] = {}
         self._dense_pass = False
         self._dense_x: dict[str, torch.Tensor] = {}
-        self._seen: set[str] = set()
+        self._seen: set[str] = set()  # operators whose input this pass has seen
+        self._outputs_seen: set[str] = set()  # ... and whose output statistics it has accumulated
         self._pass_inputs: SharedInputs[str] = SharedInputs()  # input tensor -> the first operator that read it
         self._shares_input_with: dict[str, str] = {}
 
     def _start_pass(self, dense: bool) -> None:
-        self._dense_pass, self._seen, self._pass_inputs = dense, set(), SharedInputs()
+        self._dense_pass, self._seen, self._outputs_seen, self._pass_inputs = dense, set(), set(), SharedInputs()
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
         self._n_tokens[name] += x.shape[0]
@@ -352,12 +354,14 @@ class StatisticsCollector:
             for statistic in self._paired_statistics:
                 statistic.accumulate(totals[statistic.name], x, dense_x)
 
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            # The output is the dense one in a dense pass, and in the first group's pass (nothing pruned yet).
-            if self._output_statistics and self.cache is None and (self._dense_pass or self.dense is DenseSource.SAME):
-                for statistic in self._output_statistics:
-                    statistic.accumulate(self._totals[name][statistic.name], module, output)
+    def _reads_outputs(self) -> bool:
+        """Whether this pass accumulates the statistics of the operators' outputs: only when they are the dense
+        ones (a dense pass, or the first group's pass with nothing pruned yet) and no cache has them already."""
+        return bool(self._output_statistics) and self.cache is None and (
+            self._dense_pass or self.dense is DenseSource.SAME)
+
+    def _input_hook(self, name: str):
+        def hook(module, args):
             raw = args[0]
             first_reader, is_new = self._pass_inputs.get_or_add(raw, lambda: name)
             if not is_new:
@@ -367,14 +371,30 @@ class StatisticsCollector:
             else:
                 self._accumulate(name, _flat_float(raw, self.device))
             self._seen.add(name)
-            if len(self._seen) == len(self.targets):
+            # A forward pre-hook: the pass can end before the last operator even runs (a full down_proj product
+            # saved per batch), unless its output is read too.
+            if len(self._seen) == len(self.targets) and not self._reads_outputs():
+                raise StopForward
+
+        return hook
+
+    def _output_hook(self, name: str):
+        def hook(module, args, output):
+            if not self._reads_outputs():
+                return
+            for statistic in self._output_statistics:
+                statistic.accumulate(self._totals[name][statistic.name], module, output)
+            self._outputs_seen.add(name)
+            if len(self._outputs_seen) == len(self.targets):
                 raise StopForward
 
         return hook
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
-        handles = [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
+        handles = [t.module.register_forward_pre_hook(self._input_hook(t.name)) for t in self.targets]
+        if self._output_statistics and self.cache is None:
+            handles += [t.module.register_forward_hook(self._output_hook(t.name)) for t in self.targets]
         try:
             yield
         finally:

@@ -24,8 +24,9 @@ class SparseGPTOptions(MethodOptions):
     )
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = dampening · mean(diag H)``, in float64 for stability.
+def damped_inverse_hessian(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """``(H + λI)⁻¹`` with ``λ = dampening · mean(diag H)``, float64 (H is often badly conditioned: rarely firing
+    features, outlier channels).
 
     Dead inputs (zero diagonal: the feature never fires) get a unit diagonal so the factorisation exists.
     """
@@ -33,7 +34,15 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.T
     diag = torch.diagonal(h)
     diag[diag == 0] = 1.0
     diag += dampening * diag.mean()
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.cholesky_inverse(torch.linalg.cholesky(h))
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float,
+                             inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of :func:`damped_inverse_hessian` (``inverse``, if the caller has it), in
+    ``hessian``'s dtype."""
+    if inverse is None:
+        inverse = damped_inverse_hessian(hessian, dampening)
     return torch.linalg.cholesky(inverse, upper=True).to(hessian.dtype)
 
 
