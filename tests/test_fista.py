@@ -15,8 +15,9 @@ from hf_sparse.calibration import load_calibration
 from hf_sparse.masks import SparsityPattern, is_valid_n_m, prune_counts
 from hf_sparse.methods import METHODS, build_method
 from hf_sparse.methods.base import register_method
-from hf_sparse.methods.fista import (FistaOptions, FistaPruning, Problem, fista, fista_prune, fista_solve,
-                                     hard_threshold, largest_eigenvalue, refit_on_mask, soft_threshold)
+from hf_sparse.methods.fista import (FistaOptions, FistaPruning, Problem, _least_squares_target, default_rounds, fista,
+                                     fista_prune, fista_solve, hard_threshold, largest_eigenvalue, refit_on_mask,
+                                     soft_threshold)
 from hf_sparse.methods.sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
 
 
@@ -181,6 +182,33 @@ def test_sparsegpt_warm_start_reuses_the_factorisation_exactly():
         own = sparsegpt_prune(weight, gram, pattern, sparsity)
         given = sparsegpt_prune(weight, gram, pattern, sparsity, inverse_cholesky=inverse_hessian_cholesky(gram, 0.01))
         assert torch.equal(own[0], given[0]) and torch.equal(own[1], given[1])
+
+
+def test_least_squares_target_from_the_float32_product_fits_like_a_float64_solve():
+    """W* = C(G + δI)⁻¹ is a float32 product with SparseGPT's float64 inverse: its fit ‖(W* − W*₆₄)X̂‖² is a
+    negligible share of the fit it makes, even for badly scaled inputs."""
+    weight, x, x_hat = _problem(out=16, n_in=64, tokens=400)
+    x_hat = x_hat * torch.logspace(-2, 2, 64).unsqueeze(1)  # four decades between the quietest and loudest input
+    gram = x_hat @ x_hat.T
+    cross_target = weight @ (x @ x_hat.T)
+    target, factor = _least_squares_target(weight, gram, cross_target, 0.01)
+    damped = gram.double() + 0.01 * torch.diagonal(gram).double().mean() * torch.eye(64, dtype=torch.float64)
+    exact = torch.linalg.solve(damped, cross_target.double().T).T
+    difference = (target.double() - exact)
+    assert float(torch.trace(difference @ damped @ difference.T)) < 1e-8 * float(torch.trace(exact @ damped @ exact.T))
+    torch.testing.assert_close(factor, inverse_hessian_cholesky(gram, 0.01))
+
+
+def test_rounds_default_to_one_at_n_m_and_two_unstructured():
+    weight, x, x_hat = _problem(out=16, n_in=32, tokens=600)
+    stats = _stats(weight, x, x_hat)
+    for pattern, sparsity, rounds in ((SparsityPattern.parse("2:4"), 0.5, 1),
+                                      (SparsityPattern("unstructured"), 0.6, 2)):
+        assert default_rounds(pattern) == rounds
+        by_default, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions())
+        explicit, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=rounds))
+        other, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=3 - rounds))
+        assert torch.equal(by_default, explicit) and not torch.equal(by_default, other)
 
 
 def test_soft_threshold_and_power_iteration():
