@@ -14,8 +14,9 @@ whenever the objective would rise (so the objective never increases). A hard thr
 number of weights (unstructured or N:M, through :mod:`hf_sparse.masks`), and the kept weights are refit by least
 squares on the fixed mask (a few conjugate-gradient steps, every output row at once).
 
-``λ`` can be tuned per operator by bisection over ``rounds`` (by default 2 unstructured, 1 for N:M): if the hard threshold adds
-more than ``xi`` of the total reconstruction error the FISTA solution was too dense (raise λ), otherwise lower it.
+``λ`` can be tuned per operator by bisection over ``rounds`` (by default 2 unstructured, 1 for N:M): if the hard
+threshold adds more than ``xi`` of the total reconstruction error the FISTA solution was too dense (raise λ),
+otherwise lower it.
 The best solution (smallest reconstruction error after the hard threshold, the warm start included) is kept, and
 each round warm-starts from the best one so far.
 
