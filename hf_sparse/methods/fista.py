@@ -16,9 +16,8 @@ squares on the fixed mask (a few conjugate-gradient steps, every output row at o
 
 ``λ`` can be tuned per operator by bisection over ``rounds`` (by default 2 unstructured, 1 for N:M): if the hard
 threshold adds more than ``xi`` of the total reconstruction error the FISTA solution was too dense (raise λ),
-otherwise lower it.
-The best solution (smallest reconstruction error after the hard threshold, the warm start included) is kept, and
-each round warm-starts from the best one so far.
+otherwise lower it. The best solution (smallest reconstruction error after the hard threshold, the warm start
+included) is kept, and each round warm-starts from the best one so far.
 
 Every block is fed the dense model's activations (``propagate_dense``), so blocks are independent and can be pruned
 in parallel (``SparsityConfig(parallel=True)``).
@@ -372,7 +371,7 @@ def _least_squares_target(weight: torch.Tensor, gram: torch.Tensor, cross_target
     inverse = damped_inverse_hessian(gram, dampening)
     solution = cross_target.to(torch.float32) @ inverse.to(torch.float32)  # (out, in)
     solution[:, torch.diagonal(gram) == 0] = 0  # inputs that never fire: nothing to fit
-    return solution.to(weight.dtype), inverse_hessian_cholesky(gram, dampening, inverse).to(weight.dtype)
+    return solution.to(weight.dtype), inverse_hessian_cholesky(gram, dampening, inverse)
 
 
 def warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern, sparsity: float,
