@@ -39,8 +39,6 @@ def test_statistics_match_explicit_forward():
     torch.testing.assert_close(stats.hessian, x.T @ x, rtol=1e-5, atol=1e-4)
 
 
-
-
 def test_a_statistics_pass_ends_before_its_last_operator_runs_unless_it_reads_outputs():
     model = tiny_llama()
     block = get_architecture(model).blocks(model)[0]
@@ -66,6 +64,8 @@ def test_a_statistics_pass_ends_before_its_last_operator_runs_unless_it_reads_ou
     # ‖W X‖² = tr(W XXᵀ Wᵀ): the output statistic of the one pass agrees with the input statistic.
     torch.testing.assert_close(collector.stats["up"].dense_output_sq_norm, float(torch.trace(weight @ x @ weight.T)),
                                rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_accelerate_cpu_offload_prunes_the_offloaded_weights(method):
     from accelerate import cpu_offload
