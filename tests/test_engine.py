@@ -9,6 +9,7 @@ import hf_sparse
 from conftest import tiny_llama
 from hf_sparse.architectures import get_architecture
 from hf_sparse.engine import PruningTarget, StatisticsCollector, capture_block_inputs
+from hf_sparse.engine.statistics import STATISTICS, DenseInputCache, DenseSource
 
 
 def _ids(samples=4, length=16, seed=0):
@@ -64,6 +65,53 @@ def test_a_statistics_pass_ends_before_its_last_operator_runs_unless_it_reads_ou
     # ‖W X‖² = tr(W XXᵀ Wᵀ): the output statistic of the one pass agrees with the input statistic.
     torch.testing.assert_close(collector.stats["up"].dense_output_sq_norm, float(torch.trace(weight @ x @ weight.T)),
                                rtol=1e-4, atol=1e-3)
+
+
+def test_every_dense_source_gives_the_same_statistics_and_the_first_group_replays_the_cache():
+    """The first group's statistics read from the dense cache (no pass runs) equal its own pass's; a later group's
+    from the cache equal those of a dense pass of its own; (WX)X̂ᵀ equals W·XX̂ᵀ."""
+    model = tiny_llama()
+    block = get_architecture(model).blocks(model)[0]
+    inputs = capture_block_inputs(model, block, _ids(), batch_size=2, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    attention = [PruningTarget(f"self_attn.{n}", getattr(block.self_attn, n), 0.5) for n in ("q_proj", "k_proj")]
+    down = [PruningTarget("mlp.down_proj", block.mlp.down_proj, 0.5)]
+    dense_weights = {f"{t.name}.weight": t.module.weight.detach().clone() for t in attention + down}
+    needs = {"self_attn.q_proj": frozenset({"hessian", "cross", "dense_output_sq_norm"}),
+             "self_attn.k_proj": frozenset({"hessian", "dense_output_cross", "dense_output_sq_norm"}),
+             "mlp.down_proj": frozenset({"hessian", "dense_output_cross", "dense_output_sq_norm"})}
+    calls = []
+    handle = block.self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    cache = DenseInputCache(block, attention + down, inputs, dense_weights, cpu,
+                            [STATISTICS["dense_output_sq_norm"]], keep_outputs={"self_attn.k_proj", "mlp.down_proj"})
+    live = StatisticsCollector(attention, needs, cpu)
+    live.collect(block, inputs, None)
+    calls.clear()
+    replayed = StatisticsCollector(attention, needs, cpu, DenseSource.SAME, cache)
+    replayed.collect(block, inputs, None)
+    handle.remove()
+    assert calls == []  # nothing ran: the cached dense inputs are the first group's X̂
+    for target in attention:
+        for name in needs[target.name]:
+            torch.testing.assert_close(replayed.stats[target.name][name], live.stats[target.name][name])
+    k_weight = block.self_attn.k_proj.weight.detach()
+    torch.testing.assert_close(live.stats["self_attn.k_proj"]["dense_output_cross"],
+                               k_weight @ live.stats["self_attn.k_proj"].hessian, rtol=1e-4, atol=1e-4)
+
+    for target in attention:  # prune the first group, so that down_proj's X̂ differs from its X
+        target.module.weight.data.mul_((torch.rand_like(target.module.weight) > 0.5).float())
+    cached = StatisticsCollector(down, needs, cpu, DenseSource.CACHED, cache)
+    cached.collect(block, inputs, None)
+    recomputed = StatisticsCollector(down, needs, cpu, DenseSource.RECOMPUTE)
+    recomputed.collect(block, inputs, dense_weights)
+    for name in needs["mlp.down_proj"]:
+        torch.testing.assert_close(cached.stats["mlp.down_proj"][name], recomputed.stats["mlp.down_proj"][name])
+    assert cached.stats["mlp.down_proj"].cross is None
+    with pytest.raises(ValueError, match="RECOMPUTE recomputes"):
+        StatisticsCollector(down, needs, cpu, DenseSource.RECOMPUTE, cache)
+    with pytest.raises(ValueError, match="holds no inputs"):
+        StatisticsCollector([PruningTarget("mlp.up_proj", block.mlp.up_proj, 0.5)], frozenset({"hessian"}), cpu,
+                            DenseSource.SAME, cache).collect(block, inputs, None)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

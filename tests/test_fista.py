@@ -15,7 +15,7 @@ from hf_sparse.calibration import load_calibration
 from hf_sparse.masks import SparsityPattern, is_valid_n_m, prune_counts
 from hf_sparse.methods import METHODS, build_method
 from hf_sparse.methods.base import register_method
-from hf_sparse.methods.fista import (FistaOptions, FistaPruning, Problem, _least_squares_target, default_rounds, fista,
+from hf_sparse.methods.fista import (FistaOptions, FistaPruning, Problem, _least_squares_target, fista,
                                      fista_prune, fista_solve, hard_threshold, largest_eigenvalue, refit_on_mask,
                                      soft_threshold)
 from hf_sparse.methods.sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
@@ -199,16 +199,15 @@ def test_least_squares_target_from_the_float32_product_fits_like_a_float64_solve
     torch.testing.assert_close(factor, inverse_hessian_cholesky(gram, 0.01))
 
 
-def test_rounds_default_to_one_at_n_m_and_two_unstructured():
+def test_two_lambda_rounds_by_default_and_the_second_one_counts():
     weight, x, x_hat = _problem(out=16, n_in=32, tokens=600)
     stats = _stats(weight, x, x_hat)
-    for pattern, sparsity, rounds in ((SparsityPattern.parse("2:4"), 0.5, 1),
-                                      (SparsityPattern("unstructured"), 0.6, 2)):
-        assert default_rounds(pattern) == rounds
+    assert FistaOptions().rounds == 2
+    for pattern, sparsity in ((SparsityPattern.parse("2:4"), 0.5), (SparsityPattern("unstructured"), 0.6)):
         by_default, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions())
-        explicit, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=rounds))
-        other, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=3 - rounds))
-        assert torch.equal(by_default, explicit) and not torch.equal(by_default, other)
+        explicit, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=2))
+        one_round, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=1))
+        assert torch.equal(by_default, explicit) and not torch.equal(by_default, one_round)
 
 
 def test_soft_threshold_and_power_iteration():
@@ -350,6 +349,7 @@ def test_engine_statistics_equal_explicit_forward_passes(recording, error_correc
     block_calls = dict(zip(names, recording.calls[len(names):]))  # block 1, in the engine's execution order
 
     pruned_block = model.model.layers[1]
+    method = recording()
     for index, name in enumerate(names):
         shape, stats = block_calls[name]
         module_dense = dense.model.layers[1].get_submodule(name)
@@ -366,9 +366,18 @@ def test_engine_statistics_equal_explicit_forward_passes(recording, error_correc
             assert not torch.allclose(x, x_hat)  # the correction is really there
         assert stats.n_tokens == 64
         torch.testing.assert_close(stats.hessian, x_hat @ x_hat.T, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(stats.cross, x @ x_hat.T, rtol=1e-4, atol=1e-4)
+        # C = W·XX̂ᵀ comes as XX̂ᵀ, or for operators narrower at the output (down_proj) as (WX)X̂ᵀ itself.
+        dense_weight = module_dense.weight.detach()
+        if module_dense.out_features < module_dense.in_features:
+            assert method.statistics_for(module_dense) == method.statistics - {"cross"}
+            if error_correction and name == "mlp.down_proj":  # alone in its group: no in × in XX̂ᵀ made
+                assert stats.cross is None
+            torch.testing.assert_close(stats["dense_output_cross"], dense_weight @ x @ x_hat.T, rtol=1e-4, atol=1e-4)
+        else:
+            assert "dense_output_cross" not in stats.extra
+            torch.testing.assert_close(stats.cross, x @ x_hat.T, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(stats.dense_hessian, x @ x.T, rtol=1e-4, atol=1e-4)
-        expected_norm = float((module_dense.weight.detach().double() @ x.double()).pow(2).sum())
+        expected_norm = float((dense_weight.double() @ x.double()).pow(2).sum())
         assert stats.dense_output_sq_norm == pytest.approx(expected_norm, rel=1e-5)
 
 

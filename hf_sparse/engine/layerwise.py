@@ -53,6 +53,12 @@ if TYPE_CHECKING:
     from ..methods.base import PruningMethod
 
 
+def _reading_dense_outputs(needs_of: dict[str, frozenset[str]]) -> set[str]:
+    """The operators with a statistic of their own dense output paired with X̂ (their W·X must be kept)."""
+    return {name for name, needs in needs_of.items()
+            if any(STATISTICS[n].reads is Reads.INPUT_AND_DENSE_OUTPUT for n in needs)}
+
+
 @dataclass
 class EngineResult:
     """What the engine did: zero count and size of every pruned module, in pruning order; for structured methods
@@ -153,19 +159,24 @@ class LayerwiseEngine:
         :meth:`dense_weights`) is needed by methods that collect a statistic of the dense block."""
         result = BlockResult()
         needs = self.method.statistics
+        needs_of = {t.name: self.method.statistics_for(t.module) for group in groups for t in group}
         dense, cache = DenseSource.RECOMPUTE, None
-        later = [t for group in groups[1:] for t in group]
-        if needs_dense_block(needs) and later and DenseInputCache.size_bound(later, inputs) <= self.dense_cache_bytes:
+        cached = self._dense_cache_targets(groups, inputs, needs_of) if needs_dense_block(needs) else []
+        if cached:
             output_statistics = [STATISTICS[n] for n in sorted(needs) if STATISTICS[n].reads is Reads.DENSE_OUTPUT]
-            cache = DenseInputCache(block, later, inputs, dense_weights, device, output_statistics)
+            cache = DenseInputCache(block, cached, inputs, dense_weights, device, output_statistics,
+                                    keep_outputs=_reading_dense_outputs(needs_of))
             dense = DenseSource.CACHED
             result.dense_outputs = cache.outputs
+        # The first group reads the cache too when it holds its inputs: nothing is pruned yet, so they are its X̂.
+        first_from_cache = cache if cache is not None and cached[0] is groups[0][0] else None
         for index, group in enumerate(groups):
             stats = {}
             if needs:
                 # Nothing of this block is pruned before its first group: there X̂ is X.
-                collector = (StatisticsCollector(group, needs, device) if index == 0
-                             else StatisticsCollector(group, needs, device, dense, cache))
+                group_needs = {t.name: needs_of[t.name] for t in group}
+                collector = (StatisticsCollector(group, group_needs, device, DenseSource.SAME, first_from_cache)
+                             if index == 0 else StatisticsCollector(group, group_needs, device, dense, cache))
                 collector.collect(block, inputs, dense_weights)
                 stats = collector.stats
             for target in group:
@@ -174,6 +185,22 @@ class LayerwiseEngine:
             if cache is not None:
                 cache.release(group)
         return result
+
+    def _dense_cache_targets(self, groups: list[list[PruningTarget]], inputs: BlockInputs | None,
+                             needs_of: dict[str, frozenset[str]]) -> list[PruningTarget]:
+        """The operators whose dense inputs one dense pass should cache: every group's if they fit
+        ``dense_cache_bytes`` (the first group's statistics are then read from the cache, with no pass of their
+        own), else the later groups' (the first group's own pass sees X anyway), else none (only one group, or too
+        big: each later group reruns the dense block)."""
+        everything = [t for group in groups for t in group]
+        later = everything[len(groups[0]):]
+        if not later:
+            return []
+        keep = _reading_dense_outputs(needs_of)
+        for targets in (everything, later):
+            if DenseInputCache.size_bound(targets, inputs, keep) <= self.dense_cache_bytes:
+                return targets
+        return []
 
     def dense_weights(self, block: nn.Module, targets: list[PruningTarget]) -> dict[str, torch.Tensor] | None:
         """The unpruned weights of ``targets`` by name relative to ``block``, if the method will read the dense

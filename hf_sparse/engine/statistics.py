@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -78,6 +78,9 @@ class Reads(enum.Enum):
     INPUT = "input"  # X̂: accumulate(total, x) with x (tokens, in)
     INPUT_AND_DENSE_INPUT = "input_and_dense_input"  # X̂ and X: accumulate(total, x, dense_x)
     DENSE_OUTPUT = "dense_output"  # the operator's output in the dense block: accumulate(total, module, output)
+    # X̂ and the operator's dense output W·X without its bias: accumulate(total, x, dense_output), (tokens, out).
+    # Such a statistic belongs to one operator (it depends on W), so operators reading the same input never share it.
+    INPUT_AND_DENSE_OUTPUT = "input_and_dense_output"
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class Statistic:
 
     name: str
     reads: Reads
-    allocate: Callable[[int, torch.device], torch.Tensor]  # (in_features, device) -> zero accumulator
+    # (in_features, device) -> zero accumulator; (module, device) for Reads.INPUT_AND_DENSE_OUTPUT
+    allocate: Callable[[Any, torch.device], torch.Tensor]
     accumulate: Callable[..., None]  # adds one forward call in place; its arguments depend on `reads`
     finalize: Callable[[torch.Tensor, int], Any] | None = None  # (accumulator, n_tokens) -> value for the method
     # The statistic this one equals while nothing of the block is pruned (X̂ = X): then it is that one, shared.
@@ -96,6 +100,17 @@ class Statistic:
     def needs_dense_block(self) -> bool:
         """Reads the dense block (so the engine keeps dense weights and, past a block's first group, runs it)."""
         return self.reads is not Reads.INPUT
+
+    @property
+    def reads_dense_output(self) -> bool:
+        """Reads the operator's output in the dense block (so a pass collecting it runs that operator)."""
+        return self.reads in (Reads.DENSE_OUTPUT, Reads.INPUT_AND_DENSE_OUTPUT)
+
+    def allocate_for(self, module: nn.Module, device: torch.device) -> torch.Tensor:
+        """The zero accumulator of this statistic for the linear ``module``."""
+        if self.reads is Reads.INPUT_AND_DENSE_OUTPUT:
+            return self.allocate(module, device)
+        return self.allocate(module.in_features, device)
 
     def value(self, accumulator: torch.Tensor, n_tokens: int) -> Any:
         return accumulator if self.finalize is None else self.finalize(accumulator, n_tokens)
@@ -110,10 +125,12 @@ def register_statistic(name: str, *, allocate: Callable[[int, torch.device], tor
                        equals_when_unpruned: str | None = None) -> Callable[[Callable], Callable]:
     """Decorator registering the decorated accumulate function as statistic ``name``.
 
-    ``allocate(in_features, device)`` makes the zero accumulator; the function adds one forward call to it in place:
-    ``f(total, x)`` for :attr:`Reads.INPUT` (``x`` is the operator's input, ``(tokens, in)`` float32),
-    ``f(total, x, dense_x)`` for :attr:`Reads.INPUT_AND_DENSE_INPUT`, ``f(total, module, output)`` for
-    :attr:`Reads.DENSE_OUTPUT`. ``finalize(total, n_tokens)`` turns the accumulator into the value the method
+    ``allocate(in_features, device)`` makes the zero accumulator (``allocate(module, device)`` for
+    :attr:`Reads.INPUT_AND_DENSE_OUTPUT`, whose accumulator may be shaped by the output width); the function adds one
+    forward call to it in place: ``f(total, x)`` for :attr:`Reads.INPUT` (``x`` is the operator's input,
+    ``(tokens, in)`` float32), ``f(total, x, dense_x)`` for :attr:`Reads.INPUT_AND_DENSE_INPUT`,
+    ``f(total, module, output)`` for :attr:`Reads.DENSE_OUTPUT`, ``f(total, x, dense_output)`` for
+    :attr:`Reads.INPUT_AND_DENSE_OUTPUT` (``dense_output`` is ``W·x`` in the dense block, ``(tokens, out)``). ``finalize(total, n_tokens)`` turns the accumulator into the value the method
     reads (default: the accumulator itself). Operators that read the same input tensor share input statistics.
 
     >>> @register_statistic("input_sum", allocate=lambda n_in, device: torch.zeros(n_in, device=device))
@@ -188,6 +205,18 @@ def _dense_hessian(total: torch.Tensor, _x: torch.Tensor, dense_x: torch.Tensor)
     total.addmm_(dense_x.T, dense_x)  # X Xᵀ
 
 
+def _by_output_and_input(module: nn.Module, device: torch.device) -> torch.Tensor:
+    return torch.zeros(module.out_features, module.in_features, device=device)
+
+
+@register_statistic("dense_output_cross", allocate=_by_output_and_input, reads=Reads.INPUT_AND_DENSE_OUTPUT)
+def _dense_output_cross(total: torch.Tensor, x: torch.Tensor, dense_output: torch.Tensor) -> None:
+    """``W·XX̂ᵀ`` accumulated as ``(WX)X̂ᵀ``, (out, in): out·in multiply-adds per token instead of the in·in of
+    ``XX̂ᵀ`` (and no ``W·XX̂ᵀ`` product afterwards), cheaper for operators narrower at the output than at the input
+    (``down_proj``), whose dense output the block computes anyway."""
+    total.addmm_(dense_output.T, x)
+
+
 @register_statistic("dense_output_sq_norm", allocate=_scalar, reads=Reads.DENSE_OUTPUT,
                     finalize=lambda total, _n_tokens: float(total))
 def _dense_output_sq_norm(total: torch.Tensor, module: nn.Linear, output: torch.Tensor) -> None:
@@ -204,6 +233,14 @@ def _dense_output_sq_norm(total: torch.Tensor, module: nn.Linear, output: torch.
 
 def _flat_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.detach().reshape(-1, x.shape[-1]).to(device, torch.float32)  # (tokens, in)
+
+
+def _flat_output(module: nn.Module, output: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A linear's output as ``(tokens, out)`` float32 without its bias: ``W·x`` (the bias is not reconstructed)."""
+    flat = _flat_float(output, device)
+    bias = getattr(module, "bias", None)
+    # A copy either way: the block may go on to update its output in place (a residual `+=`).
+    return flat.clone() if bias is None else flat - bias.detach().to(device, torch.float32)
 
 
 Value = TypeVar("Value")
@@ -244,27 +281,33 @@ class DenseInputCache:
     """Every operator's input X in the *dense* block, per calibration batch, from one dense pass over the block.
 
     Statistics that compare X̂ with X would otherwise need a dense pass per operator group. The same pass gives the
-    block's dense outputs, which dense-propagating methods take as the next block's inputs, and accumulates the
-    statistics of the dense outputs. Operators that read the same tensor share one stored copy. Costs at most
-    ``tokens × Σ in_features × 4`` bytes; the engine falls back to :attr:`DenseSource.RECOMPUTE` above its budget.
+    block's dense outputs, which dense-propagating methods take as the next block's inputs, accumulates the
+    statistics of the dense outputs, and keeps the dense outputs ``W·X`` of the operators in ``keep_outputs`` (for
+    :attr:`Reads.INPUT_AND_DENSE_OUTPUT` statistics). Operators that read the same tensor share one stored copy.
+    Costs at most :meth:`size_bound` bytes; the engine falls back to :attr:`DenseSource.RECOMPUTE` above its budget.
     """
 
     def __init__(self, block: nn.Module, targets: list, inputs: BlockInputs,
                  dense_weights: dict[str, torch.Tensor] | None, device: torch.device,
-                 output_statistics: Iterable[Statistic] = ()):
+                 output_statistics: Iterable[Statistic] = (), keep_outputs: Iterable[str] = ()):
         output_statistics = list(output_statistics)
+        keep_outputs = set(keep_outputs)
         self.per_batch: list[dict[str, torch.Tensor]] = []
+        self.outputs_per_batch: list[dict[str, torch.Tensor]] = []  # name -> W·X (tokens, out), for keep_outputs
         self.output_totals = {
-            t.name: {s.name: s.allocate(t.module.in_features, device) for s in output_statistics} for t in targets
+            t.name: {s.name: s.allocate_for(t.module, device) for s in output_statistics} for t in targets
         }
         self.outputs: list[torch.Tensor] = []
         self._current: dict[str, torch.Tensor] = {}
+        self._current_outputs: dict[str, torch.Tensor] = {}
         self._shared: SharedInputs[torch.Tensor] = SharedInputs()
 
         def hook_for(name):
             def hook(module, args, output):
                 for statistic in output_statistics:
                     statistic.accumulate(self.output_totals[name][statistic.name], module, output)
+                if name in keep_outputs:
+                    self._current_outputs[name] = _flat_output(module, output, device)
                 raw = args[0]
                 self._current[name], _ = self._shared.get_or_add(raw, lambda: _flat_float(raw, device))
 
@@ -273,24 +316,30 @@ class DenseInputCache:
         handles = [t.module.register_forward_hook(hook_for(t.name)) for t in targets]
         try:
             for one in inputs.batches():
-                self._current, self._shared = {}, SharedInputs()
+                self._current, self._current_outputs, self._shared = {}, {}, SharedInputs()
                 self.outputs.extend(run_block(block, one, weights=dense_weights))
                 self.per_batch.append(self._current)
+                self.outputs_per_batch.append(self._current_outputs)
         finally:
             for handle in handles:
                 handle.remove()
-        self._current, self._shared = {}, SharedInputs()
+        self._current, self._current_outputs, self._shared = {}, {}, SharedInputs()
 
     @staticmethod
-    def size_bound(targets: list, inputs: BlockInputs) -> int:
-        """Bytes the cache of ``targets``' inputs can take at most."""
-        return 4 * inputs.token_count() * sum(t.module.in_features for t in targets)
+    def size_bound(targets: list, inputs: BlockInputs, keep_outputs: Iterable[str] = ()) -> int:
+        """Bytes the cache of ``targets``' inputs (and the outputs of those named in ``keep_outputs``) can take at
+        most."""
+        keep_outputs = set(keep_outputs)
+        widths = sum(t.module.in_features + (t.module.out_features if t.name in keep_outputs else 0) for t in targets)
+        return 4 * inputs.token_count() * widths
 
     def release(self, targets: list) -> None:
-        """Drop the inputs of operators that are done (a tensor shared with a later operator stays alive)."""
-        for batch in self.per_batch:
+        """Drop the inputs and outputs of operators that are done (a tensor shared with a later operator stays
+        alive)."""
+        for batch, outputs in zip(self.per_batch, self.outputs_per_batch):
             for target in targets:
                 batch.pop(target.name, None)
+                outputs.pop(target.name, None)
 
 
 class StatisticsCollector:
@@ -299,28 +348,34 @@ class StatisticsCollector:
     The hooks see X̂, each operator's input in the block as currently pruned. Statistics of the dense block take X
     and the dense outputs from ``dense``: :attr:`DenseSource.CACHED` (one dense pass per block, ``cache``),
     :attr:`DenseSource.RECOMPUTE` (a dense pass of their own before each batch) or :attr:`DenseSource.SAME` (the
-    block's first group: nothing is pruned yet, so X̂ = X, no dense pass runs, and a statistic that then equals
-    another, like XX̂ᵀ = X̂X̂ᵀ, is that one).
+    block's first group: nothing is pruned yet, so X̂ = X, and a statistic that then equals another, like
+    XX̂ᵀ = X̂X̂ᵀ, is that one). With :attr:`DenseSource.SAME` and a ``cache`` holding the group's inputs, no pass runs
+    at all: the cached dense inputs are X̂.
 
-    Operators that read the very same input tensor (q/k/v, gate/up) share one accumulator instead of each
-    multiplying the same X̂ᵀX̂. Each pass stops as soon as the last operator of the group has its input (before it
-    runs), or, in a pass that reads outputs, once it has run.
+    ``needs`` names the statistics of every operator, or maps each operator's name to its own (see
+    :meth:`PruningMethod.statistics_for`). Operators that read the very same input tensor (q/k/v, gate/up) share
+    one accumulator of each input statistic instead of each multiplying the same X̂ᵀX̂. Each pass stops as soon as
+    the last operator of the group has its input (before it runs), or, in a pass that reads outputs, once it has
+    run.
 
     >>> collector = StatisticsCollector(targets, frozenset({"hessian"}), torch.device("cpu"))  # doctest: +SKIP
     >>> collector.collect(block, inputs, None); collector.stats[targets[0].name].hessian.shape  # doctest: +SKIP
     """
 
-    def __init__(self, targets: list, needs: Iterable[str], device: torch.device,
+    def __init__(self, targets: list, needs: Iterable[str] | Mapping[str, Iterable[str]], device: torch.device,
                  dense: DenseSource = DenseSource.SAME, cache: DenseInputCache | None = None):
         if not isinstance(dense, DenseSource):
             raise ValueError(f"dense must be a DenseSource ({[d.name for d in DenseSource]}), got {dense!r}")
-        if (dense is DenseSource.CACHED) != (cache is not None):
-            raise ValueError("a DenseInputCache is given exactly when dense is DenseSource.CACHED")
+        if dense is DenseSource.CACHED and cache is None:
+            raise ValueError("dense=DenseSource.CACHED needs the DenseInputCache to read")
+        if dense is DenseSource.RECOMPUTE and cache is not None:
+            raise ValueError("dense=DenseSource.RECOMPUTE recomputes the dense block: pass no DenseInputCache")
         self.targets = targets
         self.device = device
         self.dense = dense
         self.cache = cache
-        needed = [STATISTICS[name] for name in sorted(needs)]
+        self._needs = {t.name: frozenset(needs[t.name] if isinstance(needs, Mapping) else needs) for t in targets}
+        needed = [STATISTICS[name] for name in sorted(frozenset().union(*self._needs.values()))]
         same = dense is DenseSource.SAME
         # With X̂ = X a statistic equal to another is that one: share it rather than accumulate copies.
         self._aliases = {s.name: s.equals_when_unpruned for s in needed if same and s.equals_when_unpruned}
@@ -329,13 +384,26 @@ class StatisticsCollector:
         self._input_statistics = [s for s in collected.values() if s.reads is Reads.INPUT]
         self._paired_statistics = [s for s in collected.values() if s.reads is Reads.INPUT_AND_DENSE_INPUT]
         self._output_statistics = [s for s in collected.values() if s.reads is Reads.DENSE_OUTPUT]
+        # Statistics of one operator's own (its dense output's), by operator: never shared between operators.
+        self._own_paired_output = {
+            name: [s for s in collected.values() if s.reads is Reads.INPUT_AND_DENSE_OUTPUT and s.name in wanted]
+            for name, wanted in self._needs.items()}
+        self._reads_any_output = bool(self._output_statistics) or any(self._own_paired_output.values())
+        # The first group's pass sees the dense outputs itself: statistics of the outputs are taken in its hooks.
+        self._outputs_live = same and cache is None
         self._needs_dense_pass = dense is DenseSource.RECOMPUTE and any(s.needs_dense_block for s in needed)
-        own = self._input_statistics + self._paired_statistics + (self._output_statistics if cache is None else [])
-        self._totals = {t.name: {s.name: s.allocate(t.module.in_features, device) for s in own} for t in targets}
+        shared = self._input_statistics + self._paired_statistics
+        own_outputs = self._output_statistics if cache is None else []
+        self._totals = {
+            t.name: {s.name: s.allocate_for(t.module, device)
+                     for s in shared + self._own_paired_output[t.name]
+                     + [o for o in own_outputs if o.name in self._needs[t.name]]}
+            for t in targets}
         self._n_tokens = {t.name: 0 for t in targets}
         self.stats: dict[str, LinearStatistics] = {}
         self._dense_pass = False
         self._dense_x: dict[str, torch.Tensor] = {}
+        self._dense_outputs: dict[str, torch.Tensor] = {}  # name -> W·X (tokens, out), for paired-output stats
         self._seen: set[str] = set()  # operators whose input this pass has seen
         self._outputs_seen: set[str] = set()  # ... and whose output statistics it has accumulated
         self._pass_inputs: SharedInputs[str] = SharedInputs()  # input tensor -> the first operator that read it
@@ -344,33 +412,42 @@ class StatisticsCollector:
     def _start_pass(self, dense: bool) -> None:
         self._dense_pass, self._seen, self._outputs_seen, self._pass_inputs = dense, set(), set(), SharedInputs()
 
-    def _accumulate(self, name: str, x: torch.Tensor) -> None:
-        self._n_tokens[name] += x.shape[0]
+    def _read_input(self, name: str, raw: torch.Tensor) -> None:
+        """One operator's input in the current pass: kept as X in a dense pass, accumulated as X̂ otherwise."""
+        first_reader, is_new = self._pass_inputs.get_or_add(raw, lambda: name)
+        if not is_new:
+            self._shares_input_with[name] = first_reader
+        if self._dense_pass:
+            if is_new:
+                self._dense_x[name] = _flat_float(raw, self.device)
+        elif is_new or (self._own_paired_output[name] and not self._outputs_live):
+            self._accumulate(name, _flat_float(raw, self.device), shared=not is_new)
+        self._seen.add(name)
+
+    def _accumulate(self, name: str, x: torch.Tensor, shared: bool) -> None:
+        """Add X̂ (``x``) of one forward call. ``shared``: an earlier operator read the same tensor, so the input
+        statistics are that one's and only the operator's own statistics are added here."""
         totals = self._totals[name]
-        for statistic in self._input_statistics:
-            statistic.accumulate(totals[statistic.name], x)
-        if self._paired_statistics:
-            dense_x = self._dense_x[name]
-            for statistic in self._paired_statistics:
-                statistic.accumulate(totals[statistic.name], x, dense_x)
+        if not shared:
+            self._n_tokens[name] += x.shape[0]
+            for statistic in self._input_statistics:
+                statistic.accumulate(totals[statistic.name], x)
+            if self._paired_statistics:
+                dense_x = x if self.dense is DenseSource.SAME else self._dense_x[name]
+                for statistic in self._paired_statistics:
+                    statistic.accumulate(totals[statistic.name], x, dense_x)
+        if not self._outputs_live:
+            for statistic in self._own_paired_output[name]:
+                statistic.accumulate(totals[statistic.name], x, self._dense_outputs[name])
 
     def _reads_outputs(self) -> bool:
-        """Whether this pass accumulates the statistics of the operators' outputs: only when they are the dense
+        """Whether this pass must run the operators for statistics of their outputs: only when they are the dense
         ones (a dense pass, or the first group's pass with nothing pruned yet) and no cache has them already."""
-        return bool(self._output_statistics) and self.cache is None and (
-            self._dense_pass or self.dense is DenseSource.SAME)
+        return self._reads_any_output and self.cache is None and (self._dense_pass or self.dense is DenseSource.SAME)
 
     def _input_hook(self, name: str):
         def hook(module, args):
-            raw = args[0]
-            first_reader, is_new = self._pass_inputs.get_or_add(raw, lambda: name)
-            if not is_new:
-                self._shares_input_with[name] = first_reader
-            elif self._dense_pass:
-                self._dense_x[name] = _flat_float(raw, self.device)
-            else:
-                self._accumulate(name, _flat_float(raw, self.device))
-            self._seen.add(name)
+            self._read_input(name, args[0])
             # A forward pre-hook: the pass can end before the last operator even runs (a full down_proj product
             # saved per batch), unless its output is read too.
             if len(self._seen) == len(self.targets) and not self._reads_outputs():
@@ -382,8 +459,18 @@ class StatisticsCollector:
         def hook(module, args, output):
             if not self._reads_outputs():
                 return
+            totals = self._totals[name]
+            if self._own_paired_output[name]:
+                dense_output = _flat_output(module, output, self.device)
+                if self._dense_pass:
+                    self._dense_outputs[name] = dense_output
+                else:  # the first group's own pass: this output is the dense one and X̂ = X
+                    x = _flat_float(args[0], self.device)
+                    for statistic in self._own_paired_output[name]:
+                        statistic.accumulate(totals[statistic.name], x, dense_output)
             for statistic in self._output_statistics:
-                statistic.accumulate(self._totals[name][statistic.name], module, output)
+                if statistic.name in self._needs[name]:
+                    statistic.accumulate(totals[statistic.name], module, output)
             self._outputs_seen.add(name)
             if len(self._outputs_seen) == len(self.targets):
                 raise StopForward
@@ -393,7 +480,7 @@ class StatisticsCollector:
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
         handles = [t.module.register_forward_pre_hook(self._input_hook(t.name)) for t in self.targets]
-        if self._output_statistics and self.cache is None:
+        if self._reads_any_output and self.cache is None:
             handles += [t.module.register_forward_hook(self._output_hook(t.name)) for t in self.targets]
         try:
             yield
@@ -403,19 +490,36 @@ class StatisticsCollector:
 
     def collect(self, block: nn.Module, inputs: BlockInputs, dense_weights: dict[str, torch.Tensor] | None) -> None:
         """Run ``block`` on every batch of ``inputs`` and fill :attr:`stats` (operator name -> statistics).
-        ``dense_weights`` replaces the pruned weights in the dense passes of :attr:`DenseSource.RECOMPUTE`."""
-        with self.hooks():
-            for index, one in enumerate(inputs.batches()):
-                self._dense_x = {}
-                if self._needs_dense_pass:
-                    self._start_pass(dense=True)
-                    run_block(block, one, weights=dense_weights)
-                elif self.cache is not None:
-                    self._dense_x = self.cache.per_batch[index]
-                self._start_pass(dense=False)
-                run_block(block, one)
-        self._pass_inputs, self._dense_x = SharedInputs(), {}
+        ``dense_weights`` replaces the pruned weights in the dense passes of :attr:`DenseSource.RECOMPUTE`.
+        With :attr:`DenseSource.SAME` and a cache nothing runs: the cached inputs are replayed."""
+        if self.dense is DenseSource.SAME and self.cache is not None:
+            self._replay_cache()
+        else:
+            with self.hooks():
+                for index, one in enumerate(inputs.batches()):
+                    self._dense_x, self._dense_outputs = {}, {}
+                    if self._needs_dense_pass:
+                        self._start_pass(dense=True)
+                        run_block(block, one, weights=dense_weights)
+                    elif self.cache is not None:
+                        self._dense_x = self.cache.per_batch[index]
+                        self._dense_outputs = self.cache.outputs_per_batch[index]
+                    self._start_pass(dense=False)
+                    run_block(block, one)
+        self._pass_inputs, self._dense_x, self._dense_outputs = SharedInputs(), {}, {}
         self.stats = {t.name: self._statistics_of(t.name) for t in self.targets}
+
+    def _replay_cache(self) -> None:
+        """The first group's statistics from the cached dense pass: nothing is pruned yet, so its X̂ are the cached X
+        (operators that read one tensor still find one cached tensor, and share)."""
+        missing = [t.name for t in self.targets if t.name not in self.cache.per_batch[0]]
+        if missing:
+            raise ValueError(f"the DenseInputCache holds no inputs of {missing}")
+        for batch, outputs in zip(self.cache.per_batch, self.cache.outputs_per_batch):
+            self._start_pass(dense=False)
+            self._dense_outputs = outputs
+            for target in self.targets:
+                self._read_input(target.name, batch[target.name])
 
     def _statistics_of(self, name: str) -> LinearStatistics:
         source = self._shares_input_with.get(name, name)  # input statistics are the first reader's
@@ -425,7 +529,10 @@ class StatisticsCollector:
             stats.set(statistic.name, statistic.value(self._totals[source][statistic.name], n_tokens))
         for alias, base in self._aliases.items():
             stats.set(alias, stats[base])
+        for statistic in self._own_paired_output[name]:
+            stats.set(statistic.name, statistic.value(self._totals[name][statistic.name], n_tokens))
         output_totals = self.cache.output_totals[name] if self.cache is not None else self._totals[name]
         for statistic in self._output_statistics:
-            stats.set(statistic.name, statistic.value(output_totals[statistic.name], n_tokens))
+            if statistic.name in self._needs[name]:
+                stats.set(statistic.name, statistic.value(output_totals[statistic.name], n_tokens))
         return stats

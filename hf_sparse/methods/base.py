@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..config.validation import validate_dataclass
 # LinearStatistics is part of a method's interface (what prune_weight is handed); the engine fills it.
@@ -104,6 +105,11 @@ class PruningMethod(ABC):
         pruned (intra-block error correction). ``False`` takes all statistics from the unpruned block at once."""
         return False
 
+    def statistics_for(self, module: nn.Module) -> frozenset[str]:
+        """The statistics to collect for one linear ``module``: :attr:`statistics` (which must list every name this
+        returns), unless the method can do with fewer for some shapes, where one statistic is cheaper to collect
+        than another that gives the same."""
+        return self.statistics
 
     @abstractmethod
     def prune_weight(

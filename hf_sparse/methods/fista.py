@@ -14,7 +14,7 @@ whenever the objective would rise (so the objective never increases). A hard thr
 number of weights (unstructured or N:M, through :mod:`hf_sparse.masks`), and the kept weights are refit by least
 squares on the fixed mask (a few conjugate-gradient steps, every output row at once).
 
-``λ`` can be tuned per operator by bisection over ``rounds`` (by default 2 unstructured, 1 for N:M): if the hard
+``λ`` can be tuned per operator by bisection over ``rounds`` (by default 2): if the hard
 threshold adds more than ``xi`` of the total reconstruction error the FISTA solution was too dense (raise λ),
 otherwise lower it. The best solution (smallest reconstruction error after the hard threshold, the warm start
 included) is kept, and each round warm-starts from the best one so far.
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ..masks import SparsityPattern, select_mask
 from .base import LinearStatistics, MethodOptions, PaperReference, PruningMethod, register_method
@@ -58,12 +59,11 @@ class FistaOptions(MethodOptions):
                           "block (X̂ = X), the paper's ablation."},
     )
     iterations: int = field(default=20, metadata={"help": "Maximum FISTA iterations per λ round.", "range": ">= 1"})
-    rounds: int | None = field(
-        default=None,
+    rounds: int = field(
+        default=2,
         metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each, the next from the best so "
-                          "far). None: 1 for N:M patterns, 2 for unstructured. At N:M a second round costs a solve "
-                          "(~10% of the pruning time at 1024/2752 widths) and buys 0.5% of perplexity on SmolLM2 "
-                          "2:4; set 2 to have it. Unstructured, the λ search does more.", "range": ">= 1"},
+                          "far). At 2:4 on SmolLM2 the second round is worth 0.5% of perplexity for about a tenth "
+                          "of the pruning time at 1024/2752 widths; 1 trades the one for the other.", "range": ">= 1"},
     )
     tolerance: float = field(
         default=1e-4, metadata={"help": "Stop a FISTA solve when ‖Ŵ_k+1 − Ŵ_k‖_F / ‖Ŵ_k‖_F falls below this.",
@@ -391,19 +391,14 @@ def warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern,
     return pruned
 
 
-def default_rounds(pattern: SparsityPattern) -> int:
-    """λ rounds when ``FistaOptions.rounds`` is None: one for N:M (a second costs ~10% more time for ~0.5% of
-    perplexity, see the README's "One λ round at N:M"), two unstructured."""
-    return 1 if pattern.is_n_m else 2
-
-
-def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, dense_output_sq_norm: float,
-                pattern: SparsityPattern, sparsity: float, options: FistaOptions | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor | None, dense_output_sq_norm: float,
+                pattern: SparsityPattern, sparsity: float, options: FistaOptions | None = None,
+                target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (out, in) with FISTAPruner; returns ``(new_weight, keep_mask)``.
 
     ``hessian`` is X̂X̂ᵀ and ``cross`` is XX̂ᵀ (both (in, in), summed over tokens); ``dense_output_sq_norm`` is
     ‖WX‖², the constant that makes the reconstruction error absolute (the λ rule compares errors as shares).
+    ``target``, if given, is ``C = W·XX̂ᵀ`` itself (out, in), and ``cross`` is then not read.
 
     >>> x = torch.randn(16, 200); w = torch.randn(8, 16)
     >>> new, mask = fista_prune(w, x @ x.T, x @ x.T, float((w @ x).pow(2).sum()), SparsityPattern.parse("2:4"), 0.5)
@@ -413,7 +408,12 @@ def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
     options = options or FistaOptions()
     weight = weight.to(torch.float32)
     gram = hessian.to(torch.float32)
-    target = weight @ cross.to(torch.float32)  # C = W·XX̂ᵀ, (out, in)
+    if target is None:
+        if cross is None:
+            raise ValueError("fista_prune needs cross (XX̂ᵀ) or target (W·XX̂ᵀ)")
+        target = weight @ cross.to(torch.float32)  # C = W·XX̂ᵀ, (out, in)
+    else:
+        target = target.to(torch.float32)
     const = float(dense_output_sq_norm)
     if options.ridge:
         # ρ‖Ŵ − W‖² = ρ tr(ŴŴᵀ) − 2ρ tr(ŴWᵀ) + ρ‖W‖²: the Gram form absorbs it as G + ρI, C + ρW, const + ρ‖W‖².
@@ -443,7 +443,7 @@ def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
     k = min(scores.numel() - 1, max(0, int(round(sparsity * scores.numel()))))
     lam = options.lambda_init * float(torch.kthvalue(scores.cpu(), k + 1).values.clamp_min(1e-12))
     low = high = None  # λ bracket: low adds too much at the threshold (too dense), high is too sparse
-    for round_index in range(default_rounds(pattern) if options.rounds is None else options.rounds):
+    for round_index in range(options.rounds):
         solution, solution_product, _ = fista_solve(
             problem, best_start, best_start_product, lam, options.iterations, options.tolerance, options.restart,
             options.objective_tolerance, support if options.support_tolerance and pattern.is_n_m else None,
@@ -480,8 +480,15 @@ class FistaPruning(PruningMethod):
     needs_calibration = True
     supports_patterns = ("unstructured", "n:m")
     options_class = FistaOptions
-    statistics = frozenset({"hessian", "cross", "dense_output_sq_norm"})
+    statistics = frozenset({"hessian", "cross", "dense_output_cross", "dense_output_sq_norm"})
     propagate_dense = True
+
+    def statistics_for(self, module: nn.Module) -> frozenset[str]:
+        # C = W·XX̂ᵀ from XX̂ᵀ costs in² per token (shared by operators reading one input, like gate/up) plus a
+        # product; as (WX)X̂ᵀ it costs out·in per token, from W·X the dense block computes anyway. The second is
+        # cheaper where the operator narrows (down_proj: a third of the multiply-adds).
+        narrowing = module.out_features < module.in_features
+        return self.statistics - {"cross" if narrowing else "dense_output_cross"}
 
     @property
     def sequential_within_block(self) -> bool:
@@ -489,5 +496,6 @@ class FistaPruning(PruningMethod):
 
     def prune_weight(self, weight: torch.Tensor, stats: LinearStatistics | None, pattern: SparsityPattern,
                      sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+        target = stats.extra.get("dense_output_cross")
         return fista_prune(weight, stats.hessian, stats.cross, stats.dense_output_sq_norm, pattern, sparsity,
-                           self.options)
+                           self.options, target=target)
