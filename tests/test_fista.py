@@ -381,6 +381,26 @@ def test_engine_statistics_equal_explicit_forward_passes(recording, error_correc
         assert stats.dense_output_sq_norm == pytest.approx(expected_norm, rel=1e-5)
 
 
+class UnlistedStatisticFista(FistaPruning):
+    """A method whose per-operator statistics name one its ``statistics`` does not list."""
+
+    name = "test_unlisted_statistic_fista"
+
+    def statistics_for(self, module):
+        return frozenset({"sq_norm"})
+
+
+def test_per_operator_statistics_must_be_listed_by_the_method():
+    register_method(UnlistedStatisticFista)
+    try:
+        cfg = hf_sparse.SparsityConfig(method=UnlistedStatisticFista.name, pattern="2:4",
+                                       calibration=torch.randint(0, 128, (4, 16)), num_samples=4, sequence_length=16)
+        with pytest.raises(ValueError, match=r"statistics_for\('model.layers.0.self_attn.q_proj'\) names \['sq_norm'\]"):
+            hf_sparse.prune(tiny_llama(), cfg, show_progress=False)
+    finally:
+        METHODS.pop(UnlistedStatisticFista.name)
+
+
 def test_parallel_equals_sequential_on_tiny_model():
     ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(2))
     results = []

@@ -159,7 +159,7 @@ class LayerwiseEngine:
         :meth:`dense_weights`) is needed by methods that collect a statistic of the dense block."""
         result = BlockResult()
         needs = self.method.statistics
-        needs_of = {t.name: self.method.statistics_for(t.module) for group in groups for t in group}
+        needs_of = {t.name: self._statistics_for(t) for group in groups for t in group}
         dense, cache = DenseSource.RECOMPUTE, None
         cached = self._dense_cache_targets(groups, inputs, needs_of) if needs_dense_block(needs) else []
         if cached:
@@ -185,6 +185,14 @@ class LayerwiseEngine:
             if cache is not None:
                 cache.release(group)
         return result
+
+    def _statistics_for(self, target: PruningTarget) -> frozenset[str]:
+        needs = frozenset(self.method.statistics_for(target.module))
+        if not needs <= self.method.statistics:
+            raise ValueError(f"{type(self.method).__name__}.statistics_for({target.name!r}) names "
+                             f"{sorted(needs - self.method.statistics)}, which its `statistics` "
+                             f"{sorted(self.method.statistics)} does not list")
+        return needs
 
     def _dense_cache_targets(self, groups: list[list[PruningTarget]], inputs: BlockInputs | None,
                              needs_of: dict[str, frozenset[str]]) -> list[PruningTarget]:

@@ -101,11 +101,6 @@ class Statistic:
         """Reads the dense block (so the engine keeps dense weights and, past a block's first group, runs it)."""
         return self.reads is not Reads.INPUT
 
-    @property
-    def reads_dense_output(self) -> bool:
-        """Reads the operator's output in the dense block (so a pass collecting it runs that operator)."""
-        return self.reads in (Reads.DENSE_OUTPUT, Reads.INPUT_AND_DENSE_OUTPUT)
-
     def allocate_for(self, module: nn.Module, device: torch.device) -> torch.Tensor:
         """The zero accumulator of this statistic for the linear ``module``."""
         if self.reads is Reads.INPUT_AND_DENSE_OUTPUT:
@@ -120,7 +115,7 @@ class Statistic:
 STATISTICS: dict[str, Statistic] = {}
 
 
-def register_statistic(name: str, *, allocate: Callable[[int, torch.device], torch.Tensor],
+def register_statistic(name: str, *, allocate: Callable[[Any, torch.device], torch.Tensor],
                        reads: Reads = Reads.INPUT, finalize: Callable[[torch.Tensor, int], Any] | None = None,
                        equals_when_unpruned: str | None = None) -> Callable[[Callable], Callable]:
     """Decorator registering the decorated accumulate function as statistic ``name``.
@@ -130,8 +125,9 @@ def register_statistic(name: str, *, allocate: Callable[[int, torch.device], tor
     forward call to it in place: ``f(total, x)`` for :attr:`Reads.INPUT` (``x`` is the operator's input,
     ``(tokens, in)`` float32), ``f(total, x, dense_x)`` for :attr:`Reads.INPUT_AND_DENSE_INPUT`,
     ``f(total, module, output)`` for :attr:`Reads.DENSE_OUTPUT`, ``f(total, x, dense_output)`` for
-    :attr:`Reads.INPUT_AND_DENSE_OUTPUT` (``dense_output`` is ``W·x`` in the dense block, ``(tokens, out)``). ``finalize(total, n_tokens)`` turns the accumulator into the value the method
-    reads (default: the accumulator itself). Operators that read the same input tensor share input statistics.
+    :attr:`Reads.INPUT_AND_DENSE_OUTPUT` (``dense_output`` is ``W·x`` in the dense block, ``(tokens, out)``).
+    ``finalize(total, n_tokens)`` turns the accumulator into the value the method reads (default: the accumulator
+    itself). Operators that read the same input tensor share input statistics.
 
     >>> @register_statistic("input_sum", allocate=lambda n_in, device: torch.zeros(n_in, device=device))
     ... def _input_sum(total, x):
