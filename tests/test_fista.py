@@ -401,6 +401,21 @@ def test_per_operator_statistics_must_be_listed_by_the_method():
         METHODS.pop(UnlistedStatisticFista.name)
 
 
+def test_blocks_without_targets_pass_through_when_only_later_blocks_are_pruned():
+    """Block 0 has nothing to prune (include names block 1 only): it still runs, dense, to feed block 1."""
+    dense = tiny_llama()
+    model = copy.deepcopy(dense)
+    cfg = hf_sparse.SparsityConfig(method="fista", pattern="2:4", calibration=torch.randint(0, 128, (4, 16)),
+                                   num_samples=4, sequence_length=16, include=[r"\.layers\.1\."],
+                                   method_options=QUICK)
+    record = hf_sparse.prune(model, cfg, show_progress=False)
+    assert record.overall_sparsity == 0.5
+    for (name, before), after in zip(dense.model.layers[0].state_dict().items(),
+                                     model.model.layers[0].state_dict().values()):
+        assert torch.equal(before, after), name
+    assert is_valid_n_m(model.model.layers[1].mlp.down_proj.weight, 2, 4)
+
+
 def test_parallel_equals_sequential_on_tiny_model():
     ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(2))
     results = []

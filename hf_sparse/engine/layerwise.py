@@ -201,7 +201,7 @@ class LayerwiseEngine:
         own), else the later groups' (the first group's own pass sees X anyway), else none (only one group, or too
         big: each later group reruns the dense block)."""
         everything = [t for group in groups for t in group]
-        later = everything[len(groups[0]):]
+        later = everything[len(groups[0]):] if groups else []
         if not later:
             return []
         keep = _reading_dense_outputs(needs_of)
