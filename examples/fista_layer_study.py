@@ -44,7 +44,8 @@ from hf_sparse.calibration import load_calibration  # noqa: E402
 from hf_sparse.cli.common import add_threads_argument, apply_threads  # noqa: E402
 from hf_sparse.engine import LayerwiseEngine  # noqa: E402
 from hf_sparse.masks import SparsityPattern  # noqa: E402
-from hf_sparse.methods.fista import FistaOptions, FistaPruning, Problem, fista_prune, warm_start  # noqa: E402
+from hf_sparse.methods.fista import (FistaOptions, FistaPruning, Problem, cross_target, fista_prune,  # noqa: E402
+                                     warm_start)
 
 
 @dataclass
@@ -53,13 +54,13 @@ class OperatorProblem:
 
     weight: torch.Tensor
     hessian: torch.Tensor  # X̂X̂ᵀ
-    cross: torch.Tensor  # XX̂ᵀ
+    target: torch.Tensor  # C = W·XX̂ᵀ
     dense_output_sq_norm: float  # ‖WX‖²
     sparsity: float
 
     def relative_error(self, pruned: torch.Tensor) -> float:
         """‖ŴX̂ − WX‖² / ‖WX‖², in float64 (a small difference of large terms)."""
-        gram, target = self.hessian.double(), self.weight.double() @ self.cross.double()
+        gram, target = self.hessian.double(), self.target.double()
         pruned = pruned.double()
         error = float(torch.sum(pruned * (pruned @ gram - 2.0 * target))) + self.dense_output_sq_norm
         return error / self.dense_output_sq_norm
@@ -73,7 +74,7 @@ class RecordingFista(FistaPruning):
         self.problems = problems
 
     def prune_weight(self, weight, stats, pattern, sparsity):
-        self.problems.append(OperatorProblem(weight.clone(), stats.hessian.clone(), stats.cross.clone(),
+        self.problems.append(OperatorProblem(weight.clone(), stats.hessian.clone(), cross_target(weight, stats).clone(),
                                              float(stats.dense_output_sq_norm), sparsity))
         return super().prune_weight(weight, stats, pattern, sparsity)
 
@@ -93,8 +94,7 @@ def collect_problems(model, calibration: torch.Tensor, config: hf_sparse.Sparsit
 
 def warm_start_mask(problem: OperatorProblem, pattern: SparsityPattern, options: FistaOptions) -> torch.Tensor:
     weight = problem.weight.float()
-    solver_problem = Problem.build(problem.hessian.float(), weight @ problem.cross.float(),
-                                   problem.dense_output_sq_norm)
+    solver_problem = Problem.build(problem.hessian.float(), problem.target.float(), problem.dense_output_sq_norm)
     return warm_start(weight, solver_problem, pattern, problem.sparsity, options) != 0
 
 
@@ -112,8 +112,8 @@ def study(problems: list[OperatorProblem], pattern: SparsityPattern, settings: d
     for name, options in settings.items():
         fista_options = FistaOptions(**options)
         started = time.perf_counter()
-        results = [fista_prune(p.weight, p.hessian, p.cross, p.dense_output_sq_norm, pattern, p.sparsity,
-                               fista_options) for p in problems]
+        results = [fista_prune(p.weight, p.hessian, None, p.dense_output_sq_norm, pattern, p.sparsity, fista_options,
+                               target=p.target) for p in problems]
         seconds = time.perf_counter() - started
         errors = [p.relative_error(pruned) for p, (pruned, _) in zip(problems, results)]
         first_errors = first_errors or errors

@@ -392,6 +392,13 @@ def warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern,
     return pruned
 
 
+def cross_target(weight: torch.Tensor, stats: LinearStatistics) -> torch.Tensor:
+    """``C = W·XX̂ᵀ`` (out, in) from the engine's statistics of one operator: collected as it is
+    (``dense_output_cross``, see :meth:`FistaPruning.statistics_for`) or as ``XX̂ᵀ`` times the weight."""
+    target = stats.extra.get("dense_output_cross")
+    return target.to(torch.float32) if target is not None else weight.to(torch.float32) @ stats.cross.float()
+
+
 def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor | None, dense_output_sq_norm: float,
                 pattern: SparsityPattern, sparsity: float, options: FistaOptions | None = None,
                 target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -497,6 +504,5 @@ class FistaPruning(PruningMethod):
 
     def prune_weight(self, weight: torch.Tensor, stats: LinearStatistics | None, pattern: SparsityPattern,
                      sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
-        target = stats.extra.get("dense_output_cross")
-        return fista_prune(weight, stats.hessian, stats.cross, stats.dense_output_sq_norm, pattern, sparsity,
-                           self.options, target=target)
+        return fista_prune(weight, stats.hessian, None, stats.dense_output_sq_norm, pattern, sparsity, self.options,
+                           target=cross_target(weight, stats))
