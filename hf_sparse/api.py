@@ -63,7 +63,7 @@ def _provenance(model: nn.Module, config: SparsityConfig, method, calibration_id
         base_model, base_model_sha256 = gguf.name, gguf.sha256()
     else:
         base_model, base_model_sha256 = describe_local_folder(getattr(model, "name_or_path", None) or None)
-    return {"method_options": method.options.to_dict(),
+    return {"method_options": method.recorded_options(config.parsed_pattern),
             "calibration": calibration if used_calibration else None,
             "base_model": base_model, "base_model_sha256": base_model_sha256}
 

@@ -17,7 +17,7 @@ from hf_sparse.methods import METHODS, build_method
 from hf_sparse.methods.base import register_method
 from hf_sparse.methods.fista import (FistaOptions, FistaPruning, Problem, _least_squares_target, fista,
                                      fista_prune, fista_solve, hard_threshold, largest_eigenvalue, refit_on_mask,
-                                     soft_threshold)
+                                     resolved_rounds, soft_threshold)
 from hf_sparse.methods.sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
 
 
@@ -199,15 +199,23 @@ def test_least_squares_target_from_the_float32_product_fits_like_a_float64_solve
     torch.testing.assert_close(factor, inverse_hessian_cholesky(gram, 0.01))
 
 
-def test_two_lambda_rounds_by_default_and_the_second_one_counts():
+def test_rounds_default_to_one_at_n_m_and_two_unstructured_and_the_record_says_which():
     weight, x, x_hat = _problem(out=16, n_in=32, tokens=600)
     stats = _stats(weight, x, x_hat)
-    assert FistaOptions().rounds == 2
-    for pattern, sparsity in ((SparsityPattern.parse("2:4"), 0.5), (SparsityPattern("unstructured"), 0.6)):
+    for pattern, sparsity, rounds in ((SparsityPattern.parse("2:4"), 0.5, 1),
+                                      (SparsityPattern("unstructured"), 0.6, 2)):
+        assert resolved_rounds(FistaOptions(), pattern) == rounds
+        assert build_method("fista").recorded_options(pattern)["rounds"] == rounds
         by_default, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions())
-        explicit, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=2))
-        one_round, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=1))
-        assert torch.equal(by_default, explicit) and not torch.equal(by_default, one_round)
+        explicit, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=rounds))
+        other, _ = fista_prune(weight, *stats, pattern, sparsity, FistaOptions(rounds=3 - rounds))
+        assert torch.equal(by_default, explicit) and not torch.equal(by_default, other)
+    assert build_method("fista", {"rounds": 3}).recorded_options(SparsityPattern.parse("2:4"))["rounds"] == 3
+    model = tiny_llama()
+    cfg = hf_sparse.SparsityConfig(method="fista", pattern="2:4", calibration=torch.randint(0, 128, (4, 16)),
+                                   num_samples=4, sequence_length=16, method_options={"refit_iterations": 2})
+    record = hf_sparse.prune(model, cfg, show_progress=False)
+    assert record.method_options["rounds"] == 1 and record.method_options["refit_iterations"] == 2
 
 
 def test_soft_threshold_and_power_iteration():

@@ -111,6 +111,11 @@ class PruningMethod(ABC):
         than another that gives the same."""
         return self.statistics
 
+    def recorded_options(self, pattern: SparsityPattern) -> dict[str, Any]:
+        """The options as the record states them: :attr:`options` as a dict, with any default that depends on the
+        pattern replaced by the value that ran (so the record says what was done, not ``None``)."""
+        return self.options.to_dict()
+
     @abstractmethod
     def prune_weight(
         self,

@@ -14,7 +14,7 @@ whenever the objective would rise (so the objective never increases). A hard thr
 number of weights (unstructured or N:M, through :mod:`hf_sparse.masks`), and the kept weights are refit by least
 squares on the fixed mask (a few conjugate-gradient steps, every output row at once).
 
-``λ`` can be tuned per operator by bisection over ``rounds`` (by default 2): if the hard
+``λ`` can be tuned per operator by bisection over ``rounds`` (by default 2 unstructured, 1 for N:M): if the hard
 threshold adds more than ``xi`` of the total reconstruction error the FISTA solution was too dense (raise λ),
 otherwise lower it. The best solution (smallest reconstruction error after the hard threshold, the warm start
 included) is kept, and each round warm-starts from the best one so far.
@@ -59,12 +59,13 @@ class FistaOptions(MethodOptions):
                           "block (X̂ = X), the paper's ablation."},
     )
     iterations: int = field(default=20, metadata={"help": "Maximum FISTA iterations per λ round.", "range": ">= 1"})
-    rounds: int = field(
-        default=2,
+    rounds: int | None = field(
+        default=None,
         metadata={"help": "Rounds of the λ bisection per operator (one FISTA solve each, the next from the best so "
-                          "far). At N:M a second round changes no layer error and costs about a tenth of the pruning "
-                          "time at 1024/2752 widths; 1 is faster and, on SmolLM2 2:4, equal within the ±0.5% that "
-                          "float rounding alone moves perplexity.", "range": ">= 1"},
+                          "far). None: 1 for N:M patterns, where a second round changes no layer error and costs "
+                          "about a tenth of the pruning time at 1024/2752 widths (on SmolLM2 2:4 perplexity is equal "
+                          "within the ±0.5% that float rounding alone moves it), and 2 unstructured, where the λ "
+                          "search does more. The record states the number that ran.", "range": ">= 1"},
     )
     tolerance: float = field(
         default=1e-4, metadata={"help": "Stop a FISTA solve when ‖Ŵ_k+1 − Ŵ_k‖_F / ‖Ŵ_k‖_F falls below this.",
@@ -392,6 +393,14 @@ def warm_start(weight: torch.Tensor, problem: Problem, pattern: SparsityPattern,
     return pruned
 
 
+def resolved_rounds(options: FistaOptions, pattern: SparsityPattern) -> int:
+    """The λ rounds that run: ``options.rounds``, or when it is None one for N:M (a second changes no layer error
+    there, see the README's "The second λ round at N:M") and two unstructured."""
+    if options.rounds is not None:
+        return options.rounds
+    return 1 if pattern.is_n_m else 2
+
+
 def cross_target(weight: torch.Tensor, stats: LinearStatistics) -> torch.Tensor:
     """``C = W·XX̂ᵀ`` (out, in) from the engine's statistics of one operator: collected as it is
     (``dense_output_cross``, see :meth:`FistaPruning.statistics_for`) or as ``XX̂ᵀ`` times the weight."""
@@ -451,7 +460,7 @@ def fista_prune(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
     k = min(scores.numel() - 1, max(0, int(round(sparsity * scores.numel()))))
     lam = options.lambda_init * float(torch.kthvalue(scores.cpu(), k + 1).values.clamp_min(1e-12))
     low = high = None  # λ bracket: low adds too much at the threshold (too dense), high is too sparse
-    for round_index in range(options.rounds):
+    for round_index in range(resolved_rounds(options, pattern)):
         solution, solution_product, _ = fista_solve(
             problem, best_start, best_start_product, lam, options.iterations, options.tolerance, options.restart,
             options.objective_tolerance, support if options.support_tolerance and pattern.is_n_m else None,
@@ -501,6 +510,9 @@ class FistaPruning(PruningMethod):
     @property
     def sequential_within_block(self) -> bool:
         return self.options.error_correction
+
+    def recorded_options(self, pattern: SparsityPattern) -> dict:
+        return {**super().recorded_options(pattern), "rounds": resolved_rounds(self.options, pattern)}
 
     def prune_weight(self, weight: torch.Tensor, stats: LinearStatistics | None, pattern: SparsityPattern,
                      sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
