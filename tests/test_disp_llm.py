@@ -17,7 +17,12 @@ from hf_sparse.methods.disp_llm import (
     BlockCosts,
     SelectionNetwork,
     block_costs,
+    compensation_biases,
+    compensation_fills,
+    dense_moments,
     fit_loss,
+    importance_prior,
+    importance_scores,
     kept_parameters,
     parameter_penalty,
     straight_through_mask,
@@ -242,6 +247,85 @@ def test_final_threshold_lands_within_one_dimension_of_the_target():
     assert [int(m.sum()) for m in tiny] == [1] * 10
 
 
+def test_importance_scores_are_each_dimensions_output_energy():
+    model = build("llama")
+    session = StructuredSession(model, IDS, show_progress=False)
+    scores = importance_scores(session, dense_moments(session))
+    assert [s.numel() for s in scores] == [64, 64, 64, 128, 64] * 2
+    block = model.model.layers[1]
+    seen = {}
+    hooks = [getattr(block.self_attn, n).register_forward_hook(
+        lambda _m, args, _o, n=n: seen.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1])))
+        for n in ("q_proj", "o_proj")]
+    hooks += [getattr(block.mlp, n).register_forward_hook(
+        lambda _m, args, _o, n=n: seen.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1])))
+        for n in ("gate_proj", "down_proj")]
+    _logits(model)
+    for h in hooks:
+        h.remove()
+
+    def energy(x):
+        return x.double().pow(2).mean(0)
+
+    attn, mlp = block.self_attn, block.mlp
+    expected = [
+        energy(seen["q_proj"]) * sum(getattr(attn, n).weight.double().pow(2).sum(0) for n in ("q_proj", "k_proj",
+                                                                                              "v_proj")),
+        attn.o_proj.weight.double().pow(2) @ energy(seen["o_proj"]),
+        energy(seen["gate_proj"]) * (mlp.gate_proj.weight.double().pow(2).sum(0)
+                                     + mlp.up_proj.weight.double().pow(2).sum(0)),
+        energy(seen["down_proj"]) * mlp.down_proj.weight.double().pow(2).sum(0),
+        mlp.down_proj.weight.double().pow(2) @ energy(seen["down_proj"]),
+    ]
+    for got, want in zip(scores[5:], expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-9)
+
+
+def test_importance_start_is_at_the_target_keeping_the_highest_scores():
+    model = build("llama")
+    session = StructuredSession(model, IDS, show_progress=False)
+    costs = [block_costs(session, i) for i in range(2)]
+    scores = importance_scores(session, dense_moments(session))
+    total = block_parameters(session.adapter, model)
+    largest_dimension = max(c.attention_rows + c.attention_width + 3 * c.channels for c in costs)
+    for share in (0.3, 0.7):
+        prior = importance_prior(scores, costs, share * total, None)
+        masks = [(p > 0).float() for p in prior]
+        assert abs(kept_parameters(costs, masks) - share * total) <= largest_dimension
+        for s, m in zip(scores, masks):  # within a selection the kept ones are the highest-scoring
+            assert s[m.bool()].min() >= s[~m.bool()].max() if 0 < m.sum() < m.numel() else True
+    # With a budget per block each block starts at its own budget.
+    budgets = [0.4 * c.parameters(c.hidden_size, c.hidden_size, c.hidden_size, c.channels, c.hidden_size)
+               for c in costs]
+    prior = importance_prior(scores, costs, sum(budgets), budgets)
+    kept = [c.parameters(*[(p > 0).sum() for p in prior[5 * i: 5 * i + 5]]) for i, c in enumerate(costs)]
+    assert all(abs(k - b) <= largest_dimension for k, b in zip(kept, budgets))
+
+
+def test_compensation_biases_replace_the_cut_inputs_by_their_dense_means():
+    model = build("llama")
+    session = StructuredSession(model, IDS, show_progress=False)
+    moments = dense_moments(session)
+    generator = torch.Generator().manual_seed(3)
+    masks = [(torch.rand(n, generator=generator) < 0.6).float() for n in (64, 64, 64, 128, 64)]
+    biases = compensation_biases(session, 1, moments[1], masks)
+    attn_in, _, mlp_in, channels, mlp_out = (m.bool() for m in masks)
+    assert sorted(biases) == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                              "self_attn.q_proj", "self_attn.v_proj"]
+    x = torch.randn(5, 64, generator=generator)
+    h = torch.randn(5, 128, generator=generator)
+    cases = [("self_attn.q_proj", x, attn_in, "self_attn.q_proj", slice(None)),
+             ("self_attn.v_proj", x, attn_in, "self_attn.q_proj", slice(None)),
+             ("mlp.up_proj", x, mlp_in, "mlp.gate_proj", channels),
+             ("mlp.down_proj", h, channels, "mlp.down_proj", mlp_out)]
+    for name, inputs, kept, observed, rows in cases:
+        weight = session.weight(1, name)
+        filled = torch.where(kept, inputs, moments[1][observed].mean.float())  # cut inputs at their dense mean
+        expected = (filled @ weight.T)[:, rows]
+        pruned = inputs[:, kept] @ weight[rows][:, kept].T + biases[name]
+        torch.testing.assert_close(pruned, expected, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The method end to end (tiny)
 
@@ -269,6 +353,34 @@ def test_disp_llm_hits_the_target_is_deterministic_and_reloads(tmp_path):
     assert torch.equal(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)), _logits(first))
 
 
+def test_masking_with_dense_mean_fills_equals_surgery_with_compensation_biases():
+    model = build("llama")
+    session = StructuredSession(model, IDS, show_progress=False)
+    moments = dense_moments(session)
+    edits = _disp_edits(model)
+    masks = _masks_for(edits, model.config.hidden_size, 128)
+    for index, edit in edits.blocks.items():
+        ordered = [masks[index][name] for name in SELECTIONS]
+        edit.new_biases.update(compensation_biases(session, index, moments[index], ordered))
+    with torch.no_grad(), masked_residual(model, session.adapter, masks, compensation_fills(session, moments)):
+        filled = _logits(model)
+    with torch.no_grad(), masked_residual(model, session.adapter, masks):
+        zeroed = _logits(model)
+    apply_edits(model, session.adapter, edits)
+    torch.testing.assert_close(_logits(model), filled, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(filled, zeroed, atol=1e-3)  # the biases do change the model
+
+
+def test_bias_compensation_is_recorded_and_reloads_bit_identically(tmp_path):
+    model = build("llama")
+    record = hf_sparse.prune(model, _config(bias_compensation=True), show_progress=False)
+    biased = [b.get("new_biases", []) for b in record.structure["blocks"]]
+    assert any("mlp.down_proj" in b and "self_attn.q_proj" in b for b in biased), biased
+    assert model.model.layers[0].self_attn.q_proj.bias is not None or "self_attn.q_proj" not in biased[0]
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)), _logits(model))
+
+
 def test_unsupported_architecture_fails_before_weights_load(tmp_path):
     model = build("gpt_neox")
     with pytest.raises(ValueError, match=r"architecture 'gpt_neox' does not support structured pruning of "
@@ -279,6 +391,7 @@ def test_unsupported_architecture_fails_before_weights_load(tmp_path):
 @pytest.mark.parametrize("options,message", [
     ({"steps": 0}, "steps"), ({"lam": 0.0}, "lam"), ({"lr": -1.0}, "lr"), ({"temperature": 0.0}, "temperature"),
     ({"windows_per_step": 0}, "windows_per_step"), ({"loss": "mse"}, "loss"), ({"lambda": 6}, "unknown option"),
+    ({"init": "zeros"}, "init"), ({"bias_compensation": "yes"}, "bias_compensation"),
 ])
 def test_disp_llm_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
@@ -310,6 +423,25 @@ def test_cli_prunes_with_disp_llm_and_the_checkpoint_reloads(tmp_path):
 
 
 @pytest.mark.slow
+def test_real_model_importance_start_is_better_than_a_random_one_before_training(model_dir):
+    from conftest import CALIBRATION_TXT, TEST_TXT
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(TEST_TXT.read_text()[:20000], return_tensors="pt").input_ids[:, : 4 * 256].reshape(4, 256)
+    losses = {}
+    for init in ("importance", "random"):  # one step with a negligible lr: the start itself, thresholded
+        cfg = hf_sparse.SparsityConfig(method="disp_llm", pattern="structured", sparsity=0.3,
+                                       calibration=str(CALIBRATION_TXT), num_samples=8, sequence_length=128,
+                                       method_options={"steps": 1, "windows_per_step": 1, "lr": 1e-9, "init": init})
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, sparsity_config=cfg)
+        assert abs(hf_sparse.read_record(model).overall_sparsity - 0.3) < 0.005
+        with torch.no_grad():
+            losses[init] = model(ids, labels=ids).loss.item()
+    # The random start keeps an arbitrary 70%; the importance start the dimensions that carry the most output.
+    assert losses["importance"] < losses["random"] - 0.5, losses
+
+
+@pytest.mark.slow
 def test_real_model_reaches_the_target_with_a_sane_perplexity(model_dir, tmp_path):
     from conftest import CALIBRATION_TXT, TEST_TXT
 
@@ -328,3 +460,16 @@ def test_real_model_reaches_the_target_with_a_sane_perplexity(model_dir, tmp_pat
     model.save_pretrained(tmp_path)
     assert torch.equal(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path), ids[:1]),
                        _logits(model, ids[:1]))
+
+
+@pytest.mark.slow
+def test_start_study_shows_the_residual_shift_beats_cutting_every_selection_alike(model_dir, capsys, restore_threads):
+    from conftest import import_example
+
+    study = import_example("disp_start_study")
+    study.main(["--sparsities", "0.3", "--shifts", "0,2", "--eval-windows", "4", "--threads", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.3 |")]
+    assert len(rows) == 2
+    no_shift, shift = (float(row[5]) for row in rows)
+    assert abs(float(rows[0][3]) - 0.3) < 0.005 and abs(float(rows[1][3]) - 0.3) < 0.005
+    assert shift < no_shift  # 7M model, 8 windows: 44.82 against 59.19

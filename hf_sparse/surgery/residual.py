@@ -114,14 +114,18 @@ def residual_widths(block: nn.Module) -> dict[str, int] | None:
 
 @contextlib.contextmanager
 def masked_residual(model: nn.Module, adapter: ArchitectureAdapter,
-                    masks: Mapping[int, Mapping[str, torch.Tensor]]) -> Iterator[None]:
+                    masks: Mapping[int, Mapping[str, torch.Tensor]],
+                    fills: Mapping[int, Mapping[str, torch.Tensor]] | None = None) -> Iterator[None]:
     """Run the full-width ``model`` as if block ``i`` kept only the dimensions where ``masks[i][point]`` is nonzero.
 
     ``masks[i]`` maps points of :data:`~hf_sparse.surgery.edits.RESIDUAL_POINTS` to ``(hidden,)`` vectors and
     ``"mlp_channels"`` to an ``(intermediate,)`` vector; missing points keep everything. The vectors multiply the
     normed input of the attention block / MLP, their outputs, and the input of the MLP's output projection, so soft
     masks pass gradients to whatever produced them. With 0/1 masks this equals applying the matching edits
-    (tested). Nothing in the model changes; the hooks are removed on exit.
+    (tested). ``fills[i][point]`` (same shapes) is the value a masked-out entry takes instead of 0, ``x·m + (1 -
+    m)·fill``: a constant input in place of a cut one is what a compensation bias on the reading linear adds, so
+    with the dense means as fills this equals the edits with bias compensation (tested). Nothing in the model
+    changes; the hooks are removed on exit.
 
     >>> with masked_residual(model, adapter, {0: {"attention_input": keep}}):  # doctest: +SKIP
     ...     loss = model(ids, labels=ids).loss
@@ -132,23 +136,28 @@ def masked_residual(model: nn.Module, adapter: ArchitectureAdapter,
     blocks = adapter.blocks(model)
     handles = []
 
-    def scale(mask: torch.Tensor):
+    def masked(x: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
+        mask = mask.to(x.dtype)
+        return x * mask if fill is None else x * mask + (1 - mask) * fill.to(device=x.device, dtype=x.dtype)
+
+    def output_hook(mask: torch.Tensor, fill: torch.Tensor | None):
         def hook(_module, _args, output):
             if isinstance(output, tuple):
-                return (output[0] * mask.to(output[0].dtype), *output[1:])
-            return output * mask.to(output.dtype)
+                return (masked(output[0], mask, fill), *output[1:])
+            return masked(output, mask, fill)
         return hook
 
     try:
         for index, block_masks in masks.items():
-            block = blocks[index]
+            block, block_fills = blocks[index], (fills or {}).get(index, {})
             for point, (name, _hook) in _hook_sites(decl).items():
                 if point in block_masks:
-                    handles.append(_submodule(block, name).register_forward_hook(scale(block_masks[point])))
+                    handles.append(_submodule(block, name).register_forward_hook(
+                        output_hook(block_masks[point], block_fills.get(point))))
             if MLP_CHANNELS in block_masks:
-                mask = block_masks[MLP_CHANNELS]
+                mask, fill = block_masks[MLP_CHANNELS], block_fills.get(MLP_CHANNELS)
                 handles.append(_submodule(block, channels.output).register_forward_pre_hook(
-                    lambda _m, args, mask=mask: (args[0] * mask.to(args[0].dtype), *args[1:])))
+                    lambda _m, args, mask=mask, fill=fill: (masked(args[0], mask, fill), *args[1:])))
         yield
     finally:
         for handle in handles:
