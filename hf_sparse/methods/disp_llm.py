@@ -29,8 +29,9 @@ The selections are learned, the LLM stays frozen:
 4. **Final masks**: the noise-free scores ``logit + offset`` of the trained network, thresholded at the one global
    value whose kept parameters come closest to the target (every selection keeps at least its best dimension): the
    achieved share is within one dimension's parameters of the target, and the record states it exactly.
-   Optionally (``bias_compensation=True``) FLAP's bias compensation follows: the linears that lose input columns
-   get the cut inputs' dense mean contribution as a bias (:func:`compensation_biases`).
+   Then, by default (``bias_compensation=True``; off is the paper), FLAP's bias compensation: the linears that lose
+   input columns get the cut inputs' dense mean contribution as a bias (:func:`compensation_biases`); training ran
+   on that compensated model (the cut inputs filled with their dense means).
 5. **Per-block targets** (a non-uniform ``sparsity_profile``, OWL or explicit): block ``i`` is to keep
    ``(1 - t_i)`` of its own parameters. The penalty becomes the mean over blocks of λ·|log(P_i(m) / P_i,target)|, and
    the final masks take one threshold per block, closest to that block's budget (within one dimension's parameters
@@ -412,9 +413,10 @@ def compensation_biases(session: StructuredSession, index: int, moments: dict[st
 def importance_prior(scores: list[torch.Tensor], costs: list[BlockCosts], target: float,
                      block_targets: list[float] | None, residual_shift: float = RESIDUAL_SHIFT) -> list[torch.Tensor]:
     """Starting logits from importance ``scores``: each selection's log-scores standardised (mean 0, std 1: the
-    kinds are not comparable raw; the residual selections then raised by ``residual_shift``), the one threshold that meets the target (or each block's) subtracted, times
-    :data:`PRIOR_SCALE`. A positive prior is a dimension the target keeps, so training starts at the target share
-    with the important dimensions kept, instead of from keeping everything.
+    kinds are not comparable raw; the residual selections then raised by ``residual_shift``), the one threshold
+    that meets the target (or each block's) subtracted, times :data:`PRIOR_SCALE`. A positive prior is a dimension
+    the target keeps, so training starts at the target share with the important dimensions kept, instead of from
+    keeping everything.
 
     >>> c = [BlockCosts(0, 1, 1, 1, 0, 0, 2, 2)]
     >>> s = [torch.tensor([1.0, 5.0])] * 3 + [torch.tensor([2.0, 3.0]), torch.tensor([4.0, 0.5])]
@@ -493,7 +495,8 @@ class DISPLLMPruning(StructuredPruningMethod):
             # Shifted by -offset: the noise-free score logit + offset then starts at the prior itself.
             prior = [p - self.options.offset for p in importance_prior(importance_scores(session, moments), costs,
                                                                      target, block_targets)]
-        network = SelectionNetwork(widths, prior=prior).to(device)  # initialised from the pruning seed (api seeds the RNG)
+        # Initialised from the pruning seed (api seeds the RNG); the dense pass above draws no random numbers.
+        network = SelectionNetwork(widths, prior=prior).to(device)
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         fills = compensation_fills(session, moments) if self.options.bias_compensation else None
         self._train(session, network, costs, target, total, generator, block_targets, fills)
