@@ -17,7 +17,7 @@ def shown(value: Any, limit: int = SHOWN_LENGTH) -> str:
     >>> shown("2:4")
     "'2:4'"
     >>> shown("x" * 1000, limit=12)
-    "'xxxxxxxxxx… (1002 characters)"
+    "'xxxxxxxxx… (1002 characters)"
     """
     try:
         text = repr(value)
