@@ -7,6 +7,8 @@
 
 import sys as _sys
 
+from ._version import __version__
+
 from . import evaluation
 from .api import prune
 from .config import SparsityConfig
@@ -16,6 +18,7 @@ from .record import SparsityRecord, get_masks, read_record
 from .integrations.transformers import (
     AutoSparseModelForCausalLM,
     install_from_pretrained_hook,
+    set_prune_function,
     uninstall_from_pretrained_hook,
 )
 from .integrations import structured as _structured_loading  # noqa: F401  (registers the shape loader)
@@ -28,12 +31,13 @@ from . import formats, kernels  # compact storage; opt-in 2:4 kernels (hf_sparse
 evaluate = evaluation
 _sys.modules[f"{__name__}.evaluate"] = evaluation
 
+# Prune on load calls the api's verb; the integrations are a layer below the api, so it is handed to them here.
+set_prune_function(prune)
 # `from_pretrained(..., sparsity_config=cfg)` works once hf_sparse is imported; uninstall_from_pretrained_hook() undoes it.
 install_from_pretrained_hook()
 install_save_hook()
 install_config_hook()
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AutoSparseModelForCausalLM",

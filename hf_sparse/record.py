@@ -38,7 +38,7 @@ refuse them rather than take a smaller model for a dense one.
 
 Masks are the exact zeros of the listed modules' weights: :func:`get_masks` restores them without calibration.
 ``config.json`` is untrusted input, so :meth:`SparsityRecord.from_dict` validates every field (with
-:mod:`hf_sparse.config.validation`, against the field declarations below) and names the bad one.
+:mod:`hf_sparse.validation`, against the field declarations below) and names the bad one.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from torch import nn
 from .calibration.descriptors import check_descriptor, sha256_hex
 from .calibration.domain import DomainReport
 from .config.sparsity import pattern_name, registered_method
-from .config.validation import check_value, to_json_dict, validate_dataclass, validate_mapping
+from .validation import check_value, to_json_dict, validate_dataclass, validate_mapping
 from .engine.devices import readable_weight
 from .masks import SparsityPattern, is_valid_n_m
 from .methods import get_method_class

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import describe_calibration, load_calibration
-from .config.validation import validate_dataclass
+from .validation import validate_dataclass
 from .integrations.peft import MODES, get_sparse_peft_model
 from .record import get_masks, read_record, write_record
 

@@ -20,7 +20,7 @@ import hf_sparse
 from conftest import tiny_llama
 from hf_sparse import SparsityConfig
 from hf_sparse.calibration import load_calibration, read_texts
-from hf_sparse.config.validation import positive_int
+from hf_sparse.validation import positive_int
 from hf_sparse.recovery import RecoveryConfig
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hf_sparse
-from hf_sparse.evaluation import plots
+from hf_sparse import plots
 from hf_sparse.evaluation.sweep import RESULTS_NAME, SweepPoint, format_sweep_table, read_results, sweep_points
 
 from conftest import DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL

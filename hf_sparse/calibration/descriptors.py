@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..config.validation import validate_mapping
+from ..validation import validate_mapping
 
 KINDS = ("name_or_path", "file", "folder", "texts", "token_ids", "mix")
 _CHUNK = 1 << 20
@@ -22,7 +22,7 @@ _HEX64 = 64
 
 
 def sha256_hex(name: str, value: Any) -> Any:
-    """``value`` if it is ``None`` or a sha256 hex digest (a ``"check"`` for :mod:`hf_sparse.config.validation`)."""
+    """``value`` if it is ``None`` or a sha256 hex digest (a ``"check"`` for :mod:`hf_sparse.validation`)."""
     if value is not None and not (isinstance(value, str) and len(value) == _HEX64
                                   and all(c in "0123456789abcdef" for c in value)):
         raise ValueError(f"{name} must be a sha256 (64 lowercase hex digits), got {value!r}")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..likelihood import token_nll
 from .descriptors import describe_calibration
 from .sources import read_texts
 
@@ -78,8 +79,6 @@ def token_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _mean_loss(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
-    from ..evaluation import token_nll
-
     device = model.get_input_embeddings().weight.device
     total, count = 0.0, 0
     for batch in ids.split(batch_size):

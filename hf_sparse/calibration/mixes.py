@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..config.validation import check_value
+from ..validation import check_value
 from .sources import check_source, is_token_source, load_calibration
 
 

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse sweep``; returns the points it printed."""
-    from ..evaluation.plots import INSTALL_HINT, plots_available
+    from ..plots import INSTALL_HINT, plots_available
     from ..evaluation.sweep import PLOT_NAME, RESULTS_NAME, format_sweep_table, run_sweep
     from ..methods import get_method_class
     from .prune import sparsity_config

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .validation import check_value, validate_mapping
+from ..validation import check_value, validate_mapping
 
 if TYPE_CHECKING:
     from torch import nn
@@ -76,8 +76,8 @@ class OwlOptions:
 
 
 def check_profile(name: str, value: Any) -> Any:
-    """A ``"check"`` (see :mod:`.validation`): ``"uniform"``, ``"owl"`` or an explicit ``{index or regex: sparsity}``
-    dict; an explicit dict comes back with its sparsities checked (keys as given)."""
+    """A ``"check"`` (see :mod:`hf_sparse.validation`): ``"uniform"``, ``"owl"`` or an explicit
+    ``{index or regex: sparsity}`` dict; an explicit dict comes back with its sparsities checked (keys as given)."""
     if isinstance(value, str):
         if value not in NAMED_PROFILES:
             raise ValueError(f"{name} must be one of {NAMED_PROFILES} or a dict from block index or module-name "

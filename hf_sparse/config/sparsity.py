@@ -16,7 +16,7 @@ from ..methods import get_method_class
 from ..methods.structured import check_per_block_targets
 from .profiles import (UNIFORM, check_profile, check_profile_options, profile_name, profile_needs_calibration,
                        require_block_indices)
-from .validation import regex_list, validate_dataclass
+from ..validation import regex_list, validate_dataclass
 
 QUANT_METHOD = "hf_sparse"
 
@@ -25,7 +25,7 @@ _RUNTIME_ONLY = ("tokenizer", "target_data")
 
 
 def registered_method(name: str, value: Any) -> Any:
-    """A ``"check"`` (see :mod:`.validation`): ``value`` names a registered method; the error lists them."""
+    """A ``"check"`` (see :mod:`hf_sparse.validation`): ``value`` names a registered method; the error lists them."""
     get_method_class(value)
     return value
 

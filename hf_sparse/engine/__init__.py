@@ -9,7 +9,8 @@ One room per concern; data flows down this list:
 - :mod:`~hf_sparse.engine.pipelines`: how blocks are scheduled (data-free, sequential, threaded, distributed,
   structured);
 - :mod:`~hf_sparse.engine.structured`: what a structured method may measure on the dense model, and applying its edits;
-- :mod:`~hf_sparse.engine.layerwise`: :class:`LayerwiseEngine`, pruning one block and running the pipeline.
+- :mod:`~hf_sparse.engine.layerwise`: :class:`LayerwiseEngine`, pruning one block and running the pipeline;
+- :mod:`~hf_sparse.engine.protocol`: what the engine asks of a method (the methods are a layer above).
 
 >>> engine = LayerwiseEngine(build_method("wanda"), SparsityPattern.parse("2:4"), 0.5)  # doctest: +SKIP
 >>> engine.run(model, calibration_ids, batch_size=8).overall_sparsity  # doctest: +SKIP
@@ -46,11 +47,13 @@ from .statistics import (
     StatisticsCollector,
     register_statistic,
 )
+from .protocol import MethodProtocol
 from .structured import BlockPass, InputMoments, StructuredSession, run_structured
 
 __all__ = [
     "DENSE_CACHE_BYTES", "PIPELINES", "STATISTICS", "BlockInputs", "BlockPlan", "BlockResult", "DenseInputCache",
-    "DenseSource", "EngineResult", "LayerwiseEngine", "LinearStatistics", "Pipeline", "PruningPlan", "PruningTarget",
+    "DenseSource", "EngineResult", "LayerwiseEngine", "LinearStatistics", "MethodProtocol", "Pipeline", "PruningPlan",
+    "PruningTarget",
     "Reads", "Statistic", "StatisticsCollector", "StructuredPipeline", "StructuredSession", "BlockPass", "InputMoments",
     "run_structured", "TargetSparsity", "block_on_device", "capture_block_inputs",
     "check_device_available", "check_pattern_fits", "execution_device", "group_targets", "infer_pipeline",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from .devices import (
 )
 from .pipelines import Pipeline, first_block_inputs, infer_pipeline
 from .planning import PruningPlan, PruningTarget, TargetSparsity, plan_targets
+from .protocol import MethodProtocol
 from .statistics import (
     STATISTICS,
     DenseInputCache,
@@ -48,9 +49,6 @@ from .statistics import (
     StatisticsCollector,
     needs_dense_block,
 )
-
-if TYPE_CHECKING:
-    from ..methods.base import PruningMethod
 
 
 def _reading_dense_outputs(needs_of: dict[str, frozenset[str]]) -> set[str]:
@@ -94,7 +92,7 @@ DENSE_CACHE_BYTES = 4 * 2**30
 
 
 class LayerwiseEngine:
-    """Prunes a model block by block with one :class:`PruningMethod`.
+    """Prunes a model block by block with one pruning method (:class:`~hf_sparse.methods.PruningMethod`).
 
     ``sparsity`` is the target sparsity of every module: one number, a ``{module name: sparsity}`` mapping, a
     function of the module name, or a :class:`TargetSparsity`.
@@ -103,7 +101,7 @@ class LayerwiseEngine:
     >>> engine.run(model, calibration_ids, batch_size=8)  # doctest: +SKIP
     """
 
-    def __init__(self, method: PruningMethod, pattern: SparsityPattern,
+    def __init__(self, method: MethodProtocol, pattern: SparsityPattern,
                  sparsity: TargetSparsity | float | Mapping[str, float] | Callable[[str], float],
                  include: list[str] | None = None, exclude: list[str] | None = None, device: str | None = None,
                  parallel: bool = False, num_workers: int | None = None, show_progress: bool = True,

@@ -29,9 +29,9 @@ from . import distributed
 from .capture import BlockInputs, capture_block_inputs, run_block
 from .devices import block_on_device, execution_device, readable_weight, write_weight
 from .planning import PruningPlan
+from .protocol import MethodProtocol
 
 if TYPE_CHECKING:
-    from ..methods.base import PruningMethod
     from .layerwise import LayerwiseEngine
 
 Counts = dict[str, tuple[int, int]]  # module name -> (zeros, numel)
@@ -98,7 +98,7 @@ def register_pipeline(name: str) -> Callable[[type[Pipeline]], type[Pipeline]]:
     return decorate
 
 
-def infer_pipeline(method: PruningMethod, parallel: bool) -> type[Pipeline]:
+def infer_pipeline(method: MethodProtocol, parallel: bool) -> type[Pipeline]:
     """The pipeline for ``method``: data-free without statistics; with ``parallel`` (only for dense-propagating
     methods, whose blocks are independent) threads, or processes when launched with several; else in order.
     Structured methods (``edits_structure``) always take the structured pipeline."""

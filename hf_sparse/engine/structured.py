@@ -217,15 +217,15 @@ def run_structured(model: nn.Module, method, calibration_ids: torch.Tensor, spar
     ``sparsity`` is the share of all decoder-block parameters to remove; with ``block_targets`` (block index -> share
     of that block's parameters, for methods declaring ``per_block_targets``) it may be ``None`` and the method is
     handed the targets' parameter-weighted mean."""
-    from ..methods.structured import check_per_block_targets
-    from ..record import read_record
-
-    existing = read_record(model)
-    if existing is not None and existing.structure is not None:
+    # The sparsity record (hf_sparse.record) is a layer above the engine: its "structure" entry is read as stored.
+    existing = getattr(model.config, "sparsity_config", None)
+    if isinstance(existing, Mapping) and existing.get("structure") is not None:
         raise ValueError("this model was already pruned structurally; prune the dense model instead (the record "
                          "describes shapes relative to the dense original)")
-    if block_targets is not None:
-        check_per_block_targets(type(method))
+    if block_targets is not None and not getattr(method, "per_block_targets", False):
+        # SparsityConfig refuses such a profile with the list of methods that take one (methods.structured).
+        raise ValueError(f"method {method.name!r} does not take per-block targets (block_targets): it does not "
+                         "declare per_block_targets")
     session = StructuredSession(model, calibration_ids, batch_size, device, show_progress, block_targets)
     if block_targets is not None:
         sparsity = session.overall_target()

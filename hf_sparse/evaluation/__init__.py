@@ -4,7 +4,8 @@
 * :func:`zero_shot` — lm-eval-harness tasks on the already-loaded model (extra ``hf-sparse[eval]``);
 * :func:`benchmark` — prefill/decode throughput, time to first token, peak memory, checkpoint size;
 * :func:`run_sweep` — prune at many (method, sparsity) settings, evaluate each, resumable, with a plot;
-* :mod:`hf_sparse.evaluation.plots` — the pictures (extra ``hf-sparse[plots]``, i.e. matplotlib).
+* :mod:`hf_sparse.plots` — the pictures (extra ``hf-sparse[plots]``, i.e. matplotlib), a layer below: model cards
+  (:mod:`hf_sparse.integrations.hub`) draw them too.
 
 >>> from hf_sparse.evaluation import perplexity, zero_shot, benchmark, run_sweep
 """

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..likelihood import token_nll  # shared with the calibration domain check (hf_sparse.calibration.domain)
+
 
 def token_windows(token_ids: torch.Tensor, sequence_length: int, stride: int | None = None,
                   max_windows: int | None = None) -> list[tuple[int, int, int]]:
@@ -31,14 +33,6 @@ def token_windows(token_ids: torch.Tensor, sequence_length: int, stride: int | N
     if not spans:
         raise ValueError(f"the evaluation text has {total} tokens, fewer than one window of {sequence_length}")
     return spans
-
-
-@torch.no_grad()
-def token_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of every token but the first of each row of ``ids`` (batch, seq): (batch, seq-1)."""
-    logits = model(input_ids=ids, use_cache=False).logits.float()  # (batch, seq, vocab)
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    return -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import SparsityConfig
 from ..masks import SparsityPattern
+from ..plots import PlotsUnavailable, sweep_figure
 from ..saving import atomic_write_file
 from .perplexity import perplexity
 
@@ -236,8 +237,6 @@ def run_sweep(model: nn.Module, tokenizer, base_config: SparsityConfig, methods:
         bar.close()
     results = [done[k] for k in ordered_keys if k in done]
     if plot:
-        from .plots import PlotsUnavailable, sweep_figure
-
         try:
             sweep_figure(results, output / PLOT_NAME, title=settings["model"])
         except PlotsUnavailable as error:

@@ -178,8 +178,7 @@ def from_pretrained_gguf(load: Callable[..., nn.Module], pretrained_model_name_o
     config = _pop_sparsity_config(kwargs)
     if config is None:
         return load(pretrained_model_name_or_path, *model_args, **kwargs)
-    from ..api import prune  # imported here: hf_sparse.api imports this module
-    from .transformers import HfSparseQuantizer
+    from .transformers import HfSparseQuantizer, prune_loaded
 
     # The checks prune-on-load runs before reading weights (device, calibration present, paths exist).
     HfSparseQuantizer(config, pre_quantized=False).validate_environment()
@@ -187,5 +186,5 @@ def from_pretrained_gguf(load: Callable[..., nn.Module], pretrained_model_name_o
     model = load(pretrained_model_name_or_path, *model_args, **kwargs)
     name_or_path, gguf_file = str(pretrained_model_name_or_path), str(kwargs["gguf_file"])
     setattr(model, _SOURCE_ATTRIBUTE, GgufSource(name_or_path, gguf_file, _resolve(name_or_path, gguf_file)))
-    prune(model, config, tokenizer=config.tokenizer)
+    prune_loaded(model, config, tokenizer=config.tokenizer)
     return model

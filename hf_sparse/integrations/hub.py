@@ -29,9 +29,11 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
+from .._version import __version__
 from ..architectures import get_architecture
 from ..formats.compact import describe_storage, module_patterns, storage_summary
 from ..masks import SparsityPattern
+from ..plots import card_figures
 from ..methods import METHODS
 from ..record import RECORD_KEY, SparsityRecord, read_record, write_record
 from ..saving import check_destination, save_checkpoint
@@ -226,7 +228,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     default: the record's own, if any): the card then states the stored bytes against dense and how to load it.
 
     ``pictures`` is Markdown for the card's "Pictures" section (see
-    :func:`hf_sparse.evaluation.plots.card_figures`; :func:`save_with_model_card` writes the PNG files beside it).
+    :func:`hf_sparse.plots.card_figures`; :func:`save_with_model_card` writes the PNG files beside it).
 
     ``evaluation`` adds to (and overrides) ``record.evaluation``: keys ``dense_perplexity``, ``pruned_perplexity``,
     ``recovered_perplexity`` (any ``<stage>_<metric>``), and ``eval_data``/``eval_sequence_length``/``eval_windows``
@@ -275,8 +277,6 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         "recovered": f"recovered ({_recovery_text(record.recovery).split(',')[0] or 'fine-tuned'}, sparsity kept)",
     }
     columns, evaluation_rows, note = _evaluation_table(evaluation, stage_labels)
-    from .. import __version__
-
     base_text = _text(_short_name(base)) if base else None
     name = _text(model_name or (repo_id.split("/")[-1] if repo_id else "")) or (
         f"{base_text} pruned to {pattern if pattern.is_n_m else f'{record.target_sparsity:.0%}'} with {method}"
@@ -343,8 +343,6 @@ def save_with_model_card(model: nn.Module, tokenizer, output_dir: str | os.PathL
         write_record(model, record)
 
     def card() -> dict[str, str | bytes]:
-        from ..evaluation.plots import card_figures
-
         # Called after the evaluation is merged into the record, so the bars show the numbers the card lists.
         figures, pictures = card_figures(read_record(model))
         storage = None

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any, Iterator
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -29,7 +30,6 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from ..api import prune
 from ..calibration import check_fits_model, check_source, is_token_source, tokenizer_for
 from ..config import QUANT_METHOD, SparsityConfig
 from ..config.profiles import UNIFORM, check_profile_fits
@@ -41,6 +41,29 @@ from .gguf import from_pretrained_gguf
 logger = logging.getLogger(__name__)
 
 SPARSITY_KWARG = "sparsity_config"
+
+# The verb that prunes a loaded model: hf_sparse.prune (hf_sparse.api). The api is a layer above the integrations
+# (it uses the GGUF helpers here), so it is handed in, not imported: `import hf_sparse` calls set_prune_function.
+_PRUNE: Callable[..., Any] | None = None
+
+
+def set_prune_function(prune: Callable[..., Any]) -> None:
+    """Set the function prune on load calls once the weights are loaded: ``prune(model, config, tokenizer=...)``.
+
+    ``import hf_sparse`` sets :func:`hf_sparse.prune`; there is no need to call this yourself.
+
+    >>> import hf_sparse
+    >>> set_prune_function(hf_sparse.prune)
+    """
+    global _PRUNE
+    _PRUNE = prune
+
+
+def prune_loaded(model: PreTrainedModel, config: SparsityConfig, tokenizer=None):
+    """Prune a model ``from_pretrained`` has just loaded, with the function :func:`set_prune_function` set."""
+    if _PRUNE is None:
+        raise RuntimeError("prune on load needs hf_sparse.prune: import hf_sparse (it sets it) before loading")
+    return _PRUNE(model, config, tokenizer=tokenizer)
 
 # The SparsityConfig the caller passed to the from_pretrained call now running (set by the hook and by
 # AutoSparseModelForCausalLM). transformers builds the quantizer from the checkpoint's quantization_config when
@@ -152,7 +175,7 @@ class HfSparseQuantizer(PlainModelQuantizer):
                 getattr(model, "name_or_path", type(model).__name__), QUANT_METHOD,
             )
         else:
-            prune(model, config, tokenizer=config.tokenizer or self._tokenizer)
+            prune_loaded(model, config, tokenizer=config.tokenizer or self._tokenizer)
         remove_quantization_state(model)
         # A structured result whose blocks differ keeps the marker that makes it load only through hf_sparse.
         record = read_record(model)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config.validation import validate_dataclass
+from ..validation import validate_dataclass
 # LinearStatistics is part of a method's interface (what prune_weight is handed); the engine fills it.
 from ..engine.statistics import LinearStatistics, check_statistics
 from ..masks import SparsityPattern
@@ -31,7 +31,7 @@ __all__ = ["METHODS", "LinearStatistics", "MethodOptions", "PruningMethod", "bui
 @dataclass
 class MethodOptions:
     """Base class of a method's options: a dataclass whose fields carry help text in ``metadata["help"]`` and what
-    they allow (``"range"``, ``"choices"``, see :mod:`hf_sparse.config.validation`), checked on construction."""
+    they allow (``"range"``, ``"choices"``, see :mod:`hf_sparse.validation`), checked on construction."""
 
     #: the method the options belong to, starting every error message ("sparsegpt block_size must be ..."); set by
     #: :func:`register_method`

@@ -8,16 +8,14 @@ the engine's ``structured`` pipeline applies them through :mod:`hf_sparse.surger
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
+from ..engine.structured import StructuredSession
 from ..masks import SparsityPattern
+from ..surgery import StructuredEdits
 from .base import LinearStatistics, PruningMethod
-
-if TYPE_CHECKING:  # the pipeline imports the engine, which imports this package: annotations only
-    from ..engine.structured import StructuredSession
-    from ..surgery import StructuredEdits
 
 
 def blocks_for_fraction(num_blocks: int, sparsity: float) -> int:

@@ -65,7 +65,7 @@ def _png(figure) -> bytes:
 
 def write_png(data: bytes, path: str | os.PathLike) -> Path:
     """Write PNG bytes atomically (:func:`hf_sparse.saving.atomic_write_file`)."""
-    from ..saving import atomic_write_file
+    from .saving import atomic_write_file
 
     return atomic_write_file(path, data)
 
