@@ -180,12 +180,6 @@ def test_the_engine_refuses_a_model_already_pruned_structurally_reading_the_stor
                        show_progress=False)
 
 
-def test_the_engine_refuses_per_block_targets_for_a_method_that_does_not_declare_them():
-    with pytest.raises(ValueError, match="method 'shortgpt' does not take per-block targets"):
-        run_structured(tiny_llama(), build_method("shortgpt"), torch.zeros(1, 8, dtype=torch.long), None,
-                       show_progress=False, block_targets={0: 0.5})
-
-
 def test_a_registered_method_has_the_engines_protocol():
     from hf_sparse.engine import MethodProtocol
 

@@ -222,10 +222,8 @@ def run_structured(model: nn.Module, method, calibration_ids: torch.Tensor, spar
     if isinstance(existing, Mapping) and existing.get("structure") is not None:
         raise ValueError("this model was already pruned structurally; prune the dense model instead (the record "
                          "describes shapes relative to the dense original)")
-    if block_targets is not None and not getattr(method, "per_block_targets", False):
-        # SparsityConfig refuses such a profile with the list of methods that take one (methods.structured).
-        raise ValueError(f"method {method.name!r} does not take per-block targets (block_targets): it does not "
-                         "declare per_block_targets")
+    if block_targets is not None:
+        method.check_block_targets()  # raises, naming the methods that take them, unless this one does
     session = StructuredSession(model, calibration_ids, batch_size, device, show_progress, block_targets)
     if block_targets is not None:
         sparsity = session.overall_target()

@@ -52,6 +52,12 @@ class StructuredPruningMethod(PruningMethod):
         raise TypeError(f"{self.name!r} is a structured method: it edits whole blocks through plan_edits, it does not "
                         "mask single weight matrices")
 
+    @classmethod
+    def check_block_targets(cls) -> None:
+        """Raise unless the method takes per-block targets (:func:`check_per_block_targets`); the engine asks before
+        it hands them over."""
+        check_per_block_targets(cls)
+
     @abstractmethod
     def plan_edits(self, session: StructuredSession, sparsity: float) -> StructuredEdits:
         """Decide which heads, channels or blocks go so that ``sparsity`` of the block parameters is removed.
