@@ -102,7 +102,7 @@ def test_no_page_asks_for_the_shared_folder_in_code_that_runs():
 def test_bash_blocks_run_the_copys_cli_and_skip_installs():
     script = bash_script("pip install -e '.[dev]'\nhf-sparse prune a \\\n    --method wanda\npython -m pytest -q\n"
                          "echo hf-sparse[eval] ok\n")
-    assert script == "python -m hf_sparse prune a     --method wanda\necho hf-sparse[eval] ok\n"
+    assert script == "python -m hf_sparse prune a      --method wanda\necho hf-sparse[eval] ok\n"
 
 
 def test_a_skip_marker_without_a_reason_or_fence_is_refused(tmp_path):
