@@ -5,6 +5,8 @@
   options per argument group).
 - ``<!-- methods-reference -->`` becomes one section per registered pruning method (``hf_sparse.METHODS``): display
   name, paper, patterns, calibration needs, and its options from the options dataclass (type, default, help).
+- ``<!-- fields: dotted.name -->`` becomes a table of the fields of that dataclass (type, default, help from the
+  field metadata), e.g. ``<!-- fields: hf_sparse.SparsityConfig -->``.
 """
 
 from __future__ import annotations
@@ -12,17 +14,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
+import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI_MARKER = "<!-- cli-reference -->"
 METHODS_MARKER = "<!-- methods-reference -->"
+FIELDS_MARKER = re.compile(r"<!-- fields: (?P<name>[\w.]+) -->")
 
 
 def _cell(text: object) -> str:
     return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def _code(text: object) -> str:
+    """``text`` as inline code in a table cell (a pipe ends a cell even inside a code span: then HTML is written)."""
+    text = str(text).replace("\n", " ")
+    if "|" in text or "`" in text:
+        return f"<code>{html.escape(text).replace('|', '&#124;').replace('`', '&#96;')}</code>"
+    return f"`{text}`"
 
 
 def _flags(action: argparse.Action) -> str:
@@ -36,13 +49,13 @@ def _flags(action: argparse.Action) -> str:
         metavar = " ".join(metavar)
     if action.choices and not action.metavar:
         metavar = "{" + ",".join(str(c) for c in action.choices) + "}"
-    return f"{names} `{metavar}`"
+    return f"{names} {_code(metavar)}"
 
 
 def _default(action: argparse.Action) -> str:
     if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or action.required:
         return ""
-    return f"`{action.default}`"
+    return _code(action.default)
 
 
 def _help(action: argparse.Action) -> str:
@@ -78,6 +91,37 @@ def render_cli(parser: argparse.ArgumentParser) -> str:
     return "\n".join(out)
 
 
+def _default_of(f: dataclasses.Field) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def render_fields(cls: type) -> str:
+    """A table of the init fields of dataclass ``cls``: name, type, default, help."""
+    out = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        try:
+            default = json.dumps(_default_of(f))
+        except TypeError:
+            default = repr(_default_of(f))
+        out.append(f"| `{f.name}` | {_code(_type_name(f))} | {_code(default)} | {_cell(f.metadata.get('help', ''))} |")
+    return "\n".join(out) + "\n"
+
+
+def _resolve(dotted: str) -> type:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def render_methods() -> str:
     """Markdown for every registered method, from its class and options dataclass."""
     from hf_sparse import METHODS
@@ -92,27 +136,15 @@ def render_methods() -> str:
             out += [f"Paper: [{_cell(cls.paper.citation)}]({cls.paper.url})", ""]
         out += [f"Patterns: {patterns}. Calibration: {'needed' if cls.needs_calibration else 'not needed'}."
                 + (" Blocks can be pruned in parallel (`parallel=True`)." if cls.propagate_dense else ""), ""]
-        fields = dataclasses.fields(cls.options_class)
-        if not fields:
+        if not dataclasses.fields(cls.options_class):
             out += ["No options.", ""]
             continue
-        out += ["| option | type | default | meaning |", "|---|---|---|---|"]
-        for f in fields:
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                default = None
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            out.append(f"| `{f.name}` | `{_cell(kind)}` | `{_cell(json.dumps(default))}` | "
-                       f"{_cell(f.metadata.get('help', ''))} |")
-        out.append("")
+        out.append(render_fields(cls.options_class))
     return "\n".join(out)
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (mkdocs hook signature)
-    if CLI_MARKER not in markdown and METHODS_MARKER not in markdown:
+    if CLI_MARKER not in markdown and METHODS_MARKER not in markdown and not FIELDS_MARKER.search(markdown):
         return markdown
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -122,4 +154,4 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001
         markdown = markdown.replace(CLI_MARKER, render_cli(build_parser()))
     if METHODS_MARKER in markdown:
         markdown = markdown.replace(METHODS_MARKER, render_methods())
-    return markdown
+    return FIELDS_MARKER.sub(lambda match: render_fields(_resolve(match["name"])), markdown)
