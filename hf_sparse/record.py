@@ -44,6 +44,7 @@ Masks are the exact zeros of the listed modules' weights: :func:`get_masks` rest
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -56,6 +57,7 @@ from .calibration.domain import DomainReport
 from .config.sparsity import pattern_name, registered_method
 from .config.validation import check_value, to_json_dict, validate_dataclass, validate_mapping
 from .engine.devices import readable_weight
+from .errors import shown
 from .masks import SparsityPattern, is_valid_n_m
 from .methods import get_method_class
 
@@ -66,6 +68,7 @@ MULTI_PASS_FORMAT_VERSION = 2  # written when "passes" is present: older readers
 READABLE_VERSIONS = (FORMAT_VERSION, MULTI_PASS_FORMAT_VERSION)
 _PREFIX = f"{RECORD_KEY}."
 _JSON_SCALARS = (str, int, float, bool, type(None))
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,6 +231,15 @@ def _storage(name: str, value: Any) -> Any:
         _json_object(name, value)
         check_value(f"{name}.format", value.get("format"), str, {})
         check_value(f"{name}.version", value.get("version"), int, {})
+        hashes = value.get("sha256")
+        if hashes is not None:  # module -> SHA-256 of its compact entries (hf_sparse.formats.integrity)
+            if not isinstance(hashes, dict):
+                raise ValueError(f"{name}.sha256 must be an object of module name -> SHA-256 hex digest, got "
+                                 f"{shown(hashes)}")
+            for module, digest in hashes.items():
+                if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                    raise ValueError(f"{name}.sha256[{shown(module)}] must be 64 lowercase hex digits, got "
+                                     f"{shown(digest)}")
     return value
 
 

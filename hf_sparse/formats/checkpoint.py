@@ -23,13 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..errors import shown
 from ..record import RECORD_KEY, SparsityRecord
 from ..saving import atomic_directory
 from .guard import add_guard, strip_guard
 from .compact import (
-    STORAGE_FORMAT, VALUES, StorageSummary, compress_entry, compressed_groups, decompress_weight, module_patterns,
-    quantization_config_entry, tensor_bytes,
+    STORAGE_FORMAT, VALUES, StorageSummary, check_modules_present, compress_entry, compressed_groups,
+    decompress_weight, module_patterns, quantization_config_entry, tensor_bytes,
 )
+from .integrity import check_group, check_hash_coverage, expected_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +118,21 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     if RECORD_KEY not in config:
         raise ValueError(f"{str(source)!r} has no {RECORD_KEY!r} in config.json: prune it with hf_sparse first")
     record = SparsityRecord.from_dict(config[RECORD_KEY])
+    if not record.modules:
+        raise ValueError(f"{str(source)!r} lists no pruned modules in its record (structured pruning made the matrices "
+                         "smaller instead): there are no zeros to drop; keep it as it is")
     files, index = weight_files(source)
     modules = module_patterns(record)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(safe_open(str(source / name), framework="pt")) for name in files]
+        check_modules_present(modules, _locations(files, readers))
     summary, weight_map = StorageSummary(), {}
     with atomic_directory(output_dir, overwrite) as target:
         for name in tqdm(files, desc="Compressing shards", disable=not show_progress):
             shard: dict = {}
             with safe_open(str(source / name), framework="pt") as reader:
                 for key in reader.keys():
-                    shard.update(compress_entry(key, reader.get_tensor(key), modules, summary))
+                    shard.update(compress_entry(key, reader.get_tensor(key), modules, summary, record.modules))
             weight_map.update({key: name for key in shard})
             _write_shard(shard, target / name)
             del shard
@@ -137,9 +145,80 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     return summary
 
 
+def _locations(files: list[str], readers) -> dict[str, str]:
+    """Key -> the file holding it; a key stored twice is refused (which copy a loader takes is arbitrary)."""
+    location: dict[str, str] = {}
+    for name, reader in zip(files, readers):
+        for key in reader.keys():
+            if key in location:
+                raise ValueError(f"tensor {shown(key)} is stored twice (in {location[key]!r} and {name!r}); the "
+                                 "checkpoint is damaged or was edited")
+            location[key] = name
+    return location
+
+
+def compact_record(config: dict[str, Any], where: str) -> SparsityRecord:
+    """The validated record of a compact checkpoint's ``config.json`` (a compact checkpoint always has one)."""
+    if RECORD_KEY not in config:
+        raise ValueError(f"{where} is marked as compact storage but has no {RECORD_KEY!r} record to check it against; "
+                         "the checkpoint is damaged or was edited")
+    return SparsityRecord.from_dict(config[RECORD_KEY])
+
+
+def verify_compact(files: list[str | os.PathLike], record: SparsityRecord, where: str,
+                   shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Check every compressed weight of a compact checkpoint's safetensors ``files`` before anything is decoded:
+    its entries against each other, the record (pattern, sparsity, content hash) and ``shapes`` (module name ->
+    the model's weight shape, when known). Raises a one-line ``ValueError`` naming the first bad weight."""
+    with ExitStack() as stack:
+        readers = {str(f): stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        location = _locations(list(readers), list(readers.values()))
+        groups = compressed_groups(location)
+        hashes = expected_hashes(record.storage, where)
+        check_hash_coverage(hashes, set(groups))
+        for prefix, group in groups.items():
+            parts = {suffix: readers[location[key]].get_tensor(key) for suffix, key in group.items()}
+            check_group(prefix, parts, **group_checks(prefix, record, hashes, shapes))
+
+
+def group_checks(prefix: str, record: SparsityRecord, hashes: dict[str, str] | None,
+                 shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Any]:
+    """What the compressed weight of module ``prefix`` is checked against (keywords of
+    :func:`~hf_sparse.formats.integrity.check_group`); a module the record does not list is refused."""
+    if prefix not in record.modules:
+        raise ValueError(f"{shown(prefix + '.' + VALUES)} is stored in compact form but the sparsity record does not "
+                         "list the module; the checkpoint is damaged or was edited")
+    return {"pattern": record.pattern_of(prefix), "sparsity": record.modules[prefix],
+            "shape": (shapes or {}).get(prefix), "expected_hash": (hashes or {}).get(prefix)}
+
+
+def model_weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Module name -> weight shape of the model ``config`` (a config.json dictionary) describes, built on the meta
+    device (no memory); ``None`` (with a warning) when transformers cannot build it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    plain = {k: v for k, v in strip_guard(config).items()
+             if k not in ("quantization_config", RECORD_KEY, "architectures", "transformers_version")}
+    try:
+        built = AutoConfig.for_model(**plain)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(built)
+    except Exception as error:  # noqa: BLE001 - an architecture this transformers does not build: record checks only
+        logger.warning("could not build the model from config.json to check the stored shapes against it (%s); "
+                       "checking the entries against each other and the record only", shown(str(error)))
+        return None
+    return {name.removesuffix(".weight"): tuple(p.shape) for name, p in model.state_dict().items()
+            if name.endswith(".weight")}
+
+
 def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False,
                           show_progress: bool = True) -> StorageSummary:
     """Write a compact checkpoint back as a plain dense one (bit-identical weights) that any loader reads.
+
+    Every compressed weight is checked before it is decoded (its entries, the record's pattern and sparsity, the
+    content hash recorded at compress time, the model's shapes; see :mod:`hf_sparse.formats.integrity`): a damaged
+    or edited checkpoint raises a ``ValueError`` naming the weight, and nothing is written.
 
     >>> decompress_checkpoint("pruned-compact", "pruned-dense")  # doctest: +SKIP
     """
@@ -148,12 +227,16 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
     if not _is_compressed(config):
         raise ValueError(f"{str(source)!r} is not in compact storage: its config.json has no quantization_config "
                          f"with quant_method {STORAGE_FORMAT!r}")
+    record = compact_record(config, repr(str(source)))
     files, index = weight_files(source)
+    shapes = model_weight_shapes(config)
     summary, weight_map = StorageSummary(), {}
     with ExitStack() as stack, atomic_directory(output_dir, overwrite) as target:
         readers = {name: stack.enter_context(safe_open(str(source / name), framework="pt")) for name in files}
-        location = {key: name for name, reader in readers.items() for key in reader.keys()}
+        location = _locations(files, list(readers.values()))
         groups = compressed_groups(location)
+        hashes = expected_hashes(record.storage, repr(str(source)))
+        check_hash_coverage(hashes, set(groups))
         grouped = {key for group in groups.values() for key in group.values()}
         # A group is written to the shard that holds its values (save_pretrained may split a group across shards).
         owner = {group[VALUES]: prefix for prefix, group in groups.items()}
@@ -161,10 +244,12 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
             shard: dict = {}
             for key in readers[name].keys():
                 if key in owner:
-                    group = groups[owner[key]]
+                    prefix = owner[key]
+                    group = groups[prefix]
                     parts = {suffix: readers[location[k]].get_tensor(k) for suffix, k in group.items()}
+                    check_group(prefix, parts, **group_checks(prefix, record, hashes, shapes))
                     stored = sum(tensor_bytes(t) for t in parts.values())
-                    shard[key] = decompress_weight(parts)
+                    shard[key] = decompress_weight(parts, module=prefix)
                     summary.add(tensor_bytes(shard[key]), stored)
                 elif key not in grouped:
                     shard[key] = readers[name].get_tensor(key)
@@ -174,7 +259,6 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
             del shard
         config = strip_guard(config)
         config.pop("quantization_config")
-        if isinstance(config.get(RECORD_KEY), dict):
-            config[RECORD_KEY] = {k: v for k, v in config[RECORD_KEY].items() if k != "storage"}
+        config[RECORD_KEY] = {k: v for k, v in config[RECORD_KEY].items() if k != "storage"}
         _finish(source, target, config, files, index, weight_map, summary.dense_bytes)
     return summary
