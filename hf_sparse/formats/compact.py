@@ -203,7 +203,7 @@ def check_matches_record(module: str, weight: torch.Tensor, pattern: SparsityPat
     """Refuse to compress a weight the record does not describe: its zeros must follow the N:M ``pattern`` the
     record claims and give the ``sparsity`` it lists (within one weight), as :func:`hf_sparse.get_masks` checks.
 
-    >>> check_matches_record("lin", torch.ones(2, 4), "2:4", 0.5)
+    >>> check_matches_record("lin", torch.ones(2, 4), "unstructured", 0.5)
     Traceback (most recent call last):
     ...
     ValueError: module 'lin' has sparsity 0.000000 but its sparsity record says 0.500000: the record does not describe these weights (changed after pruning?); prune it again or fix the record
