@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config.validation import check_value
+from ..errors import shown
 from .sources import check_source, is_token_source, load_calibration
 
 
@@ -39,7 +40,7 @@ def check_mix(sources: Any, weights: Any) -> list[float]:
                          f"lists of strings, token ids), got {type(sources).__name__}")
     if not isinstance(weights, (list, tuple)) or len(weights) != len(sources):
         raise ValueError(f"calibration_weights must hold one weight per calibration source ({len(sources)}), got "
-                         f"{weights!r}")
+                         f"{shown(weights)}")
     checked = [check_value(f"calibration_weights[{i}]", w, float, {"range": "> 0"}) for i, w in enumerate(weights)]
     for source in sources:
         check_source(source)

@@ -11,6 +11,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..calibration.descriptors import check_descriptor, describe_calibration
 from ..calibration.mixes import check_mix
+from ..errors import shown
 from ..masks import SparsityPattern
 from ..methods import get_method_class
 from ..methods.structured import check_per_block_targets
@@ -44,7 +45,7 @@ def _torch_device(name: str, value: Any) -> Any:
         try:
             torch.device(value)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device {value!r} is not a valid torch device (e.g. 'cpu', 'cuda:0')") from None
+            raise ValueError(f"device {shown(value)} is not a valid torch device (e.g. 'cpu', 'cuda:0')") from None
     return value
 
 
@@ -175,23 +176,23 @@ class SparsityConfig(QuantizationConfigMixin):
         method_cls = get_method_class(self.method)
         if parsed.kind not in method_cls.supports_patterns:
             raise ValueError(
-                f"method {self.method!r} does not support pattern {self.pattern!r}; it supports {method_cls.supports_patterns}"
+                f"method {shown(self.method)} does not support pattern {shown(self.pattern)}; it supports {method_cls.supports_patterns}"
             )
         if parsed.is_n_m and abs(self.sparsity - parsed.implied_sparsity) > 1e-9:
             raise ValueError(
-                f"sparsity {self.sparsity!r} contradicts pattern {self.pattern!r}, which fixes sparsity at "
-                f"{parsed.implied_sparsity!r}; omit sparsity or set it to that value"
+                f"sparsity {shown(self.sparsity)} contradicts pattern {shown(self.pattern)}, which fixes sparsity at "
+                f"{shown(parsed.implied_sparsity)}; omit sparsity or set it to that value"
             )
         if parsed.is_n_m and self.sparsity_profile != UNIFORM:
             raise ValueError(
-                f"sparsity_profile={profile_name(self.sparsity_profile)!r} needs an unstructured pattern, got "
-                f"{self.pattern!r}: per-block N:M (a different N per block) is not supported; use "
+                f"sparsity_profile={shown(profile_name(self.sparsity_profile))} needs an unstructured pattern, got "
+                f"{shown(self.pattern)}: per-block N:M (a different N per block) is not supported; use "
                 "pattern='unstructured' with a sparsity, or the uniform profile with N:M"
             )
         if parsed.is_structured and self.sparsity_profile != UNIFORM:
             # A profile gives every block its own share of its parameters: only methods that remove units of a
             # block (not whole blocks) can honour it, and its keys must be blocks, not modules.
-            check_per_block_targets(method_cls, f"sparsity_profile={self.sparsity_profile!r}")
+            check_per_block_targets(method_cls, f"sparsity_profile={shown(self.sparsity_profile)}")
             require_block_indices(self.sparsity_profile, self.pattern)
         if self.calibration_weights is not None:
             self.calibration_weights = check_mix(self.calibration, self.calibration_weights)
@@ -199,7 +200,7 @@ class SparsityConfig(QuantizationConfigMixin):
         if self.parallel and not method_cls.propagate_dense:
             raise ValueError(
                 f"parallel=True needs a method whose blocks are independent (dense inputs per block, e.g. 'fista'); "
-                f"{self.method!r} prunes each block on the outputs of the pruned blocks before it"
+                f"{shown(self.method)} prunes each block on the outputs of the pruned blocks before it"
             )
         # Validate now, not after a long model load: unknown keys and bad values raise here. The given keys keep
         # their checked values ("False" from a command line is stored as False).
@@ -221,7 +222,7 @@ class SparsityConfig(QuantizationConfigMixin):
         the profile does (``"magnitude with sparsity_profile='owl'"``)."""
         if get_method_class(self.method).needs_calibration:
             return self.method
-        return f"{self.method} with sparsity_profile={self.sparsity_profile!r}"
+        return f"{self.method} with sparsity_profile={shown(self.sparsity_profile)}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: calibration data is replaced by a descriptor, run-time fields are dropped."""

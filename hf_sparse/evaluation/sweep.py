@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import SparsityConfig
+from ..errors import PATH_SHOWN, shown
 from ..masks import SparsityPattern
 from ..saving import atomic_write_file
 from .perplexity import perplexity
@@ -166,7 +167,7 @@ def run_sweep(model: nn.Module, tokenizer, base_config: SparsityConfig, methods:
                                                  sparsity=None if fixed else point.target_sparsity)
     output = Path(output_dir).expanduser()
     if output.exists() and not output.is_dir():
-        raise ValueError(f"output {str(output)!r} is a file; give a folder for the sweep's results")
+        raise ValueError(f"output {shown(str(output), PATH_SHOWN)} is a file; give a folder for the sweep's results")
     output.mkdir(parents=True, exist_ok=True)
 
     calibration_ids = None

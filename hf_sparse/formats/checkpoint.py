@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..errors import shown
+from ..errors import PATH_SHOWN, shown
 from ..record import RECORD_KEY, SparsityRecord
 from ..saving import atomic_directory
 from .guard import add_guard, strip_guard
@@ -44,7 +44,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{str(path)!r} does not exist: a checkpoint folder with {path.name} is needed") from None
+        raise ValueError(f"{shown(str(path), PATH_SHOWN)} does not exist: a checkpoint folder with {path.name} is needed") from None
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -60,7 +60,7 @@ def weight_files(folder: str | os.PathLike) -> tuple[list[str], dict[str, Any] |
     if (folder / WEIGHTS_NAME).exists():
         return [WEIGHTS_NAME], None
     found = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
-    raise ValueError(f"{str(folder)!r} has no {WEIGHTS_NAME} or {INDEX_NAME}"
+    raise ValueError(f"{shown(str(folder), PATH_SHOWN)} has no {WEIGHTS_NAME} or {INDEX_NAME}"
                      + (f" (only {found}: compact storage reads and writes safetensors only)" if found else ""))
 
 
@@ -111,15 +111,15 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     source = Path(input_dir)
     config = _read_json(source / CONFIG_NAME)
     if _is_compressed(config):
-        raise ValueError(f"{str(source)!r} is already in compact storage ({STORAGE_FORMAT})")
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} is already in compact storage ({STORAGE_FORMAT})")
     if "quantization_config" in config:
-        raise ValueError(f"{str(source)!r} has a quantization_config "
-                         f"({config['quantization_config'].get('quant_method')!r}): only dense pruned checkpoints compress")
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} has a quantization_config "
+                         f"({shown(config['quantization_config'].get('quant_method'))}): only dense pruned checkpoints compress")
     if RECORD_KEY not in config:
-        raise ValueError(f"{str(source)!r} has no {RECORD_KEY!r} in config.json: prune it with hf_sparse first")
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} has no {shown(RECORD_KEY)} in config.json: prune it with hf_sparse first")
     record = SparsityRecord.from_dict(config[RECORD_KEY])
     if not record.modules:
-        raise ValueError(f"{str(source)!r} lists no pruned modules in its record (structured pruning made the matrices "
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} lists no pruned modules in its record (structured pruning made the matrices "
                          "smaller instead): there are no zeros to drop; keep it as it is")
     files, index = weight_files(source)
     modules = module_patterns(record)
@@ -151,7 +151,7 @@ def _locations(files: list[str], readers) -> dict[str, str]:
     for name, reader in zip(files, readers):
         for key in reader.keys():
             if key in location:
-                raise ValueError(f"tensor {shown(key)} is stored twice (in {location[key]!r} and {name!r}); the "
+                raise ValueError(f"tensor {shown(key)} is stored twice (in {shown(location[key])} and {shown(name)}); the "
                                  "checkpoint is damaged or was edited")
             location[key] = name
     return location
@@ -160,7 +160,7 @@ def _locations(files: list[str], readers) -> dict[str, str]:
 def compact_record(config: dict[str, Any], where: str) -> SparsityRecord:
     """The validated record of a compact checkpoint's ``config.json`` (a compact checkpoint always has one)."""
     if RECORD_KEY not in config:
-        raise ValueError(f"{where} is marked as compact storage but has no {RECORD_KEY!r} record to check it against; "
+        raise ValueError(f"{where} is marked as compact storage but has no {shown(RECORD_KEY)} record to check it against; "
                          "the checkpoint is damaged or was edited")
     return SparsityRecord.from_dict(config[RECORD_KEY])
 
@@ -206,7 +206,7 @@ def model_weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | 
             model = AutoModelForCausalLM.from_config(built)
     except Exception as error:  # noqa: BLE001 - an architecture this transformers does not build: record checks only
         logger.warning("could not build the model from config.json to check the stored shapes against it (%s); "
-                       "checking the entries against each other and the record only", shown(str(error)))
+                       "checking the entries against each other and the record only", shown(str(error), PATH_SHOWN))
         return None
     return {name.removesuffix(".weight"): tuple(p.shape) for name, p in model.state_dict().items()
             if name.endswith(".weight")}
@@ -225,8 +225,8 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
     source = Path(input_dir)
     config = _read_json(source / CONFIG_NAME)
     if not _is_compressed(config):
-        raise ValueError(f"{str(source)!r} is not in compact storage: its config.json has no quantization_config "
-                         f"with quant_method {STORAGE_FORMAT!r}")
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} is not in compact storage: its config.json has no quantization_config "
+                         f"with quant_method {shown(STORAGE_FORMAT)}")
     record = compact_record(config, repr(str(source)))
     files, index = weight_files(source)
     shapes = model_weight_shapes(config)

@@ -139,7 +139,7 @@ def compressed_groups(keys: Iterable[str]) -> dict[str, dict[str, str]]:
             groups[prefix][suffix] = key
     for prefix, group in groups.items():
         if VALUES not in group:
-            raise ValueError(f"compressed weight {prefix!r} has {sorted(group)} but no {VALUES!r} (values) entry")
+            raise ValueError(f"compressed weight {shown(prefix)} has {sorted(group)} but no {shown(VALUES)} (values) entry")
     return groups
 
 
@@ -213,7 +213,7 @@ def check_matches_record(module: str, weight: torch.Tensor, pattern: SparsityPat
                          "compact storage encodes 2-D weights")
     pattern = SparsityPattern.parse(pattern) if pattern is not None else None
     if pattern is not None and pattern.is_n_m and not fits_n_m(weight, pattern.n, pattern.m):
-        raise ValueError(f"module {shown(module)} does not follow the pattern {str(pattern)!r} its sparsity record "
+        raise ValueError(f"module {shown(module)} does not follow the pattern {shown(str(pattern))} its sparsity record "
                          f"claims (more than {pattern.n} non-zeros in some group of {pattern.m} inputs): the record "
                          "does not describe these weights; prune it again or fix the record")
     if sparsity is not None:

@@ -35,6 +35,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..errors import shown
 from ..formats.checkpoint import compact_record, verify_compact
 from ..formats.compact import (
     COMPANIONS, LAYOUT, STORAGE_FORMAT, STORAGE_VERSION, VALUES, compress_state_dict, decompress_weight, module_patterns,
@@ -62,9 +63,9 @@ class CompactStorageConfig(QuantizationConfigMixin):
 
     def __init__(self, quant_method: str = STORAGE_FORMAT, format_version: int = STORAGE_VERSION, **kwargs: Any):
         if quant_method != STORAGE_FORMAT:
-            raise ValueError(f"CompactStorageConfig is for quant_method {STORAGE_FORMAT!r}, got {quant_method!r}")
+            raise ValueError(f"CompactStorageConfig is for quant_method {shown(STORAGE_FORMAT)}, got {shown(quant_method)}")
         if format_version != STORAGE_VERSION:
-            raise ValueError(f"this checkpoint uses {STORAGE_FORMAT} format_version {format_version!r}; this hf_sparse "
+            raise ValueError(f"this checkpoint uses {STORAGE_FORMAT} format_version {shown(format_version)}; this hf_sparse "
                              f"reads version {STORAGE_VERSION} (upgrade hf_sparse)")
         self.quant_method = quant_method
         self.format_version = format_version
@@ -87,7 +88,7 @@ class DecompressCompactWeight(ConversionOps):
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, **kwargs) -> dict[str, Any]:
         parts = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
         if VALUES not in parts:
-            raise ValueError(f"{full_layer_name}: compact entries {sorted(parts)} without the {VALUES!r} values")
+            raise ValueError(f"{full_layer_name}: compact entries {sorted(parts)} without the {shown(VALUES)} values")
         dtype = self.dtype if self.dtype is not None and parts[VALUES].is_floating_point() else None
         # Entries the quantizer checked before loading (every file, against the record and the model) are decoded
         # as they are; otherwise (a state_dict handed to from_pretrained) they are checked here.
@@ -210,7 +211,7 @@ def save_compressed(model: PreTrainedModel, save_directory: str | os.PathLike, *
     """
     record = read_record(model)
     if record is None:
-        raise ValueError(f"compressed=True needs a pruned model: this one has no {RECORD_KEY!r} record "
+        raise ValueError(f"compressed=True needs a pruned model: this one has no {shown(RECORD_KEY)} record "
                          "(prune it with hf_sparse first)")
     if getattr(model, "_hf_peft_config_loaded", False) or getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("compressed=True saves a plain pruned model; merge or remove PEFT adapters and quantization "
@@ -218,7 +219,7 @@ def save_compressed(model: PreTrainedModel, save_directory: str | os.PathLike, *
     marker = getattr(model.config, "quantization_config", None)
     if marker is not None:
         method = marker.get("quant_method") if isinstance(marker, dict) else getattr(marker, "quant_method", None)
-        raise ValueError(f"compressed=True cannot keep the config's quantization_config (quant_method={method!r}: "
+        raise ValueError(f"compressed=True cannot keep the config's quantization_config (quant_method={shown(method)}: "
                          "a structured model whose blocks differ needs it to load); save it without compressed=True")
     if not record.modules:
         raise ValueError("compressed=True drops the zeros of pruned linears, and this record lists none (structured "
