@@ -370,7 +370,7 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
     """The record of a model pruned by ``previous`` and then by ``new``: every module of both, both passes listed.
 
     ``new``'s values win for modules pruned twice; ``previous``'s evaluation is dropped (it measured the model before
-    this pass) while its base model and recovery are kept. ``overall_sparsity`` is left to the caller, who can
+    this pass) while its base model and recovery are kept, and so is its domain check unless ``new`` made one. ``overall_sparsity`` is left to the caller, who can
     measure it on the weights.
     """
     passes = list(previous.passes or [previous.as_pass()]) + [new.as_pass()]
@@ -384,6 +384,8 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
         base_model_sha256=previous.base_model_sha256 if keep_base else new.base_model_sha256,
         recovery=previous.recovery, passes=passes, structure=previous.structure,
         sparsity_profile=new.sparsity_profile, target_modules=new.target_modules,
+        # the last domain check made (calibration vs. target text): the new pass's, else the earlier one's
+        domain_check=new.domain_check if new.domain_check is not None else previous.domain_check,
     )
 
 

@@ -22,7 +22,10 @@ from .sources import check_source, is_token_source, load_calibration
 
 
 def mix_counts(weights: Sequence[float], num_samples: int) -> list[int]:
-    """Windows per source: ``num_samples`` split in proportion to ``weights``, cumulatively rounded."""
+    """Windows per source: ``num_samples`` split in proportion to ``weights``, cumulatively rounded (the weights are
+    scaled by their largest first, so no sum overflows)."""
+    largest = max(weights)
+    weights = [weight / largest for weight in weights]
     total = float(sum(weights))
     counts, cumulative, previous = [], 0.0, 0
     for weight in weights:
@@ -33,15 +36,33 @@ def mix_counts(weights: Sequence[float], num_samples: int) -> list[int]:
     return counts
 
 
-def check_mix(sources: Any, weights: Any) -> list[float]:
-    """Raise unless ``sources`` is a list with one positive weight each; returns the weights as floats."""
+def check_mix(sources: Any, weights: Any, num_samples: int | None = None) -> list[float]:
+    """Raise unless ``sources`` is a list with one finite positive weight each, every source getting at least one of
+    the ``num_samples`` windows; returns the weights as floats.
+
+    >>> check_mix(["a.txt", "b.txt"], [1e-300, 1], 128)
+    Traceback (most recent call last):
+    ...
+    ValueError: calibration_weights[0] = 1e-300 gives source 0 none of the 128 windows (num_samples); every source needs at least one: allowed are finite positive weights whose shares of num_samples round to 1 or more
+    """
     if not isinstance(sources, (list, tuple)) or len(sources) < 1:
         raise ValueError(f"calibration_weights needs calibration to be a list of sources (files, dataset names, "
                          f"lists of strings, token ids), got {type(sources).__name__}")
     if not isinstance(weights, (list, tuple)) or len(weights) != len(sources):
         raise ValueError(f"calibration_weights must hold one weight per calibration source ({len(sources)}), got "
                          f"{shown(weights)}")
-    checked = [check_value(f"calibration_weights[{i}]", w, float, {"range": "> 0"}) for i, w in enumerate(weights)]
+    checked = []
+    for index, weight in enumerate(weights):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"calibration_weights[{index}] must be a finite positive number, got {shown(weight)} "
+                             f"({type(weight).__name__})")
+        checked.append(check_value(f"calibration_weights[{index}]", weight, float, {"range": "> 0"}))
+    if num_samples is not None:
+        for index, count in enumerate(mix_counts(checked, num_samples)):
+            if count < 1:
+                raise ValueError(f"calibration_weights[{index}] = {shown(weights[index])} gives source {index} none "
+                                 f"of the {num_samples} windows (num_samples); every source needs at least one: "
+                                 "allowed are finite positive weights whose shares of num_samples round to 1 or more")
     for source in sources:
         check_source(source)
     return checked

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +13,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..calibration.descriptors import check_descriptor, describe_calibration
 from ..calibration.mixes import check_mix
-from ..errors import shown
+from ..errors import PATH_SHOWN, shown
 from ..masks import SparsityPattern
 from ..methods import get_method_class
 from ..methods.structured import check_per_block_targets
@@ -47,6 +49,27 @@ def _torch_device(name: str, value: Any) -> Any:
         except (RuntimeError, TypeError):
             raise ValueError(f"device {shown(value)} is not a valid torch device (e.g. 'cpu', 'cuda:0')") from None
     return value
+
+
+def _target_data(name: str, value: Any) -> Any:
+    """A ``"check"``: ``None``, a path to an existing file or folder, or a non-empty list of strings."""
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        if not Path(value).expanduser().exists():
+            raise ValueError(f"{name} {shown(value, PATH_SHOWN)} is not an existing file or folder; give a path to the "
+                             "target text, or a list of strings (raw texts)")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(item, str) for item in value):
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        bad = next((item for item in value if not isinstance(item, str)), None)
+        raise ValueError(f"{name} must be a path or a non-empty list of strings; got a list "
+                         + (f"holding {shown(bad)} ({type(bad).__name__})" if value else "that is empty"))
+    raise ValueError(f"{name} must be a path or a non-empty list of strings, got {shown(value)} "
+                     f"({type(value).__name__})")
 
 
 def _descriptor(name: str, value: Any) -> Any:
@@ -116,7 +139,8 @@ class SparsityConfig(QuantizationConfigMixin):
         default=None, repr=False,
         metadata={"help": "A sample of the text the pruned model will serve (a file, folder or list of strings; run "
                           "time only). Before pruning, the calibration windows are compared with it on the dense "
-                          "model, a warning is logged when they differ enough to hurt, and the report is recorded."},
+                          "model, a warning is logged when they differ enough to hurt, and the report is recorded.",
+                  "check": _target_data},
     )
     calibration_split: str = field(default="train", metadata={"help": "Dataset split, for dataset names."})
     calibration_column: str = field(default="text", metadata={"help": "Text column, for datasets and JSON."})
@@ -195,7 +219,7 @@ class SparsityConfig(QuantizationConfigMixin):
             check_per_block_targets(method_cls, f"sparsity_profile={shown(self.sparsity_profile)}")
             require_block_indices(self.sparsity_profile, self.pattern)
         if self.calibration_weights is not None:
-            self.calibration_weights = check_mix(self.calibration, self.calibration_weights)
+            self.calibration_weights = check_mix(self.calibration, self.calibration_weights, self.num_samples)
         self.profile_options = check_profile_options(self.sparsity_profile, self.profile_options)
         if self.parallel and not method_cls.propagate_dense:
             raise ValueError(

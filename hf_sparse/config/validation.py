@@ -102,7 +102,9 @@ def _members(annotation: Any) -> tuple[Any, ...]:
 def _type_name(member: Any) -> str:
     origin = typing.get_origin(member) or member
     if origin is list:
-        return "a list of strings"
+        (item,) = typing.get_args(member) or (Any,)
+        items = {str: "strings", float: "finite numbers", int: "integers", bool: "booleans"}.get(item)
+        return f"a list of {items}" if items else "a list"
     if origin is dict:
         return "a dict"
     return {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(origin, str(member))
@@ -183,6 +185,16 @@ def check_value(name: str, value: Any, annotation: Any, metadata: typing.Mapping
         if matches:
             break
     else:
+        if isinstance(value, (list, tuple)):  # name the first item that does not fit, not the whole list
+            for member in _members(annotation):
+                if (typing.get_origin(member) or member) is list:
+                    (item,) = typing.get_args(member) or (Any,)
+                    for index, entry in enumerate(value):
+                        if not _as_member(entry, item)[0]:
+                            wanted = "a finite number" if item is float else _type_name(item)
+                            raise ValueError(f"{name}[{index}] must be {wanted}, got {shown(entry)} "
+                                             f"({type(entry).__name__}); {name} must be "
+                                             f"{describe(annotation, metadata)}")
         raise ValueError(f"{name} must be {describe(annotation, metadata)}, got {shown(value)} ({type(value).__name__})")
     if converted is None:
         return None

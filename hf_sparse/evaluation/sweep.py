@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -114,6 +115,10 @@ def _csv_text(points: list[SweepPoint]) -> str:
 def read_results(output_dir: str | os.PathLike) -> list[SweepPoint]:
     """The points of ``DIR/results.csv`` (empty if there is none yet), the dense row first.
 
+    The file is read back on resume, possibly after a hand edit, so every row is checked (:func:`check_row`): a
+    row that this code could not have written raises a one-line ``ValueError`` naming the file, the row and the
+    value, instead of being kept and plotted.
+
     >>> read_results("/no/such/sweep")
     []
     """
@@ -123,8 +128,62 @@ def read_results(output_dir: str | os.PathLike) -> list[SweepPoint]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise ValueError(f"{path} has columns {reader.fieldnames}, not {list(COLUMNS)}: not a hf_sparse sweep")
-        return [SweepPoint.from_row(row) for row in reader]
+            raise ValueError(f"{shown(str(path), PATH_SHOWN)} has columns {shown(reader.fieldnames)}, not "
+                             f"{list(COLUMNS)}: not a hf_sparse sweep")
+        points: dict[tuple[str, str, str], int] = {}
+        results = []
+        for number, row in enumerate(reader, start=2):  # line 1 is the header
+            point = check_row(row, f"{path} line {number}")
+            if point.key in points:
+                raise ValueError(f"{shown(str(path), PATH_SHOWN)} line {number} repeats the setting {point.key} of "
+                                 f"line {points[point.key]}; delete one of them (or restart the sweep)")
+            points[point.key] = number
+            results.append(point)
+        return results
+
+
+def check_row(row: dict[str, Any], where: str) -> SweepPoint:
+    """One ``results.csv`` row as a :class:`SweepPoint`, refusing what a sweep never writes: an empty or unknown
+    method or pattern, a sparsity outside [0, 1), a perplexity that is not a finite number >= 1, extra cells.
+
+    >>> check_row({"method": "wanda", "pattern": "2:4", "target_sparsity": "0.5", "achieved_sparsity": "0.5",
+    ...            "perplexity": "nan"}, "results.csv line 3")
+    Traceback (most recent call last):
+    ...
+    ValueError: results.csv line 3: perplexity 'nan' is not allowed; a finite number >= 1 (a perplexity); fix or delete the row, or restart the sweep
+    """
+    fix = "fix or delete the row, or restart the sweep"
+    if None in row or any(value is None for value in row.values()):
+        raise ValueError(f"{where}: has {'more' if None in row else 'fewer'} cells than the {len(COLUMNS)} columns; {fix}")
+    method, pattern = row["method"], row["pattern"]
+    if not method or len(method) > 100 or not method.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"{where}: method {shown(method)} is not a method name; {fix}")
+    if method == DENSE or pattern == DENSE:
+        if (method, pattern) != (DENSE, DENSE):
+            raise ValueError(f"{where}: the dense row needs method and pattern 'dense', got {shown(method)} and "
+                             f"{shown(pattern)}; {fix}")
+    else:
+        try:
+            SparsityPattern.parse(pattern)
+        except ValueError:
+            raise ValueError(f"{where}: pattern {shown(pattern)} is not a sparsity pattern; {fix}") from None
+    numbers = {}
+    for column, allowed, ok in (
+            ("target_sparsity", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0),
+            ("achieved_sparsity", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+            ("perplexity", "a finite number >= 1 (a perplexity)", lambda v: math.isfinite(v) and v >= 1.0)):
+        text = row[column]
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not ok(value):
+            raise ValueError(f"{where}: {column} {shown(text)} is not allowed; {allowed}; {fix}")
+        numbers[column] = value
+    if method == DENSE and numbers["target_sparsity"] != 0.0:
+        raise ValueError(f"{where}: the dense row has target_sparsity {shown(row['target_sparsity'])}; it must be 0")
+    return SweepPoint(method, pattern, numbers["target_sparsity"], numbers["achieved_sparsity"],
+                      numbers["perplexity"])
 
 
 def _check_settings(output: Path, settings: dict[str, Any], restart: bool) -> None:
