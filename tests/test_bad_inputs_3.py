@@ -273,3 +273,90 @@ def test_record_fields_with_hostile_values_are_cut_short():
     with pytest.raises(ValueError, match="which this model does not have") as caught:
         hf_sparse.get_masks(model)
     assert len(str(caught.value)) < 600
+
+
+# --- found by trying: SparsityConfig fields, mixes, GGUF -------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"seed": 2 ** 70}, "seed must be an integer in [-2**63, 2**64)"),
+    ({"device": "meta"}, "device 'meta' holds no data"),
+    ({"include": []}, "include=[] lists no regular expression"),
+    ({"exclude": []}, "exclude=[] lists no regular expression"),
+])
+def test_config_values_that_crashed_or_were_silently_odd(kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        hf_sparse.SparsityConfig(method="wanda", calibration=IDS, **kwargs)
+    assert message in str(caught.value)
+
+
+def test_negative_zero_sparsity_is_recorded_as_zero():
+    model = tiny_llama()
+    record = hf_sparse.prune(model, hf_sparse.SparsityConfig(method="magnitude", sparsity=-0.0), show_progress=False)
+    assert "-0.0" not in json.dumps(record.to_dict())
+
+
+@pytest.mark.parametrize("sources,message", [
+    ([IDS, None], "calibration source 1 of the mix is None"),
+    ([IDS, []], "calibration source 1 of the mix: calibration [] is empty"),
+    ([IDS, {"a": 1}], "calibration source 1 of the mix: calibration source of type dict is not supported"),
+])
+def test_a_bad_source_in_a_mix_is_named_by_its_position(sources, message):
+    model = tiny_llama()
+    before = _weights(model)
+    with pytest.raises(ValueError) as caught:
+        cfg = hf_sparse.SparsityConfig(method="wanda", calibration=sources, calibration_weights=[1, 1],
+                                       num_samples=4, sequence_length=16)
+        hf_sparse.prune(model, cfg, show_progress=False)
+    assert message in str(caught.value) and _unchanged(model, before)
+
+
+def test_flap_pruned_from_a_gguf_file_saves_a_checkpoint_that_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_sparse.integrations.gguf import from_pretrained_gguf
+    from test_gguf import StandInLoader
+
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF stand-in bytes")
+    cfg = hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.3, calibration=IDS,
+                                   num_samples=4, sequence_length=16)
+    model = from_pretrained_gguf(StandInLoader(), tmp_path, gguf_file="tiny.gguf", sparsity_config=cfg)
+    assert model.config.quantization_config == {"quant_method": "hf_sparse_structured"}
+    model.save_pretrained(tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS[:1]).logits, model(IDS[:1]).logits)
+
+
+def test_a_path_object_as_calibration_works_alone_and_in_a_mix():
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from conftest import DEMO_CALIBRATION
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    record = hf_sparse.prune(tiny_llama(vocab_size=4096), hf_sparse.SparsityConfig(
+        method="wanda", calibration=Path(DEMO_CALIBRATION), num_samples=2, sequence_length=16),
+        tokenizer=tokenizer, show_progress=False)
+    assert record.calibration["kind"] == "file" and record.calibration["name"] == "calibration-slice.txt"
+    record = hf_sparse.prune(tiny_llama(vocab_size=4096), hf_sparse.SparsityConfig(
+        method="wanda", calibration=[Path(DEMO_CALIBRATION), ["some other text " * 20]],
+        calibration_weights=[1e308, 1e308], num_samples=2, sequence_length=16), tokenizer=tokenizer,
+        show_progress=False)
+    assert [s["share"] for s in record.calibration["sources"]] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("source,message", [
+    (["text", 1], "calibration list item 1 is 1 (int)"),
+    ([[1, 2], "x"], "calibration list item 1 is 'x' (str)"),
+    ({"text": "x"}, "calibration source of type dict is not supported"),
+    (3.5, "calibration source of type float is not supported"),
+])
+def test_calibration_of_the_wrong_shape_is_named_before_pruning(source, message):
+    model = tiny_llama()
+    before = _weights(model)
+    with pytest.raises(ValueError) as caught:
+        hf_sparse.prune(model, hf_sparse.SparsityConfig(method="wanda", calibration=source, num_samples=2,
+                                                        sequence_length=4), tokenizer=_ListTokenizer(),
+                        show_progress=False)
+    assert message in str(caught.value) and _unchanged(model, before)

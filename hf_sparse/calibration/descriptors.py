@@ -8,6 +8,7 @@ counted and hashed. The same rule serves a local base-model folder (:func:`descr
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,11 @@ def describe_calibration(source: Any, weights: Any = None) -> dict[str, Any] | N
     """
     if source is None:
         return None
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if weights is not None:
+        largest = max(weights)  # scaled first: huge weights must not overflow the sum
+        weights = [w / largest for w in weights]
         total = float(sum(weights))
         return {"kind": "mix", "sources": [{**describe_calibration(one), "share": round(w / total, 6)}
                                            for one, w in zip(source, weights)]}

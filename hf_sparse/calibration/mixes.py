@@ -63,8 +63,14 @@ def check_mix(sources: Any, weights: Any, num_samples: int | None = None) -> lis
                 raise ValueError(f"calibration_weights[{index}] = {shown(weights[index])} gives source {index} none "
                                  f"of the {num_samples} windows (num_samples); every source needs at least one: "
                                  "allowed are finite positive weights whose shares of num_samples round to 1 or more")
-    for source in sources:
-        check_source(source)
+    for index, source in enumerate(sources):
+        if source is None:
+            raise ValueError(f"calibration source {index} of the mix is None; each source is a dataset name, a path, "
+                             "a list of strings or token ids")
+        try:
+            check_source(source)
+        except ValueError as error:
+            raise ValueError(f"calibration source {index} of the mix: {error}") from None
     return checked
 
 
@@ -76,8 +82,11 @@ def load_mix(sources: Sequence[Any], weights: Sequence[float], tokenizer, num_sa
         if count == 0:
             continue
         # Each source gets its own seed, so adding a source does not move the windows drawn from the others.
-        part = load_calibration(source, None if is_token_source(source) else tokenizer, count, sequence_length,
-                                seed + index, **options)
+        try:
+            part = load_calibration(source, None if is_token_source(source) else tokenizer, count, sequence_length,
+                                    seed + index, **options)
+        except ValueError as error:
+            raise ValueError(f"calibration source {index} of the mix: {error}") from None
         if part.shape[1] != sequence_length:
             raise ValueError(f"calibration source {index} gives windows of {part.shape[1]} tokens, the others "
                              f"{sequence_length}: token-id sources in a mix need sequence_length columns")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,9 @@ def check_source(source: Any, method: str | None = None) -> None:
             f"{who} needs calibration data: set SparsityConfig(calibration=...) to a dataset name, a text file or "
             "folder, a list of strings, or token ids"
         )
+    if not isinstance(source, (str, os.PathLike, list, tuple, torch.Tensor)):
+        raise ValueError(f"calibration source of type {type(source).__name__} is not supported: give a dataset name, "
+                         "a path, a list of strings, or token ids")
     if isinstance(source, (str, list, tuple)) and not source:
         raise ValueError(f"calibration {shown(source)} is empty: give a dataset name, a path, texts or token ids")
     if missing_path(source):
@@ -237,6 +241,8 @@ def load_calibration(source: Any, tokenizer=None, num_samples: int = 128, sequen
     >>> ids = load_calibration(["a long text ..."], tokenizer, num_samples=4, sequence_length=16)  # doctest: +SKIP
     """
     check_source(source)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     tokens = _as_token_tensor(source)
     if tokens is not None:
         if tokens.shape[0] < num_samples:
@@ -251,6 +257,12 @@ def load_calibration(source: Any, tokenizer=None, num_samples: int = 128, sequen
         texts = read_texts(source, split, column, subset, max_documents=max(1000, 4 * num_samples), seed=seed)
     elif isinstance(source, (list, tuple)) and all(isinstance(item, str) for item in source):
         texts = list(source)
+    elif isinstance(source, (list, tuple)):
+        kind = (list, tuple) if isinstance(source[0], (list, tuple)) else str
+        index = next(i for i, item in enumerate(source) if not isinstance(item, kind))
+        raise ValueError(f"calibration list item {index} is {shown(source[index])} ({type(source[index]).__name__}); "
+                         "a calibration list holds strings (texts) or rows of token ids, not both (for several "
+                         "sources, give calibration_weights)")
     else:
         raise ValueError(
             f"calibration source of type {type(source).__name__} is not supported: give a dataset name, a path, "

@@ -45,9 +45,23 @@ def _empty_if_none(name: str, value: Any) -> Any:
 def _torch_device(name: str, value: Any) -> Any:
     if value is not None:
         try:
-            torch.device(value)
+            device = torch.device(value)
         except (RuntimeError, TypeError):
             raise ValueError(f"device {shown(value)} is not a valid torch device (e.g. 'cpu', 'cuda:0')") from None
+        if device.type == "meta":
+            raise ValueError(f"device {shown(value)} holds no data, so nothing can be pruned there; use 'cpu' or a "
+                             "GPU such as 'cuda:0'")
+    return value
+
+
+#: what torch.manual_seed accepts
+_SEED_RANGE = (-(1 << 63), 1 << 64)
+
+
+def _seed(name: str, value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not _SEED_RANGE[0] <= value < _SEED_RANGE[1]:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64) (what torch.manual_seed takes), got "
+                         f"{shown(value)}")
     return value
 
 
@@ -148,7 +162,8 @@ class SparsityConfig(QuantizationConfigMixin):
     num_samples: int = field(default=128, metadata={"help": "Calibration sequences.", "range": "> 0"})
     sequence_length: int = field(default=2048, metadata={"help": "Tokens per calibration sequence.", "range": "> 0"})
     batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass.", "range": "> 0"})
-    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and any randomness in methods."})
+    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and any randomness in methods.",
+                                           "check": _seed})
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Options of the chosen method, e.g. {'block_size': 128}.",
                                         "check": _empty_if_none}

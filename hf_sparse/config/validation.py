@@ -133,7 +133,7 @@ def _as_member(value: Any, member: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if origin is float:
         if _is_number(value) and math.isfinite(value):
-            return True, float(value)
+            return True, float(value) + 0.0  # -0.0 -> 0.0: a record never says "-0.0"
         return False, value
     if origin is str:
         return isinstance(value, str), value
@@ -281,6 +281,8 @@ def regex_list(name: str, value: Any) -> list[str] | None:
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{name} must be a list of regular expressions on module names, got {shown(value)}")
+    if not value:
+        raise ValueError(f"{name}=[] lists no regular expression; leave {name} unset (None) for its default")
     for pattern in value:
         try:
             re.compile(pattern)
