@@ -360,3 +360,28 @@ def test_calibration_of_the_wrong_shape_is_named_before_pruning(source, message)
                                                         sequence_length=4), tokenizer=_ListTokenizer(),
                         show_progress=False)
     assert message in str(caught.value) and _unchanged(model, before)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"methods": "magnitude"}, "methods must be a list, got 'magnitude' (str); write ['magnitude']"),
+    ({"sparsities": 0.5}, "sparsities must be a list, got 0.5 (float)"),
+    ({"sparsities": ["0.5"]}, "sparsities must hold numbers in [0, 1), got '0.5' (str)"),
+    ({"patterns": "2:4"}, "patterns must be a list"),
+    ({"eval_sequence_length": 0}, "eval_sequence_length must be a positive integer, got 0"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be a positive integer, got 0"),
+    ({"eval_max_windows": 0}, "eval_max_windows must be a positive integer or None, got 0"),
+    ({"eval_sequence_length": 4096}, "eval_sequence_length=4096 is longer than the model's context"),
+])
+def test_sweep_arguments_are_checked_before_anything_runs(tmp_path, changes, message):
+    from transformers import AutoTokenizer
+
+    args = dict(methods=["magnitude"], sparsities=[0.5], patterns=["unstructured"], eval_sequence_length=32,
+                eval_batch_size=2, eval_max_windows=2)
+    args.update(changes)
+    with pytest.raises(ValueError) as caught:
+        hf_sparse.evaluation.run_sweep(
+            tiny_llama(vocab_size=4096), AutoTokenizer.from_pretrained(DEMO_MODEL),
+            hf_sparse.SparsityConfig(method="magnitude"), eval_texts="It was the best of times. " * 40,
+            output_dir=tmp_path / "sweep", plot=False, show_progress=False, **args)
+    assert message in str(caught.value)
+    assert not (tmp_path / "sweep").exists()

@@ -74,6 +74,13 @@ def sweep_points(methods: Sequence[str], sparsities: Sequence[float],
     >>> [p.key for p in sweep_points(["wanda"], [0.5, 0.7], ["unstructured", "2:4"])]
     [('wanda', 'unstructured', '0.5000'), ('wanda', 'unstructured', '0.7000'), ('wanda', '2:4', '0.5000')]
     """
+    for name, value in (("methods", methods), ("sparsities", sparsities), ("patterns", patterns)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ValueError(f"{name} must be a list, got {shown(value)} ({type(value).__name__})"
+                             + (f"; write [{shown(value)}]" if isinstance(value, (str, int, float)) else ""))
+    for level in sparsities:
+        if isinstance(level, bool) or not isinstance(level, (int, float)):
+            raise ValueError(f"sparsities must hold numbers in [0, 1), got {shown(level)} ({type(level).__name__})")
     if not methods:
         raise ValueError("methods is empty; give at least one registered method, e.g. ['wanda', 'sparsegpt']")
     if not patterns:
@@ -218,6 +225,16 @@ def run_sweep(model: nn.Module, tokenizer, base_config: SparsityConfig, methods:
     from ..calibration import load_calibration
 
     points = sweep_points(methods, sparsities, patterns)
+    for name, value, allowed in (("eval_sequence_length", eval_sequence_length, "a positive integer"),
+                                 ("eval_batch_size", eval_batch_size, "a positive integer"),
+                                 ("eval_max_windows", eval_max_windows, "a positive integer or None")):
+        if (value is not None or name != "eval_max_windows") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be {allowed}, got {shown(value)}")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and eval_sequence_length > context:
+        raise ValueError(f"eval_sequence_length={eval_sequence_length} is longer than the model's context "
+                         f"(max_position_embeddings={context}); use at most {context}")
     # Every setting is validated before the first (long) pruning run.
     configs = {}
     for point in points:
