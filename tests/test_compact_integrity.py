@@ -297,3 +297,32 @@ def test_check_group_exact_small_cases():
     with pytest.raises(ValueError) as caught:
         check_group("x" * 10_000, {"weight": torch.zeros(1)}, shape=(2,))
     assert len(str(caught.value)) < 300
+
+
+@pytest.mark.parametrize("index,message", [
+    ({"metadata": {}, "weight_map": {"a": "../../evil.safetensors"}}, "names the shard '../../evil.safetensors'"),
+    ({"weight_map": {"a": "/etc/passwd"}}, "names the shard '/etc/passwd'"),
+    ({"weight_map": {"a": "other.safetensors"}}, "which is not in"),
+    ({"metadata": {}}, "has no weight_map object"),
+    ([1], "must hold a JSON object, got list"),
+])
+def test_a_shard_index_never_points_outside_the_checkpoint(checkpoints, tmp_path, index, message):
+    for kind, tool in (("dense", compress_checkpoint), ("compact", decompress_checkpoint)):
+        folder = _edit(checkpoints / kind, tmp_path / f"{kind}-index")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="model.safetensors.index.json") as caught:
+            tool(folder, tmp_path / f"{kind}-out", show_progress=False)
+        assert message in str(caught.value)
+        assert not (tmp_path / f"{kind}-out").exists() and not (tmp_path / "evil.safetensors").exists()
+
+
+@pytest.mark.parametrize("text,message", [("[1]", "must hold a JSON object, got list"),
+                                          ("{nope", "is not valid JSON"),
+                                          ('{"quantization_config": "x", "sparsity_config": {}}',
+                                           "has a quantization_config ('x')")])
+def test_a_broken_config_json_is_one_line(checkpoints, tmp_path, text, message):
+    folder = _edit(checkpoints / "dense", tmp_path / "broken")
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ValueError) as caught:
+        compress_checkpoint(folder, tmp_path / "out", show_progress=False)
+    assert message in str(caught.value)

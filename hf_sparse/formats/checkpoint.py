@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -38,13 +39,20 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"[A-Za-z0-9._-]+\.safetensors")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{shown(str(path), PATH_SHOWN)} does not exist: a checkpoint folder with {path.name} is needed") from None
+        raise ValueError(f"{shown(str(path), PATH_SHOWN)} does not exist: a checkpoint folder with {path.name} is "
+                         "needed") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{shown(str(path), PATH_SHOWN)} is not valid JSON ({shown(str(error))})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{shown(str(path), PATH_SHOWN)} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -56,7 +64,20 @@ def weight_files(folder: str | os.PathLike) -> tuple[list[str], dict[str, Any] |
     folder = Path(folder)
     if (folder / INDEX_NAME).exists():
         index = _read_json(folder / INDEX_NAME)
-        return sorted(set(index["weight_map"].values())), index
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{shown(str(folder / INDEX_NAME), PATH_SHOWN)} has no weight_map object of tensor name "
+                             "-> shard file")
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            # A shard is a file of this folder: a path elsewhere would be read, and written, outside the checkpoint.
+            if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or name in (".", ".."):
+                raise ValueError(f"{INDEX_NAME} names the shard {shown(name)}; a shard must be a .safetensors file "
+                                 "name inside the checkpoint folder (no directories)")
+            if not (folder / name).is_file():
+                raise ValueError(f"{INDEX_NAME} names the shard {shown(name)}, which is not in "
+                                 f"{shown(str(folder), PATH_SHOWN)}")
+        return files, index
     if (folder / WEIGHTS_NAME).exists():
         return [WEIGHTS_NAME], None
     found = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
@@ -71,7 +92,8 @@ def checkpoint_bytes(folder: str | os.PathLike) -> int:
 
 
 def _is_compressed(config: dict[str, Any]) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == STORAGE_FORMAT
+    marker = config.get("quantization_config")
+    return isinstance(marker, dict) and marker.get("quant_method") == STORAGE_FORMAT
 
 
 def _copy_other_files(source: Path, target: Path, written: set[str]) -> None:
@@ -113,8 +135,10 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     if _is_compressed(config):
         raise ValueError(f"{shown(str(source), PATH_SHOWN)} is already in compact storage ({STORAGE_FORMAT})")
     if "quantization_config" in config:
-        raise ValueError(f"{shown(str(source), PATH_SHOWN)} has a quantization_config "
-                         f"({shown(config['quantization_config'].get('quant_method'))}): only dense pruned checkpoints compress")
+        marker = config["quantization_config"]
+        method = marker.get("quant_method") if isinstance(marker, dict) else marker
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} has a quantization_config ({shown(method)}): only dense "
+                         "pruned checkpoints compress")
     if RECORD_KEY not in config:
         raise ValueError(f"{shown(str(source), PATH_SHOWN)} has no {shown(RECORD_KEY)} in config.json: prune it with hf_sparse first")
     record = SparsityRecord.from_dict(config[RECORD_KEY])
