@@ -326,3 +326,13 @@ def test_a_broken_config_json_is_one_line(checkpoints, tmp_path, text, message):
     with pytest.raises(ValueError) as caught:
         compress_checkpoint(folder, tmp_path / "out", show_progress=False)
     assert message in str(caught.value)
+
+
+def test_cli_eval_of_a_damaged_checkpoint_prints_our_line_not_a_conversion_report(checkpoints, tmp_path):
+    folder = _edit(checkpoints / "compact", tmp_path / "tampered", tensors=_duplicate_positions)
+    result = subprocess.run([sys.executable, "-m", "hf_sparse", "eval", str(folder), "--data",
+                             str(REPO / "demo" / "heldout-slice.txt")], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0 and "perplexity" not in result.stdout
+    assert "repeated or out of order" in result.stderr and f"{Q}.weight" in result.stderr
+    assert "automatic conversion" not in result.stderr and "Traceback" not in result.stderr

@@ -240,3 +240,16 @@ def test_extra_block_tensor_in_the_checkpoint_is_refused(saved, tmp_path):
         state["model.layers.0.mlp.extra.weight"] = torch.zeros(2, 2)
 
     assert "model.layers.0.mlp.extra.weight" in _load_error(_edit(saved / "flap", tmp_path / "extra", tensors=extra))
+
+
+def test_disp_llm_record_claiming_a_huge_hidden_size_builds_nothing(saved, tmp_path):
+    def huge(data):
+        structure = _structure(data)
+        structure["original"]["hidden_size"] = 10 ** 9
+        for block in structure["blocks"]:
+            block["residual_dims"] = {point: 10 ** 9 - 1 for point in block["residual_dims"]}
+
+    start = time.process_time()
+    message = _load_error(_edit(saved / "disp", tmp_path / "huge", config=huge))
+    assert "original.hidden_size is 1000000000 but the model's residual width is 64" in message
+    assert time.process_time() - start < 60

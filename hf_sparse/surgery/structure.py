@@ -375,6 +375,11 @@ def check_structure_fits(adapter: ArchitectureAdapter, model: nn.Module, structu
         raise ValueError(f"{where} lists {len(structure['blocks'])} blocks but the model has {len(blocks)} "
                          "(config.json's num_hidden_layers and the record disagree); the checkpoint was edited")
     original = structure["original"]
+    if "hidden_size" in original and blocks:
+        hidden = _hidden_size(adapter, blocks)
+        if original["hidden_size"] != hidden:
+            raise ValueError(f"{where}.original.hidden_size is {original['hidden_size']} but the model's residual "
+                             f"width is {hidden}; the record does not describe this model")
     for position, (block, entry) in enumerate(zip(blocks, structure["blocks"])):
         shape = block_shape(adapter, block).to_dict()
         if shape.get("residual_dims") is None:
