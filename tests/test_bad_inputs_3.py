@@ -385,3 +385,22 @@ def test_sweep_arguments_are_checked_before_anything_runs(tmp_path, changes, mes
             output_dir=tmp_path / "sweep", plot=False, show_progress=False, **args)
     assert message in str(caught.value)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_sparsegpt_and_fista_dampening_too_small_to_factorise_is_refused():
+    for method in ("sparsegpt", "fista"):
+        with pytest.raises(ValueError, match=f"{method} dampening must be at least 1e-06"):
+            hf_sparse.SparsityConfig(method=method, calibration=IDS, method_options={"dampening": 1e-300})
+    assert hf_sparse.SparsityConfig(method="sparsegpt", calibration=IDS,
+                                    method_options={"dampening": 1e-6}).method_options == {"dampening": 1e-6}
+
+
+def test_flap_channel_multiple_wider_than_the_mlp_is_refused_before_any_edit():
+    model = tiny_llama()
+    before = _weights(model)
+    cfg = hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.3, calibration=IDS,
+                                   num_samples=4, sequence_length=16, method_options={"channel_multiple": 1_000_000})
+    with pytest.raises(ValueError, match="channel_multiple=1000000 is not below the MLP width of block 0 "
+                                         r"\(128 channels\)"):
+        hf_sparse.prune(model, cfg, show_progress=False)
+    assert _unchanged(model, before) and read_record(model) is None
