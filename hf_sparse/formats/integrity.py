@@ -61,9 +61,8 @@ def group_hash(parts: Mapping[str, torch.Tensor]) -> str:
     for suffix in sorted(parts):
         tensor = parts[suffix].detach().contiguous().cpu()
         digest.update(f"{suffix}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.dtype != torch.uint8
-                          else tensor.reshape(-1).numpy().tobytes())
+        if tensor.numel():  # the bytes as stored, hashed in place (no copy)
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
