@@ -404,3 +404,15 @@ def test_flap_channel_multiple_wider_than_the_mlp_is_refused_before_any_edit():
                                          r"\(128 channels\)"):
         hf_sparse.prune(model, cfg, show_progress=False)
     assert _unchanged(model, before) and read_record(model) is None
+
+
+@pytest.mark.parametrize("text,message", [("{broken", "is not valid JSON"), ("[1, 2]", "must hold a JSON object")])
+def test_a_broken_sweep_settings_file_is_one_line(tmp_path, text, message):
+    from transformers import AutoTokenizer
+
+    (tmp_path / "sweep.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        hf_sparse.evaluation.run_sweep(
+            tiny_llama(vocab_size=4096), AutoTokenizer.from_pretrained(DEMO_MODEL),
+            hf_sparse.SparsityConfig(method="magnitude"), ["magnitude"], [0.5], "It was the best of times. " * 40,
+            tmp_path, eval_sequence_length=32, eval_max_windows=2, plot=False, show_progress=False)

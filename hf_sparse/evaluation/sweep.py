@@ -196,7 +196,14 @@ def check_row(row: dict[str, Any], where: str) -> SweepPoint:
 def _check_settings(output: Path, settings: dict[str, Any], restart: bool) -> None:
     path = output / SETTINGS_NAME
     if path.exists() and not restart:
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{shown(str(path), PATH_SHOWN)} is not valid JSON ({shown(str(error))}); restore it, or "
+                             "restart=True (--restart) to discard the sweep's results") from None
+        if not isinstance(stored, dict):
+            raise ValueError(f"{shown(str(path), PATH_SHOWN)} must hold a JSON object of sweep settings, got "
+                             f"{type(stored).__name__}; restart=True (--restart) discards the sweep's results")
         differing = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
         if differing:
             raise ValueError(f"{output} holds a sweep with other settings ({', '.join(differing)} differ); use "
