@@ -336,3 +336,12 @@ def test_cli_eval_of_a_damaged_checkpoint_prints_our_line_not_a_conversion_repor
     assert result.returncode != 0 and "perplexity" not in result.stdout
     assert "repeated or out of order" in result.stderr and f"{Q}.weight" in result.stderr
     assert "automatic conversion" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compress_refuses_a_record_listing_a_one_dimensional_weight(checkpoints, tmp_path):
+    def norm(config):
+        config["sparsity_config"]["modules"]["model.norm"] = 0.0
+
+    folder = _edit(checkpoints / "dense", tmp_path / "norm", config=norm)
+    with pytest.raises(ValueError, match=r"lists module 'model.norm' but its weight has shape \(256,\)"):
+        compress_checkpoint(folder, tmp_path / "out", show_progress=False)
