@@ -69,7 +69,7 @@ def _provenance(model: nn.Module, config: SparsityConfig, method, calibration_id
 
 
 def _prune_structured(model: nn.Module, config: SparsityConfig, method, calibration_ids, previous,
-                      show_progress: bool, gguf=None) -> SparsityRecord:
+                      show_progress: bool, gguf=None, domain_report=None) -> SparsityRecord:
     """pattern="structured": the engine's structured pipeline lets the method decide block edits, and the surgery
     makes the modules smaller. A non-uniform sparsity profile is planned by the same :func:`allocate` as for
     unstructured methods (OWL's dense statistics pass included) and handed to the method as per-block shares."""
@@ -98,6 +98,7 @@ def _prune_structured(model: nn.Module, config: SparsityConfig, method, calibrat
     record = SparsityRecord(
         method=config.method, pattern=config.pattern, target_sparsity=config.sparsity, modules={},
         overall_sparsity=removed_fraction(structure), structure=structure, sparsity_profile=profile,
+        domain_check=domain_report.to_dict() if domain_report is not None else None,
         **_provenance(model, config, method, calibration_ids, gguf),
     )
     write_record(model, record)
@@ -161,7 +162,8 @@ def prune(model: nn.Module, config: SparsityConfig | dict, tokenizer=None, show_
                                      tokenizer or config.tokenizer or tokenizer_for(model), config.batch_size)
 
     if config.parsed_pattern.is_structured:
-        return _prune_structured(model, config, method, calibration_ids, previous, show_progress, gguf)
+        return _prune_structured(model, config, method, calibration_ids, previous, show_progress, gguf,
+                                 domain_report)
     engine = LayerwiseEngine(
         method, config.parsed_pattern, lambda _name: config.sparsity, include=config.include, exclude=config.exclude,
         device=config.device, parallel=config.parallel, num_workers=config.num_workers, show_progress=show_progress,

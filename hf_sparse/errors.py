@@ -9,6 +9,8 @@ from typing import Any
 
 #: the longest ``repr`` an error message echoes before cutting it
 SHOWN_LENGTH = 80
+#: the limit for a file or folder path, which a user needs whole to find the file (still bounded)
+PATH_SHOWN = 300
 
 
 def shown(value: Any, limit: int = SHOWN_LENGTH) -> str:
@@ -28,4 +30,4 @@ def shown(value: Any, limit: int = SHOWN_LENGTH) -> str:
     return f"{text[:max(limit - 2, 1)]}… ({len(text)} characters)"
 
 
-__all__ = ["SHOWN_LENGTH", "shown"]
+__all__ = ["PATH_SHOWN", "SHOWN_LENGTH", "shown"]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import shown
+
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -35,16 +37,16 @@ class SparsityPattern:
         if isinstance(pattern, SparsityPattern):
             return pattern
         if not isinstance(pattern, str):
-            raise ValueError(f"pattern must be a string such as 'unstructured', '2:4' or '4:8', got {pattern!r}")
+            raise ValueError(f"pattern must be a string such as 'unstructured', '2:4' or '4:8', got {shown(pattern)}")
         if pattern.strip().lower() in ("unstructured", "structured"):
             return cls(pattern.strip().lower())
         match = _NM_RE.match(pattern)
         if match is None:
-            raise ValueError(f"pattern {pattern!r} is not valid: use 'unstructured' or 'N:M' such as '2:4' or '4:8', "
+            raise ValueError(f"pattern {shown(pattern)} is not valid: use 'unstructured' or 'N:M' such as '2:4' or '4:8', "
                              "or 'structured' for methods that remove whole heads, channels or blocks")
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
-            raise ValueError(f"pattern {pattern!r} is not valid: N:M needs 0 < N < M (N weights kept in each group of M)")
+            raise ValueError(f"pattern {shown(pattern)} is not valid: N:M needs 0 < N < M (N weights kept in each group of M)")
         return cls("n:m", n, m)
 
     @property

@@ -44,6 +44,7 @@ Masks are the exact zeros of the listed modules' weights: :func:`get_masks` rest
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -56,6 +57,7 @@ from .calibration.domain import DomainReport
 from .config.sparsity import pattern_name, registered_method
 from .validation import check_value, to_json_dict, validate_dataclass, validate_mapping
 from .engine.devices import readable_weight
+from .errors import shown
 from .masks import SparsityPattern, is_valid_n_m
 from .methods import get_method_class
 
@@ -66,6 +68,7 @@ MULTI_PASS_FORMAT_VERSION = 2  # written when "passes" is present: older readers
 READABLE_VERSIONS = (FORMAT_VERSION, MULTI_PASS_FORMAT_VERSION)
 _PREFIX = f"{RECORD_KEY}."
 _JSON_SCALARS = (str, int, float, bool, type(None))
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,9 +78,9 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 def _module_sparsities(name: str, value: Any) -> Any:
     # Empty only for a structurally pruned model (checked in SparsityRecord.__post_init__, which sees "structure").
     if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a non-empty object of module name -> sparsity, got {value!r}")
+        raise ValueError(f"{name} must be a non-empty object of module name -> sparsity, got {shown(value)}")
     for module, sparsity in value.items():
-        check_value(f"{name}[{module!r}]", sparsity, float, {"range": "[0, 1]"})
+        check_value(f"{name}[{shown(module)}]", sparsity, float, {"range": "[0, 1]"})
     return {module: float(sparsity) for module, sparsity in value.items()}
 
 
@@ -102,24 +105,24 @@ def _json_value(name: str, value: Any) -> None:
         for index, item in enumerate(value):
             _json_value(f"{name}[{index}]", item)
     elif not isinstance(value, _JSON_SCALARS) or (isinstance(value, float) and not math.isfinite(value)):
-        raise ValueError(f"{name} must be a JSON string, finite number, boolean or null, got {value!r}")
+        raise ValueError(f"{name} must be a JSON string, finite number, boolean or null, got {shown(value)}")
 
 
 def _json_object(name: str, value: Any) -> Any:
     if value is not None:
         if not isinstance(value, dict):
-            raise ValueError(f"{name} must be an object, got {value!r} ({type(value).__name__})")
+            raise ValueError(f"{name} must be an object, got {shown(value)} ({type(value).__name__})")
         _json_value(name, value)
     return value
 
 
 def _block_values(name: str, value: Any, spec: dict) -> Any:
     if not isinstance(value, dict):
-        raise ValueError(f"{name} must be an object of block index -> number, got {value!r}")
+        raise ValueError(f"{name} must be an object of block index -> number, got {shown(value)}")
     for key, item in value.items():
         if not (isinstance(key, str) and key.isdigit()):
-            raise ValueError(f"{name} keys must be block indices, got {key!r}")
-        check_value(f"{name}[{key!r}]", item, float, spec)
+            raise ValueError(f"{name} keys must be block indices, got {shown(key)}")
+        check_value(f"{name}[{shown(key)}]", item, float, spec)
     return {key: float(item) for key, item in value.items()}
 
 
@@ -228,6 +231,23 @@ def _storage(name: str, value: Any) -> Any:
         _json_object(name, value)
         check_value(f"{name}.format", value.get("format"), str, {})
         check_value(f"{name}.version", value.get("version"), int, {})
+        for key in ("dense_bytes", "stored_bytes"):
+            check_value(f"{name}.{key}", value.get(key), int, {"range": ">= 0"})
+        encodings = value.get("encodings", {})
+        if not isinstance(encodings, dict) or not all(isinstance(k, str) and len(k) <= 40 and isinstance(n, int)
+                                                      and not isinstance(n, bool) and n >= 0
+                                                      for k, n in encodings.items()):
+            raise ValueError(f"{name}.encodings must be an object of encoding name -> matrix count, got "
+                             f"{shown(encodings)}")
+        hashes = value.get("sha256")
+        if hashes is not None:  # module -> SHA-256 of its compact entries (hf_sparse.formats.integrity)
+            if not isinstance(hashes, dict):
+                raise ValueError(f"{name}.sha256 must be an object of module name -> SHA-256 hex digest, got "
+                                 f"{shown(hashes)}")
+            for module, digest in hashes.items():
+                if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                    raise ValueError(f"{name}.sha256[{shown(module)}] must be 64 lowercase hex digits, got "
+                                     f"{shown(digest)}")
     return value
 
 
@@ -235,7 +255,7 @@ def _passes(name: str, value: Any) -> Any:
     if value is None:
         return None
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{name} must be a non-empty list of pruning passes, got {value!r}")
+        raise ValueError(f"{name} must be a non-empty list of pruning passes, got {shown(value)}")
     return [to_json_dict(PruningPass(**validate_mapping(item, PruningPass, f"{name}[{index}]."))) for index, item
             in enumerate(value)]
 
@@ -309,11 +329,11 @@ class SparsityRecord:
         if not isinstance(data, dict):
             raise ValueError(f"{RECORD_KEY} in config.json must be an object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
-            raise ValueError(f"{RECORD_KEY}.format must be {FORMAT!r}, got {data.get('format')!r}")
+            raise ValueError(f"{RECORD_KEY}.format must be {shown(FORMAT)}, got {shown(data.get('format'))}")
         version = data.get("format_version")
         if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise ValueError(
-                f"{RECORD_KEY}.format_version {version!r} is not supported by this hf_sparse (reads "
+                f"{RECORD_KEY}.format_version {shown(version)} is not supported by this hf_sparse (reads "
                 f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
         values = {key: value for key, value in data.items() if key not in ("format", "format_version")}
@@ -324,7 +344,7 @@ class SparsityRecord:
         record = cls(**validate_mapping(values, cls, _PREFIX))
         if (version == MULTI_PASS_FORMAT_VERSION) != bool(record.passes or record.structure is not None):
             raise ValueError(f"{RECORD_KEY}.passes or structure must be present exactly when format_version is "
-                             f"{MULTI_PASS_FORMAT_VERSION}, got format_version {version!r}")
+                             f"{MULTI_PASS_FORMAT_VERSION}, got format_version {shown(version)}")
         options_class = get_method_class(record.method).options_class
         try:
             options_class.from_dict(record.method, record.method_options)
@@ -350,7 +370,7 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
     """The record of a model pruned by ``previous`` and then by ``new``: every module of both, both passes listed.
 
     ``new``'s values win for modules pruned twice; ``previous``'s evaluation is dropped (it measured the model before
-    this pass) while its base model and recovery are kept. ``overall_sparsity`` is left to the caller, who can
+    this pass) while its base model and recovery are kept, and so is its domain check unless ``new`` made one. ``overall_sparsity`` is left to the caller, who can
     measure it on the weights.
     """
     passes = list(previous.passes or [previous.as_pass()]) + [new.as_pass()]
@@ -364,6 +384,8 @@ def merge_records(previous: SparsityRecord, new: SparsityRecord) -> SparsityReco
         base_model_sha256=previous.base_model_sha256 if keep_base else new.base_model_sha256,
         recovery=previous.recovery, passes=passes, structure=previous.structure,
         sparsity_profile=new.sparsity_profile, target_modules=new.target_modules,
+        # the last domain check made (calibration vs. target text): the new pass's, else the earlier one's
+        domain_check=new.domain_check if new.domain_check is not None else previous.domain_check,
     )
 
 
@@ -407,27 +429,27 @@ def get_masks(model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
     record = read_record(model)
     if record is None:
         raise ValueError(
-            f"this model has no {RECORD_KEY!r} in its config: it was not pruned by hf_sparse (or the record was removed)"
+            f"this model has no {shown(RECORD_KEY)} in its config: it was not pruned by hf_sparse (or the record was removed)"
         )
     modules = dict(model.named_modules())
     masks = {}
     for name, expected in record.modules.items():
         module = modules.get(name)
         if module is None or not hasattr(module, "weight"):
-            raise ValueError(f"{RECORD_KEY} names module {name!r}, which this model does not have")
+            raise ValueError(f"{RECORD_KEY} names module {shown(name)}, which this model does not have")
         with readable_weight(module, torch.device("cpu")) as weight:  # offloaded weights are read from their store
             mask = weight.detach() != 0
         achieved = 1.0 - mask.sum().item() / mask.numel()
         # The record keeps 6 significant digits at most after JSON round trips; compare with a tolerance of one weight.
         if strict and not math.isclose(achieved, expected, abs_tol=1.0 / mask.numel() + 1e-9):
             raise ValueError(
-                f"module {name!r} has sparsity {achieved:.6f} but the record says {expected:.6f}: its weights were "
+                f"module {shown(name)} has sparsity {achieved:.6f} but the record says {expected:.6f}: its weights were "
                 "changed after pruning (dense fine-tuning?); use hf_sparse.peft or the mask-keeping callback"
             )
         pattern = record.pattern_of(name)
         if strict and pattern.is_n_m and not is_valid_n_m(mask, pattern.n, pattern.m):
             raise ValueError(
-                f"module {name!r} does not follow the pattern {str(pattern)!r} its record claims (more than "
+                f"module {shown(name)} does not follow the pattern {shown(str(pattern))} its record claims (more than "
                 f"{pattern.n} non-zeros in some group of {pattern.m} inputs): the record does not describe these "
                 "weights"
             )
@@ -444,7 +466,7 @@ def merge_evaluation(model: nn.Module, evaluation: dict[str, Any] | None) -> Spa
     """
     record = read_record(model)
     if record is None:
-        raise ValueError(f"the model has no {RECORD_KEY!r} record: prune it with hf_sparse first")
+        raise ValueError(f"the model has no {shown(RECORD_KEY)} record: prune it with hf_sparse first")
     if evaluation:
         record.evaluation = {**record.evaluation, **evaluation}
         write_record(model, record)

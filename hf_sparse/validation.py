@@ -42,6 +42,8 @@ import types
 import typing
 from typing import Any, Union
 
+from .errors import shown
+
 _BOOL_SPELLINGS = {"true": True, "false": False, "1": True, "0": False}
 _RANGE = re.compile(r"^\s*(?:([\[(])\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*([\])])|(>=|>)\s*(-?[\d.]+))\s*$")
 
@@ -65,7 +67,7 @@ class Range:
     def parse(cls, text: str) -> Range:
         match = _RANGE.match(text)
         if match is None:
-            raise ValueError(f"range {text!r} is not understood: use '[a, b)', '(a, b]', '>= a' or '> a'")
+            raise ValueError(f"range {shown(text)} is not understood: use '[a, b)', '(a, b]', '>= a' or '> a'")
         left, low, high, right, op, bound = match.groups()
         if op is not None:
             return cls(float(bound), None, op == ">", True, text.strip())
@@ -100,7 +102,9 @@ def _members(annotation: Any) -> tuple[Any, ...]:
 def _type_name(member: Any) -> str:
     origin = typing.get_origin(member) or member
     if origin is list:
-        return "a list of strings"
+        (item,) = typing.get_args(member) or (Any,)
+        items = {str: "strings", float: "finite numbers", int: "integers", bool: "booleans"}.get(item)
+        return f"a list of {items}" if items else "a list"
     if origin is dict:
         return "a dict"
     return {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(origin, str(member))
@@ -129,7 +133,7 @@ def _as_member(value: Any, member: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if origin is float:
         if _is_number(value) and math.isfinite(value):
-            return True, float(value)
+            return True, float(value) + 0.0  # -0.0 -> 0.0: a record never says "-0.0"
         return False, value
     if origin is str:
         return isinstance(value, str), value
@@ -181,16 +185,26 @@ def check_value(name: str, value: Any, annotation: Any, metadata: typing.Mapping
         if matches:
             break
     else:
-        raise ValueError(f"{name} must be {describe(annotation, metadata)}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, (list, tuple)):  # name the first item that does not fit, not the whole list
+            for member in _members(annotation):
+                if (typing.get_origin(member) or member) is list:
+                    (item,) = typing.get_args(member) or (Any,)
+                    for index, entry in enumerate(value):
+                        if not _as_member(entry, item)[0]:
+                            wanted = "a finite number" if item is float else _type_name(item)
+                            raise ValueError(f"{name}[{index}] must be {wanted}, got {shown(entry)} "
+                                             f"({type(entry).__name__}); {name} must be "
+                                             f"{describe(annotation, metadata)}")
+        raise ValueError(f"{name} must be {describe(annotation, metadata)}, got {shown(value)} ({type(value).__name__})")
     if converted is None:
         return None
     if "choices" in metadata and converted not in metadata["choices"]:
-        raise ValueError(f"{name} must be one of {tuple(metadata['choices'])}, got {converted!r}")
+        raise ValueError(f"{name} must be one of {tuple(metadata['choices'])}, got {shown(converted)}")
     if "range" in metadata and _is_number(converted) and converted not in Range.parse(metadata["range"]):
         wording = describe(annotation, metadata)
         # "must be in [0, 1)" for a number of the right type, as every message of hf_sparse has said.
         wording = wording.replace("a number in ", "in ", 1)
-        raise ValueError(f"{name} must be {wording}, got {value!r}")
+        raise ValueError(f"{name} must be {wording}, got {shown(value)}")
     return converted
 
 
@@ -223,7 +237,7 @@ def validate_mapping(data: Any, cls: type, prefix: str, *, allow_unknown: bool =
     ``allow_unknown``) or a bad value raise ``ValueError`` naming ``prefix + key``.
     """
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.')} must be an object, got {data!r} ({type(data).__name__})")
+        raise ValueError(f"{prefix.rstrip('.')} must be an object, got {shown(data)} ({type(data).__name__})")
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -266,12 +280,14 @@ def regex_list(name: str, value: Any) -> list[str] | None:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{name} must be a list of regular expressions on module names, got {value!r}")
+        raise ValueError(f"{name} must be a list of regular expressions on module names, got {shown(value)}")
+    if not value:
+        raise ValueError(f"{name}=[] lists no regular expression; leave {name} unset (None) for its default")
     for pattern in value:
         try:
             re.compile(pattern)
         except re.error as error:
-            raise ValueError(f"{name} entry {pattern!r} is not a valid regular expression: {error}") from None
+            raise ValueError(f"{name} entry {shown(pattern)} is not a valid regular expression: {error}") from None
     return list(value)
 
 

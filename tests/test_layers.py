@@ -31,6 +31,7 @@ PACKAGE = "hf_sparse"
 ALLOWED_TRANSFORMERS_BELOW_INTEGRATIONS = {
     ("hf_sparse.config.sparsity", "from transformers.utils.quantization_config import QuantizationConfigMixin"),
     ("hf_sparse.calibration.sources", "from transformers import AutoTokenizer"),
+    ("hf_sparse.formats.checkpoint", "from transformers import AutoConfig, AutoModelForCausalLM"),
 }
 BELOW_INTEGRATIONS = ("formats", "plots", "saving", "record", "config", "methods", "engine", "calibration", "surgery",
                       "kernels", "architectures", "masks", "validation", "likelihood", "threads", "errors", "_version")

@@ -8,12 +8,14 @@ counted and hashed. The same rule serves a local base-model folder (:func:`descr
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import shown
 from ..validation import validate_mapping
 
 KINDS = ("name_or_path", "file", "folder", "texts", "token_ids", "mix")
@@ -25,13 +27,13 @@ def sha256_hex(name: str, value: Any) -> Any:
     """``value`` if it is ``None`` or a sha256 hex digest (a ``"check"`` for :mod:`hf_sparse.validation`)."""
     if value is not None and not (isinstance(value, str) and len(value) == _HEX64
                                   and all(c in "0123456789abcdef" for c in value)):
-        raise ValueError(f"{name} must be a sha256 (64 lowercase hex digits), got {value!r}")
+        raise ValueError(f"{name} must be a sha256 (64 lowercase hex digits), got {shown(value)}")
     return value
 
 
 def _no_path(name: str, value: Any) -> Any:
     if isinstance(value, str) and (value.startswith(("/", "~", "\\")) or (len(value) > 2 and value[1] == ":")):
-        raise ValueError(f"{name} must be a name, not an absolute local path, got {value!r}")
+        raise ValueError(f"{name} must be a name, not an absolute local path, got {shown(value)}")
     return value
 
 
@@ -57,7 +59,7 @@ def _mix_sources(name: str, value: Any) -> Any:
     if value is None:
         return None
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{name} must be a non-empty list of source descriptors, got {value!r}")
+        raise ValueError(f"{name} must be a non-empty list of source descriptors, got {shown(value)}")
     return [check_descriptor(item, prefix=f"{name}[{index}].") for index, item in enumerate(value)]
 
 
@@ -68,14 +70,14 @@ def check_descriptor(data: Any, prefix: str = "sparsity_config.calibration.") ->
     records stay readable.
     """
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.')} must be an object, got {data!r} ({type(data).__name__})")
+        raise ValueError(f"{prefix.rstrip('.')} must be an object, got {shown(data)} ({type(data).__name__})")
     legacy_path = data.get("kind") == "name_or_path"
     checked = validate_mapping({k: v for k, v in data.items() if not (legacy_path and k == "name")},
                                CalibrationDescriptor, prefix)
     if legacy_path:
         name = data.get("name")
         if not isinstance(name, str):
-            raise ValueError(f"{prefix}name must be a string, got {name!r} ({type(name).__name__})")
+            raise ValueError(f"{prefix}name must be a string, got {shown(name)} ({type(name).__name__})")
         checked["name"] = name
     return {key: checked[key] for key in data}
 
@@ -156,7 +158,11 @@ def describe_calibration(source: Any, weights: Any = None) -> dict[str, Any] | N
     """
     if source is None:
         return None
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if weights is not None:
+        largest = max(weights)  # scaled first: huge weights must not overflow the sum
+        weights = [w / largest for w in weights]
         total = float(sum(weights))
         return {"kind": "mix", "sources": [{**describe_calibration(one), "share": round(w / total, 6)}
                                            for one, w in zip(source, weights)]}

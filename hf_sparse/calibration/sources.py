@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import PATH_SHOWN, shown
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +66,18 @@ def check_source(source: Any, method: str | None = None) -> None:
     ValueError: method 'wanda' needs calibration data: set SparsityConfig(calibration=...) to a dataset name, a text file or folder, a list of strings, or token ids
     """
     if source is None:
-        who = f"method {method!r}" if method else "this method"
+        who = f"method {shown(method)}" if method else "this method"
         raise ValueError(
             f"{who} needs calibration data: set SparsityConfig(calibration=...) to a dataset name, a text file or "
             "folder, a list of strings, or token ids"
         )
+    if not isinstance(source, (str, os.PathLike, list, tuple, torch.Tensor)):
+        raise ValueError(f"calibration source of type {type(source).__name__} is not supported: give a dataset name, "
+                         "a path, a list of strings, or token ids")
     if isinstance(source, (str, list, tuple)) and not source:
-        raise ValueError(f"calibration {source!r} is empty: give a dataset name, a path, texts or token ids")
+        raise ValueError(f"calibration {shown(source)} is empty: give a dataset name, a path, texts or token ids")
     if missing_path(source):
-        raise ValueError(f"calibration path {source!r} does not exist")
+        raise ValueError(f"calibration path {shown(source, PATH_SHOWN)} does not exist")
 
 
 def _context_length(model_config: Any) -> int | None:
@@ -115,7 +121,7 @@ def tokenizer_for(model: Any):
     except (OSError, ValueError, TypeError) as error:  # transformers' "can't find a tokenizer" comes as any of these
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(
-            f"text calibration needs a tokenizer, and none could be loaded from {Path(str(source)).name!r} "
+            f"text calibration needs a tokenizer, and none could be loaded from {shown(Path(str(source)).name)} "
             f"({first_line[:200]}); pass SparsityConfig(tokenizer=...) or token ids as calibration"
         ) from error
 
@@ -128,7 +134,7 @@ def _read_text_file(path: Path, column: str) -> list[str]:
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"calibration file {str(path)!r} is not UTF-8 text (byte {error.start}: "
+        raise ValueError(f"calibration file {shown(str(path), PATH_SHOWN)} is not UTF-8 text (byte {error.start}: "
                          f"{error.reason}); convert it to UTF-8") from None
     if path.suffix not in JSON_SUFFIXES:
         return [raw]
@@ -138,17 +144,17 @@ def _read_text_file(path: Path, column: str) -> list[str]:
         else:
             rows = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise ValueError(f"calibration file {str(path)!r} is not valid JSON"
+        raise ValueError(f"calibration file {shown(str(path), PATH_SHOWN)} is not valid JSON"
                          f"{' Lines' if path.suffix == '.jsonl' else ''}: {error}") from None
     if isinstance(rows, dict):
         rows = [rows]
     if not isinstance(rows, list):
-        raise ValueError(f"calibration file {str(path)!r} must hold a list of rows (objects or strings), "
+        raise ValueError(f"calibration file {shown(str(path), PATH_SHOWN)} must hold a list of rows (objects or strings), "
                          f"got {type(rows).__name__}")
     try:
         return [row[column] if isinstance(row, dict) else str(row) for row in rows]
     except KeyError:
-        raise ValueError(f"calibration file {str(path)!r} has rows without the column {column!r}") from None
+        raise ValueError(f"calibration file {shown(str(path), PATH_SHOWN)} has rows without the column {shown(column)}") from None
 
 
 def read_texts(source: str, split: str = "train", column: str = "text", subset: str | None = None,
@@ -167,7 +173,7 @@ def read_texts(source: str, split: str = "train", column: str = "text", subset: 
     if is_dir:
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES and p.is_file())
         if not files:
-            raise ValueError(f"calibration folder {source!r} has no {TEXT_SUFFIXES + JSON_SUFFIXES} files")
+            raise ValueError(f"calibration folder {shown(source, PATH_SHOWN)} has no {TEXT_SUFFIXES + JSON_SUFFIXES} files")
         return [text for file in files for text in _read_text_file(file, column)]
     check_source(source)  # a path that does not exist is not a dataset name
     import datasets
@@ -176,10 +182,10 @@ def read_texts(source: str, split: str = "train", column: str = "text", subset: 
         dataset = datasets.load_dataset(source, subset, split=split)
     except Exception as error:  # the datasets library raises many types; the user needs the name and the cause
         raise ValueError(
-            f"could not load calibration dataset {source!r} (subset={subset!r}, split={split!r}): {error}"
+            f"could not load calibration dataset {shown(source)} (subset={shown(subset)}, split={shown(split)}): {error}"
         ) from error
     if column not in dataset.column_names:
-        raise ValueError(f"calibration dataset {source!r} has no column {column!r}; columns: {dataset.column_names}")
+        raise ValueError(f"calibration dataset {shown(source)} has no column {shown(column)}; columns: {dataset.column_names}")
     if max_documents is not None and len(dataset) > max_documents:
         dataset = dataset.shuffle(seed=seed).select(range(max_documents))
     return [text for text in dataset[column] if text]
@@ -208,7 +214,7 @@ def _as_token_tensor(source: Any) -> torch.Tensor | None:
             raise ValueError(f"token-id calibration rows must all have the same length, got lengths {sorted(lengths)}")
         if not all(isinstance(v, int) and not isinstance(v, bool) for row in source for v in row):
             bad = next(v for row in source for v in row if not isinstance(v, int) or isinstance(v, bool))
-            raise ValueError(f"token-id calibration must hold integers, got {bad!r} ({type(bad).__name__})")
+            raise ValueError(f"token-id calibration must hold integers, got {shown(bad)} ({type(bad).__name__})")
         tensor = torch.tensor(source, dtype=torch.long)
     else:
         return None
@@ -235,6 +241,8 @@ def load_calibration(source: Any, tokenizer=None, num_samples: int = 128, sequen
     >>> ids = load_calibration(["a long text ..."], tokenizer, num_samples=4, sequence_length=16)  # doctest: +SKIP
     """
     check_source(source)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     tokens = _as_token_tensor(source)
     if tokens is not None:
         if tokens.shape[0] < num_samples:
@@ -249,6 +257,12 @@ def load_calibration(source: Any, tokenizer=None, num_samples: int = 128, sequen
         texts = read_texts(source, split, column, subset, max_documents=max(1000, 4 * num_samples), seed=seed)
     elif isinstance(source, (list, tuple)) and all(isinstance(item, str) for item in source):
         texts = list(source)
+    elif isinstance(source, (list, tuple)):
+        kind = (list, tuple) if isinstance(source[0], (list, tuple)) else str
+        index = next(i for i, item in enumerate(source) if not isinstance(item, kind))
+        raise ValueError(f"calibration list item {index} is {shown(source[index])} ({type(source[index]).__name__}); "
+                         "a calibration list holds strings (texts) or rows of token ids, not both (for several "
+                         "sources, give calibration_weights)")
     else:
         raise ValueError(
             f"calibration source of type {type(source).__name__} is not supported: give a dataset name, a path, "

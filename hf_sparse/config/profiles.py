@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import shown
 from ..validation import check_value, validate_mapping
 
 if TYPE_CHECKING:
@@ -81,23 +82,31 @@ def check_profile(name: str, value: Any) -> Any:
     if isinstance(value, str):
         if value not in NAMED_PROFILES:
             raise ValueError(f"{name} must be one of {NAMED_PROFILES} or a dict from block index or module-name "
-                             f"regular expression to sparsity, got {value!r}")
+                             f"regular expression to sparsity, got {shown(value)}")
         return value
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"{name} must be one of {NAMED_PROFILES} or a non-empty dict from block index or module-name "
-                         f"regular expression to sparsity, got {value!r}")
+                         f"regular expression to sparsity, got {shown(value)}")
     checked = {}
+    blocks: dict[int, Any] = {}
     for key, sparsity in value.items():
         if isinstance(key, bool) or not isinstance(key, (int, str)):
-            raise ValueError(f"{name} keys must be block indices or regular expressions, got {key!r}")
+            raise ValueError(f"{name} keys must be block indices or regular expressions, got {shown(key)} "
+                             f"({type(key).__name__})")
         if isinstance(key, int) and key < 0:
-            raise ValueError(f"{name} block index must be >= 0, got {key!r}")
+            raise ValueError(f"{name} block index must be >= 0, got {shown(key)}")
+        if isinstance(key, int) or key.isdigit():
+            index = int(key)
+            if index in blocks:
+                raise ValueError(f"{name} gives block {index} twice (keys {shown(blocks[index])} and {shown(key)}); "
+                                 "give each block one value")
+            blocks[index] = key
         if isinstance(key, str) and not key.isdigit():
             try:
                 re.compile(key)
             except re.error as error:
-                raise ValueError(f"{name} key {key!r} is not a valid regular expression: {error}") from None
-        checked[key] = check_value(f"{name}[{key!r}]", sparsity, float, {"range": "[0, 1)"})
+                raise ValueError(f"{name} key {shown(key)} is not a valid regular expression: {error}") from None
+        checked[key] = check_value(f"{name}[{shown(key)}]", sparsity, float, {"range": "[0, 1)"})
     return checked
 
 
@@ -114,8 +123,8 @@ def require_block_indices(profile: str | Mapping, pattern: str = "structured") -
         return
     for key in profile:
         if not (isinstance(key, int) or key.isdigit()):
-            raise ValueError(f"sparsity_profile key {key!r} is a module-name regular expression; with "
-                             f"pattern={pattern!r} a profile gives each decoder block the share of its parameters to "
+            raise ValueError(f"sparsity_profile key {shown(key)} is a module-name regular expression; with "
+                             f"pattern={shown(pattern)} a profile gives each decoder block the share of its parameters to "
                              'remove, so its keys must be block indices, e.g. {"0": 0.2, "5": 0.35}')
 
 
@@ -129,7 +138,7 @@ def check_profile_options(profile: str | Mapping, options: Mapping[str, Any]) ->
     if profile == OWL:
         return OwlOptions.from_dict(options).to_dict()
     if options:
-        raise ValueError(f"profile_options {dict(options)!r} given, but sparsity profile {profile_name(profile)!r} "
+        raise ValueError(f"profile_options {shown(dict(options))} given, but sparsity profile {shown(profile_name(profile))} "
                          "takes no options (only 'owl' does: m, lambda)")
     return {}
 
@@ -167,8 +176,8 @@ def owl_block_sparsities(outlier_ratios: list[float], block_sizes: list[int], sp
     sparsities = [sparsity - (n - shift) for n in normalised]
     for index, value in enumerate(sparsities):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"OWL with lambda={lam!r} gives block {index} sparsity {value:.4f}, outside [0, 1) at "
-                             f"target {sparsity!r}; use a smaller lambda")
+            raise ValueError(f"OWL with lambda={shown(lam)} gives block {index} sparsity {value:.4f}, outside [0, 1) at "
+                             f"target {shown(sparsity)}; use a smaller lambda")
     # Round off float noise (1e-17) so hand-checkable cases read as written; 12 digits keep Σ size·s exact enough.
     return [round(value, 12) for value in sparsities]
 
@@ -212,8 +221,14 @@ def explicit_module_sparsity(plan: PruningPlan, profile: Mapping, default: float
     by_regex = {k: v for k, v in profile.items() if isinstance(k, str) and not k.isdigit()}
     too_far = sorted(i for i in by_index if i >= len(plan.blocks))
     if too_far:
-        raise ValueError(f"sparsity_profile names block(s) {too_far}, but the model has {len(plan.blocks)} decoder "
-                         f"blocks (0..{len(plan.blocks) - 1})")
+        raise ValueError(f"sparsity_profile names block(s) {shown(too_far)}, but the model has {len(plan.blocks)} "
+                         f"decoder blocks (0..{len(plan.blocks) - 1})")
+    pruned_blocks = {block.index for block in plan.blocks if block.targets}
+    unused = sorted(i for i in by_index if i not in pruned_blocks)
+    if unused and pruned_blocks:
+        raise ValueError(f"sparsity_profile gives block(s) {shown(unused)} a sparsity, but include/exclude leave no "
+                         f"module of them to prune (pruned blocks: {shown(sorted(pruned_blocks))}); drop those keys or "
+                         "widen include")
     matched: set[str] = set()
     sparsities = {}
     for block in plan.blocks:
@@ -221,13 +236,13 @@ def explicit_module_sparsity(plan: PruningPlan, profile: Mapping, default: float
             hits = {pattern: value for pattern, value in by_regex.items() if re.search(pattern, target.name)}
             matched.update(hits)
             if len(set(hits.values())) > 1:
-                raise ValueError(f"module {target.name!r} matches sparsity_profile keys {sorted(hits)} with different "
+                raise ValueError(f"module {shown(target.name)} matches sparsity_profile keys {sorted(hits)} with different "
                                  f"sparsities {sorted(set(hits.values()))}; make the regular expressions disjoint")
             sparsities[target.name] = (next(iter(hits.values())) if hits
                                        else by_index.get(block.index, default))
     unmatched = sorted(set(by_regex) - matched)
     if unmatched:
-        raise ValueError(f"sparsity_profile key(s) {unmatched} match no pruned module (e.g. {plan.targets[0].name!r})")
+        raise ValueError(f"sparsity_profile key(s) {unmatched} match no pruned module (e.g. {shown(plan.targets[0].name)})")
     return sparsities
 
 

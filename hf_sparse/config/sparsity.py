@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..calibration.descriptors import check_descriptor, describe_calibration
 from ..calibration.mixes import check_mix
+from ..errors import PATH_SHOWN, shown
 from ..masks import SparsityPattern
 from ..methods import get_method_class
 from ..methods.structured import check_per_block_targets
@@ -42,10 +45,45 @@ def _empty_if_none(name: str, value: Any) -> Any:
 def _torch_device(name: str, value: Any) -> Any:
     if value is not None:
         try:
-            torch.device(value)
+            device = torch.device(value)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device {value!r} is not a valid torch device (e.g. 'cpu', 'cuda:0')") from None
+            raise ValueError(f"device {shown(value)} is not a valid torch device (e.g. 'cpu', 'cuda:0')") from None
+        if device.type == "meta":
+            raise ValueError(f"device {shown(value)} holds no data, so nothing can be pruned there; use 'cpu' or a "
+                             "GPU such as 'cuda:0'")
     return value
+
+
+#: what torch.manual_seed accepts
+_SEED_RANGE = (-(1 << 63), 1 << 64)
+
+
+def _seed(name: str, value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not _SEED_RANGE[0] <= value < _SEED_RANGE[1]:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64) (what torch.manual_seed takes), got "
+                         f"{shown(value)}")
+    return value
+
+
+def _target_data(name: str, value: Any) -> Any:
+    """A ``"check"``: ``None``, a path to an existing file or folder, or a non-empty list of strings."""
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        if not Path(value).expanduser().exists():
+            raise ValueError(f"{name} {shown(value, PATH_SHOWN)} is not an existing file or folder; give a path to the "
+                             "target text, or a list of strings (raw texts)")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(item, str) for item in value):
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        bad = next((item for item in value if not isinstance(item, str)), None)
+        raise ValueError(f"{name} must be a path or a non-empty list of strings; got a list "
+                         + (f"holding {shown(bad)} ({type(bad).__name__})" if value else "that is empty"))
+    raise ValueError(f"{name} must be a path or a non-empty list of strings, got {shown(value)} "
+                     f"({type(value).__name__})")
 
 
 def _descriptor(name: str, value: Any) -> Any:
@@ -115,7 +153,8 @@ class SparsityConfig(QuantizationConfigMixin):
         default=None, repr=False,
         metadata={"help": "A sample of the text the pruned model will serve (a file, folder or list of strings; run "
                           "time only). Before pruning, the calibration windows are compared with it on the dense "
-                          "model, a warning is logged when they differ enough to hurt, and the report is recorded."},
+                          "model, a warning is logged when they differ enough to hurt, and the report is recorded.",
+                  "check": _target_data},
     )
     calibration_split: str = field(default="train", metadata={"help": "Dataset split, for dataset names."})
     calibration_column: str = field(default="text", metadata={"help": "Text column, for datasets and JSON."})
@@ -123,7 +162,8 @@ class SparsityConfig(QuantizationConfigMixin):
     num_samples: int = field(default=128, metadata={"help": "Calibration sequences.", "range": "> 0"})
     sequence_length: int = field(default=2048, metadata={"help": "Tokens per calibration sequence.", "range": "> 0"})
     batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass.", "range": "> 0"})
-    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and any randomness in methods."})
+    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and any randomness in methods.",
+                                           "check": _seed})
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Options of the chosen method, e.g. {'block_size': 128}.",
                                         "check": _empty_if_none}
@@ -175,31 +215,31 @@ class SparsityConfig(QuantizationConfigMixin):
         method_cls = get_method_class(self.method)
         if parsed.kind not in method_cls.supports_patterns:
             raise ValueError(
-                f"method {self.method!r} does not support pattern {self.pattern!r}; it supports {method_cls.supports_patterns}"
+                f"method {shown(self.method)} does not support pattern {shown(self.pattern)}; it supports {method_cls.supports_patterns}"
             )
         if parsed.is_n_m and abs(self.sparsity - parsed.implied_sparsity) > 1e-9:
             raise ValueError(
-                f"sparsity {self.sparsity!r} contradicts pattern {self.pattern!r}, which fixes sparsity at "
-                f"{parsed.implied_sparsity!r}; omit sparsity or set it to that value"
+                f"sparsity {shown(self.sparsity)} contradicts pattern {shown(self.pattern)}, which fixes sparsity at "
+                f"{shown(parsed.implied_sparsity)}; omit sparsity or set it to that value"
             )
         if parsed.is_n_m and self.sparsity_profile != UNIFORM:
             raise ValueError(
-                f"sparsity_profile={profile_name(self.sparsity_profile)!r} needs an unstructured pattern, got "
-                f"{self.pattern!r}: per-block N:M (a different N per block) is not supported; use "
+                f"sparsity_profile={shown(profile_name(self.sparsity_profile))} needs an unstructured pattern, got "
+                f"{shown(self.pattern)}: per-block N:M (a different N per block) is not supported; use "
                 "pattern='unstructured' with a sparsity, or the uniform profile with N:M"
             )
         if parsed.is_structured and self.sparsity_profile != UNIFORM:
             # A profile gives every block its own share of its parameters: only methods that remove units of a
             # block (not whole blocks) can honour it, and its keys must be blocks, not modules.
-            check_per_block_targets(method_cls, f"sparsity_profile={self.sparsity_profile!r}")
+            check_per_block_targets(method_cls, f"sparsity_profile={shown(self.sparsity_profile)}")
             require_block_indices(self.sparsity_profile, self.pattern)
         if self.calibration_weights is not None:
-            self.calibration_weights = check_mix(self.calibration, self.calibration_weights)
+            self.calibration_weights = check_mix(self.calibration, self.calibration_weights, self.num_samples)
         self.profile_options = check_profile_options(self.sparsity_profile, self.profile_options)
         if self.parallel and not method_cls.propagate_dense:
             raise ValueError(
                 f"parallel=True needs a method whose blocks are independent (dense inputs per block, e.g. 'fista'); "
-                f"{self.method!r} prunes each block on the outputs of the pruned blocks before it"
+                f"{shown(self.method)} prunes each block on the outputs of the pruned blocks before it"
             )
         # Validate now, not after a long model load: unknown keys and bad values raise here. The given keys keep
         # their checked values ("False" from a command line is stored as False).
@@ -221,7 +261,7 @@ class SparsityConfig(QuantizationConfigMixin):
         the profile does (``"magnitude with sparsity_profile='owl'"``)."""
         if get_method_class(self.method).needs_calibration:
             return self.method
-        return f"{self.method} with sparsity_profile={self.sparsity_profile!r}"
+        return f"{self.method} with sparsity_profile={shown(self.sparsity_profile)}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: calibration data is replaced by a descriptor, run-time fields are dropped."""

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import SparsityConfig
+from ..errors import PATH_SHOWN, shown
 from ..masks import SparsityPattern
 from ..plots import PlotsUnavailable, sweep_figure
 from ..saving import atomic_write_file
@@ -73,6 +75,13 @@ def sweep_points(methods: Sequence[str], sparsities: Sequence[float],
     >>> [p.key for p in sweep_points(["wanda"], [0.5, 0.7], ["unstructured", "2:4"])]
     [('wanda', 'unstructured', '0.5000'), ('wanda', 'unstructured', '0.7000'), ('wanda', '2:4', '0.5000')]
     """
+    for name, value in (("methods", methods), ("sparsities", sparsities), ("patterns", patterns)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ValueError(f"{name} must be a list, got {shown(value)} ({type(value).__name__})"
+                             + (f"; write [{shown(value)}]" if isinstance(value, (str, int, float)) else ""))
+    for level in sparsities:
+        if isinstance(level, bool) or not isinstance(level, (int, float)):
+            raise ValueError(f"sparsities must hold numbers in [0, 1), got {shown(level)} ({type(level).__name__})")
     if not methods:
         raise ValueError("methods is empty; give at least one registered method, e.g. ['wanda', 'sparsegpt']")
     if not patterns:
@@ -114,6 +123,10 @@ def _csv_text(points: list[SweepPoint]) -> str:
 def read_results(output_dir: str | os.PathLike) -> list[SweepPoint]:
     """The points of ``DIR/results.csv`` (empty if there is none yet), the dense row first.
 
+    The file is read back on resume, possibly after a hand edit, so every row is checked (:func:`check_row`): a
+    row that this code could not have written raises a one-line ``ValueError`` naming the file, the row and the
+    value, instead of being kept and plotted.
+
     >>> read_results("/no/such/sweep")
     []
     """
@@ -123,14 +136,75 @@ def read_results(output_dir: str | os.PathLike) -> list[SweepPoint]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise ValueError(f"{path} has columns {reader.fieldnames}, not {list(COLUMNS)}: not a hf_sparse sweep")
-        return [SweepPoint.from_row(row) for row in reader]
+            raise ValueError(f"{shown(str(path), PATH_SHOWN)} has columns {shown(reader.fieldnames)}, not "
+                             f"{list(COLUMNS)}: not a hf_sparse sweep")
+        points: dict[tuple[str, str, str], int] = {}
+        results = []
+        for number, row in enumerate(reader, start=2):  # line 1 is the header
+            point = check_row(row, f"{path} line {number}")
+            if point.key in points:
+                raise ValueError(f"{shown(str(path), PATH_SHOWN)} line {number} repeats the setting {point.key} of "
+                                 f"line {points[point.key]}; delete one of them (or restart the sweep)")
+            points[point.key] = number
+            results.append(point)
+        return results
+
+
+def check_row(row: dict[str, Any], where: str) -> SweepPoint:
+    """One ``results.csv`` row as a :class:`SweepPoint`, refusing what a sweep never writes: an empty or unknown
+    method or pattern, a sparsity outside [0, 1), a perplexity that is not a finite number >= 1, extra cells.
+
+    >>> check_row({"method": "wanda", "pattern": "2:4", "target_sparsity": "0.5", "achieved_sparsity": "0.5",
+    ...            "perplexity": "nan"}, "results.csv line 3")
+    Traceback (most recent call last):
+    ...
+    ValueError: results.csv line 3: perplexity 'nan' is not allowed; a finite number >= 1 (a perplexity); fix or delete the row, or restart the sweep
+    """
+    fix = "fix or delete the row, or restart the sweep"
+    if None in row or any(value is None for value in row.values()):
+        raise ValueError(f"{where}: has {'more' if None in row else 'fewer'} cells than the {len(COLUMNS)} columns; {fix}")
+    method, pattern = row["method"], row["pattern"]
+    if not method or len(method) > 100 or not method.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"{where}: method {shown(method)} is not a method name; {fix}")
+    if method == DENSE or pattern == DENSE:
+        if (method, pattern) != (DENSE, DENSE):
+            raise ValueError(f"{where}: the dense row needs method and pattern 'dense', got {shown(method)} and "
+                             f"{shown(pattern)}; {fix}")
+    else:
+        try:
+            SparsityPattern.parse(pattern)
+        except ValueError:
+            raise ValueError(f"{where}: pattern {shown(pattern)} is not a sparsity pattern; {fix}") from None
+    numbers = {}
+    for column, allowed, ok in (
+            ("target_sparsity", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0),
+            ("achieved_sparsity", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+            ("perplexity", "a finite number >= 1 (a perplexity)", lambda v: math.isfinite(v) and v >= 1.0)):
+        text = row[column]
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not ok(value):
+            raise ValueError(f"{where}: {column} {shown(text)} is not allowed; {allowed}; {fix}")
+        numbers[column] = value
+    if method == DENSE and numbers["target_sparsity"] != 0.0:
+        raise ValueError(f"{where}: the dense row has target_sparsity {shown(row['target_sparsity'])}; it must be 0")
+    return SweepPoint(method, pattern, numbers["target_sparsity"], numbers["achieved_sparsity"],
+                      numbers["perplexity"])
 
 
 def _check_settings(output: Path, settings: dict[str, Any], restart: bool) -> None:
     path = output / SETTINGS_NAME
     if path.exists() and not restart:
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{shown(str(path), PATH_SHOWN)} is not valid JSON ({shown(str(error))}); restore it, or "
+                             "restart=True (--restart) to discard the sweep's results") from None
+        if not isinstance(stored, dict):
+            raise ValueError(f"{shown(str(path), PATH_SHOWN)} must hold a JSON object of sweep settings, got "
+                             f"{type(stored).__name__}; restart=True (--restart) discards the sweep's results")
         differing = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
         if differing:
             raise ValueError(f"{output} holds a sweep with other settings ({', '.join(differing)} differ); use "
@@ -159,6 +233,16 @@ def run_sweep(model: nn.Module, tokenizer, base_config: SparsityConfig, methods:
     from ..calibration import load_calibration
 
     points = sweep_points(methods, sparsities, patterns)
+    for name, value, allowed in (("eval_sequence_length", eval_sequence_length, "a positive integer"),
+                                 ("eval_batch_size", eval_batch_size, "a positive integer"),
+                                 ("eval_max_windows", eval_max_windows, "a positive integer or None")):
+        if (value is not None or name != "eval_max_windows") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be {allowed}, got {shown(value)}")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and eval_sequence_length > context:
+        raise ValueError(f"eval_sequence_length={eval_sequence_length} is longer than the model's context "
+                         f"(max_position_embeddings={context}); use at most {context}")
     # Every setting is validated before the first (long) pruning run.
     configs = {}
     for point in points:
@@ -167,7 +251,7 @@ def run_sweep(model: nn.Module, tokenizer, base_config: SparsityConfig, methods:
                                                  sparsity=None if fixed else point.target_sparsity)
     output = Path(output_dir).expanduser()
     if output.exists() and not output.is_dir():
-        raise ValueError(f"output {str(output)!r} is a file; give a folder for the sweep's results")
+        raise ValueError(f"output {shown(str(output), PATH_SHOWN)} is a file; give a folder for the sweep's results")
     output.mkdir(parents=True, exist_ok=True)
 
     calibration_ids = None

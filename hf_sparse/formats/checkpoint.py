@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,26 +24,35 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..errors import PATH_SHOWN, shown
 from ..record import RECORD_KEY, SparsityRecord
 from ..saving import atomic_directory
 from .guard import add_guard, strip_guard
 from .compact import (
-    STORAGE_FORMAT, VALUES, StorageSummary, compress_entry, compressed_groups, decompress_weight, module_patterns,
-    quantization_config_entry, tensor_bytes,
+    STORAGE_FORMAT, VALUES, StorageSummary, check_modules_present, compress_entry, compressed_groups,
+    decompress_weight, module_patterns, quantization_config_entry, tensor_bytes,
 )
+from .integrity import check_group, check_hash_coverage, expected_hashes
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"[A-Za-z0-9._-]+\.safetensors")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{str(path)!r} does not exist: a checkpoint folder with {path.name} is needed") from None
+        raise ValueError(f"{shown(str(path), PATH_SHOWN)} does not exist: a checkpoint folder with {path.name} is "
+                         "needed") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{shown(str(path), PATH_SHOWN)} is not valid JSON ({shown(str(error))})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{shown(str(path), PATH_SHOWN)} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -54,11 +64,24 @@ def weight_files(folder: str | os.PathLike) -> tuple[list[str], dict[str, Any] |
     folder = Path(folder)
     if (folder / INDEX_NAME).exists():
         index = _read_json(folder / INDEX_NAME)
-        return sorted(set(index["weight_map"].values())), index
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{shown(str(folder / INDEX_NAME), PATH_SHOWN)} has no weight_map object of tensor name "
+                             "-> shard file")
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            # A shard is a file of this folder: a path elsewhere would be read, and written, outside the checkpoint.
+            if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or name in (".", ".."):
+                raise ValueError(f"{INDEX_NAME} names the shard {shown(name)}; a shard must be a .safetensors file "
+                                 "name inside the checkpoint folder (no directories)")
+            if not (folder / name).is_file():
+                raise ValueError(f"{INDEX_NAME} names the shard {shown(name)}, which is not in "
+                                 f"{shown(str(folder), PATH_SHOWN)}")
+        return files, index
     if (folder / WEIGHTS_NAME).exists():
         return [WEIGHTS_NAME], None
     found = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
-    raise ValueError(f"{str(folder)!r} has no {WEIGHTS_NAME} or {INDEX_NAME}"
+    raise ValueError(f"{shown(str(folder), PATH_SHOWN)} has no {WEIGHTS_NAME} or {INDEX_NAME}"
                      + (f" (only {found}: compact storage reads and writes safetensors only)" if found else ""))
 
 
@@ -69,7 +92,8 @@ def checkpoint_bytes(folder: str | os.PathLike) -> int:
 
 
 def _is_compressed(config: dict[str, Any]) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == STORAGE_FORMAT
+    marker = config.get("quantization_config")
+    return isinstance(marker, dict) and marker.get("quant_method") == STORAGE_FORMAT
 
 
 def _copy_other_files(source: Path, target: Path, written: set[str]) -> None:
@@ -109,22 +133,30 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     source = Path(input_dir)
     config = _read_json(source / CONFIG_NAME)
     if _is_compressed(config):
-        raise ValueError(f"{str(source)!r} is already in compact storage ({STORAGE_FORMAT})")
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} is already in compact storage ({STORAGE_FORMAT})")
     if "quantization_config" in config:
-        raise ValueError(f"{str(source)!r} has a quantization_config "
-                         f"({config['quantization_config'].get('quant_method')!r}): only dense pruned checkpoints compress")
+        marker = config["quantization_config"]
+        method = marker.get("quant_method") if isinstance(marker, dict) else marker
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} has a quantization_config ({shown(method)}): only dense "
+                         "pruned checkpoints compress")
     if RECORD_KEY not in config:
-        raise ValueError(f"{str(source)!r} has no {RECORD_KEY!r} in config.json: prune it with hf_sparse first")
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} has no {shown(RECORD_KEY)} in config.json: prune it with hf_sparse first")
     record = SparsityRecord.from_dict(config[RECORD_KEY])
+    if not record.modules:
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} lists no pruned modules in its record (structured pruning made the matrices "
+                         "smaller instead): there are no zeros to drop; keep it as it is")
     files, index = weight_files(source)
     modules = module_patterns(record)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(safe_open(str(source / name), framework="pt")) for name in files]
+        check_modules_present(modules, _locations(files, readers))
     summary, weight_map = StorageSummary(), {}
     with atomic_directory(output_dir, overwrite) as target:
         for name in tqdm(files, desc="Compressing shards", disable=not show_progress):
             shard: dict = {}
             with safe_open(str(source / name), framework="pt") as reader:
                 for key in reader.keys():
-                    shard.update(compress_entry(key, reader.get_tensor(key), modules, summary))
+                    shard.update(compress_entry(key, reader.get_tensor(key), modules, summary, record.modules))
             weight_map.update({key: name for key in shard})
             _write_shard(shard, target / name)
             del shard
@@ -137,23 +169,98 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     return summary
 
 
+def _locations(files: list[str], readers) -> dict[str, str]:
+    """Key -> the file holding it; a key stored twice is refused (which copy a loader takes is arbitrary)."""
+    location: dict[str, str] = {}
+    for name, reader in zip(files, readers):
+        for key in reader.keys():
+            if key in location:
+                raise ValueError(f"tensor {shown(key)} is stored twice (in {shown(location[key])} and {shown(name)}); the "
+                                 "checkpoint is damaged or was edited")
+            location[key] = name
+    return location
+
+
+def compact_record(config: dict[str, Any], where: str) -> SparsityRecord:
+    """The validated record of a compact checkpoint's ``config.json`` (a compact checkpoint always has one)."""
+    if RECORD_KEY not in config:
+        raise ValueError(f"{where} is marked as compact storage but has no {shown(RECORD_KEY)} record to check it against; "
+                         "the checkpoint is damaged or was edited")
+    return SparsityRecord.from_dict(config[RECORD_KEY])
+
+
+def verify_compact(files: list[str | os.PathLike], record: SparsityRecord, where: str,
+                   shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Check every compressed weight of a compact checkpoint's safetensors ``files`` before anything is decoded:
+    its entries against each other, the record (pattern, sparsity, content hash) and ``shapes`` (module name ->
+    the model's weight shape, when known). Raises a one-line ``ValueError`` naming the first bad weight."""
+    with ExitStack() as stack:
+        readers = {str(f): stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        location = _locations(list(readers), list(readers.values()))
+        groups = compressed_groups(location)
+        hashes = expected_hashes(record.storage, where)
+        check_hash_coverage(hashes, set(groups))
+        for prefix, group in groups.items():
+            parts = {suffix: readers[location[key]].get_tensor(key) for suffix, key in group.items()}
+            check_group(prefix, parts, **group_checks(prefix, record, hashes, shapes))
+
+
+def group_checks(prefix: str, record: SparsityRecord, hashes: dict[str, str] | None,
+                 shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Any]:
+    """What the compressed weight of module ``prefix`` is checked against (keywords of
+    :func:`~hf_sparse.formats.integrity.check_group`); a module the record does not list is refused."""
+    if prefix not in record.modules:
+        raise ValueError(f"{shown(prefix + '.' + VALUES)} is stored in compact form but the sparsity record does not "
+                         "list the module; the checkpoint is damaged or was edited")
+    return {"pattern": record.pattern_of(prefix), "sparsity": record.modules[prefix],
+            "shape": (shapes or {}).get(prefix), "expected_hash": (hashes or {}).get(prefix)}
+
+
+def model_weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Module name -> weight shape of the model ``config`` (a config.json dictionary) describes, built on the meta
+    device (no memory); ``None`` (with a warning) when transformers cannot build it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    plain = {k: v for k, v in strip_guard(config).items()
+             if k not in ("quantization_config", RECORD_KEY, "architectures", "transformers_version")}
+    try:
+        built = AutoConfig.for_model(**plain)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(built)
+    except Exception as error:  # noqa: BLE001 - an architecture this transformers does not build: record checks only
+        logger.warning("could not build the model from config.json to check the stored shapes against it (%s); "
+                       "checking the entries against each other and the record only", shown(str(error), PATH_SHOWN))
+        return None
+    return {name.removesuffix(".weight"): tuple(p.shape) for name, p in model.state_dict().items()
+            if name.endswith(".weight")}
+
+
 def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False,
                           show_progress: bool = True) -> StorageSummary:
     """Write a compact checkpoint back as a plain dense one (bit-identical weights) that any loader reads.
+
+    Every compressed weight is checked before it is decoded (its entries, the record's pattern and sparsity, the
+    content hash recorded at compress time, the model's shapes; see :mod:`hf_sparse.formats.integrity`): a damaged
+    or edited checkpoint raises a ``ValueError`` naming the weight, and nothing is written.
 
     >>> decompress_checkpoint("pruned-compact", "pruned-dense")  # doctest: +SKIP
     """
     source = Path(input_dir)
     config = _read_json(source / CONFIG_NAME)
     if not _is_compressed(config):
-        raise ValueError(f"{str(source)!r} is not in compact storage: its config.json has no quantization_config "
-                         f"with quant_method {STORAGE_FORMAT!r}")
+        raise ValueError(f"{shown(str(source), PATH_SHOWN)} is not in compact storage: its config.json has no quantization_config "
+                         f"with quant_method {shown(STORAGE_FORMAT)}")
+    record = compact_record(config, repr(str(source)))
     files, index = weight_files(source)
+    shapes = model_weight_shapes(config)
     summary, weight_map = StorageSummary(), {}
     with ExitStack() as stack, atomic_directory(output_dir, overwrite) as target:
         readers = {name: stack.enter_context(safe_open(str(source / name), framework="pt")) for name in files}
-        location = {key: name for name, reader in readers.items() for key in reader.keys()}
+        location = _locations(files, list(readers.values()))
         groups = compressed_groups(location)
+        hashes = expected_hashes(record.storage, repr(str(source)))
+        check_hash_coverage(hashes, set(groups))
         grouped = {key for group in groups.values() for key in group.values()}
         # A group is written to the shard that holds its values (save_pretrained may split a group across shards).
         owner = {group[VALUES]: prefix for prefix, group in groups.items()}
@@ -161,10 +268,12 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
             shard: dict = {}
             for key in readers[name].keys():
                 if key in owner:
-                    group = groups[owner[key]]
+                    prefix = owner[key]
+                    group = groups[prefix]
                     parts = {suffix: readers[location[k]].get_tensor(k) for suffix, k in group.items()}
+                    check_group(prefix, parts, **group_checks(prefix, record, hashes, shapes))
                     stored = sum(tensor_bytes(t) for t in parts.values())
-                    shard[key] = decompress_weight(parts)
+                    shard[key] = decompress_weight(parts, module=prefix)
                     summary.add(tensor_bytes(shard[key]), stored)
                 elif key not in grouped:
                     shard[key] = readers[name].get_tensor(key)
@@ -174,7 +283,6 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
             del shard
         config = strip_guard(config)
         config.pop("quantization_config")
-        if isinstance(config.get(RECORD_KEY), dict):
-            config[RECORD_KEY] = {k: v for k, v in config[RECORD_KEY].items() if k != "storage"}
+        config[RECORD_KEY] = {k: v for k, v in config[RECORD_KEY].items() if k != "storage"}
         _finish(source, target, config, files, index, weight_map, summary.dense_bytes)
     return summary

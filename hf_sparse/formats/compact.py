@@ -15,15 +15,18 @@ Decoding restores every non-zero bit for bit in any dtype; pruned zeros come bac
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..errors import shown
 from ..masks import SparsityPattern
 from .bitmask import bitmask_bytes, decode_bitmask, encode_bitmask
 from .bits import is_kept, row_chunks
+from .integrity import HASH_KEY, check_group, group_hash
 from .n_m import decode_n_m, encode_n_m, fits_n_m, n_m_bytes
 
 logger = logging.getLogger(__name__)
@@ -89,30 +92,31 @@ def compress_weight(weight: torch.Tensor, pattern: SparsityPattern | str | None 
     return {VALUES: weight}
 
 
-def decompress_weight(parts: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+def decompress_weight(parts: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, module: str = "",
+                      verify: bool = True, **checks: Any) -> torch.Tensor:
     """The dense weight from :func:`compress_weight`'s entries (a dense entry is returned as it is), cast to
     ``dtype`` if given. Decoding and the cast run in row chunks: the only full-size tensor allocated is the result.
+
+    Every entry is checked against the others first (:func:`hf_sparse.formats.integrity.check_group`, which also
+    takes the ``pattern``, ``sparsity``, ``shape`` and ``expected_hash`` in ``checks``): broken entries raise a
+    ``ValueError`` naming ``module`` (the weight's module), never decode into wrong weights. ``verify=False`` skips
+    those checks, for entries a caller has just checked (the loader checks every file before any weight is read).
 
     >>> w = torch.tensor([[0., -0., 3., 0.], [-1., 0., 0., 2.]])
     >>> back = decompress_weight(compress_weight(w))
     >>> torch.equal(back, w), back[0, 1].item()  # the pruned -0.0 comes back as +0.0
     (True, 0.0)
     """
+    if verify:
+        check_group(module, parts, **checks)
     if LAYOUT not in parts:
         return parts[VALUES] if dtype is None else parts[VALUES].to(dtype)
-    layout = parts[LAYOUT].tolist()
-    if len(layout) != 4:
-        raise ValueError(f"{LAYOUT} must hold [rows, cols, n, m], got {layout}")
-    rows, cols, n, m = layout
+    rows, cols, n, m = parts[LAYOUT].tolist()
     values = parts[VALUES]
     if POSITIONS in parts:
-        if not (0 < n < m and cols % m == 0):
-            raise ValueError(f"{LAYOUT} {layout} is not a valid N:M layout")
         dense = decode_n_m(values, parts[POSITIONS], cols, n, m, dtype)
-    elif BITMASK in parts:
-        dense = decode_bitmask(values, parts[BITMASK], cols, dtype)
     else:
-        raise ValueError(f"a compact weight needs {POSITIONS!r} or {BITMASK!r} beside {LAYOUT!r}, got {sorted(parts)}")
+        dense = decode_bitmask(values, parts[BITMASK], cols, dtype)
     if dense.shape != (rows, cols):
         raise ValueError(f"decoded shape {tuple(dense.shape)} differs from the stored layout ({rows}, {cols})")
     return dense
@@ -135,7 +139,7 @@ def compressed_groups(keys: Iterable[str]) -> dict[str, dict[str, str]]:
             groups[prefix][suffix] = key
     for prefix, group in groups.items():
         if VALUES not in group:
-            raise ValueError(f"compressed weight {prefix!r} has {sorted(group)} but no {VALUES!r} (values) entry")
+            raise ValueError(f"compressed weight {shown(prefix)} has {sorted(group)} but no {shown(VALUES)} (values) entry")
     return groups
 
 
@@ -146,6 +150,7 @@ class StorageSummary:
     dense_bytes: int = 0
     stored_bytes: int = 0
     encodings: dict[str, str] = field(default_factory=dict)  # module -> "n:m" | "bitmask" | "dense"
+    hashes: dict[str, str] = field(default_factory=dict)  # module -> SHA-256 of its compact entries (integrity)
 
     def add(self, dense: int, stored: int) -> None:
         self.dense_bytes += dense
@@ -156,8 +161,11 @@ class StorageSummary:
         counts: dict[str, int] = {}
         for encoding in self.encodings.values():
             counts[encoding] = counts.get(encoding, 0) + 1
-        return {"format": STORAGE_FORMAT, "version": STORAGE_VERSION, "dense_bytes": self.dense_bytes,
-                "stored_bytes": self.stored_bytes, "encodings": counts}
+        entry = {"format": STORAGE_FORMAT, "version": STORAGE_VERSION, "dense_bytes": self.dense_bytes,
+                 "stored_bytes": self.stored_bytes, "encodings": counts}
+        if self.hashes:
+            entry[HASH_KEY] = dict(sorted(self.hashes.items()))
+        return entry
 
     def describe(self) -> str:
         """One line for people: bytes stored against dense and the encodings.
@@ -190,16 +198,51 @@ def module_patterns(record) -> dict[str, SparsityPattern]:
     return {name: record.pattern_of(name) for name in record.modules}
 
 
+def check_matches_record(module: str, weight: torch.Tensor, pattern: SparsityPattern | str | None,
+                         sparsity: float | None) -> None:
+    """Refuse to compress a weight the record does not describe: its zeros must follow the N:M ``pattern`` the
+    record claims and give the ``sparsity`` it lists (within one weight), as :func:`hf_sparse.get_masks` checks.
+
+    >>> check_matches_record("lin", torch.ones(2, 4), "unstructured", 0.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: module 'lin' has sparsity 0.000000 but its sparsity record says 0.500000: the record does not describe these weights (changed after pruning?); prune it again or fix the record
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"the record lists module {shown(module)} but its weight has shape {tuple(weight.shape)}; "
+                         "compact storage encodes 2-D weights")
+    pattern = SparsityPattern.parse(pattern) if pattern is not None else None
+    if pattern is not None and pattern.is_n_m and not fits_n_m(weight, pattern.n, pattern.m):
+        raise ValueError(f"module {shown(module)} does not follow the pattern {shown(str(pattern))} its sparsity record "
+                         f"claims (more than {pattern.n} non-zeros in some group of {pattern.m} inputs): the record "
+                         "does not describe these weights; prune it again or fix the record")
+    if sparsity is not None:
+        achieved = 1.0 - count_kept(weight) / weight.numel()
+        if not math.isclose(achieved, sparsity, abs_tol=1.0 / weight.numel() + 1e-9):
+            raise ValueError(f"module {shown(module)} has sparsity {achieved:.6f} but its sparsity record says "
+                             f"{sparsity:.6f}: the record does not describe these weights (changed after pruning?); "
+                             "prune it again or fix the record")
+
+
 def compress_entry(key: str, tensor: torch.Tensor, modules: Mapping[str, SparsityPattern | str | None],
-                   summary: StorageSummary) -> dict[str, torch.Tensor]:
+                   summary: StorageSummary, sparsities: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Full-key entries storing one state-dict entry: compressed when it is the weight of one of ``modules``
-    (module name -> its pattern, which decides whether N:M storage is tried)."""
+    (module name -> its pattern, which decides whether N:M storage is tried). With ``sparsities`` (module name ->
+    the record's sparsity) a weight the record does not describe is refused (:func:`check_matches_record`). The
+    SHA-256 of every compressed weight's entries goes into ``summary.hashes``."""
     prefix, suffix = split_key(key)
-    if suffix != VALUES or prefix not in modules or tensor.dim() != 2:
+    if suffix != VALUES or prefix not in modules:
+        summary.add(tensor_bytes(tensor), tensor_bytes(tensor))
+        return {key: tensor}
+    if sparsities is not None:
+        check_matches_record(prefix, tensor, modules[prefix], sparsities.get(prefix))
+    elif tensor.dim() != 2:
         summary.add(tensor_bytes(tensor), tensor_bytes(tensor))
         return {key: tensor}
     parts = compress_weight(tensor, modules[prefix])
     summary.encodings[prefix] = N_M if POSITIONS in parts else UNSTRUCTURED if BITMASK in parts else DENSE
+    if LAYOUT in parts:
+        summary.hashes[prefix] = group_hash(parts)
     summary.add(tensor_bytes(tensor), sum(tensor_bytes(t) for t in parts.values()))
     return {f"{prefix}.{s}": t for s, t in parts.items()}
 
@@ -210,7 +253,8 @@ def storage_summary(state_dict: Mapping[str, torch.Tensor],
     (one read of each pruned weight): what a model card says before the checkpoint is written.
 
     >>> sd = {"lin.weight": torch.tensor([[0., 1., 0., 2.] * 4] * 8, dtype=torch.float16), "lin.bias": torch.ones(8)}
-    >>> storage_summary(sd, {"lin": "2:4"}) == compress_state_dict(sd, {"lin": "2:4"})[1]
+    >>> estimate, written = storage_summary(sd, {"lin": "2:4"}), compress_state_dict(sd, {"lin": "2:4"})[1]
+    >>> (estimate.stored_bytes, estimate.encodings) == (written.stored_bytes, written.encodings)
     True
     """
     summary = StorageSummary()
@@ -227,20 +271,34 @@ def storage_summary(state_dict: Mapping[str, torch.Tensor],
 
 
 def compress_state_dict(state_dict: Mapping[str, torch.Tensor],
-                        modules: Mapping[str, SparsityPattern | str | None]) -> tuple[dict[str, torch.Tensor],
-                                                                                    StorageSummary]:
-    """A state dict with the weights of ``modules`` (name -> pattern) in compact form, and the byte summary.
+                        modules: Mapping[str, SparsityPattern | str | None],
+                        sparsities: Mapping[str, float] | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                StorageSummary]:
+    """A state dict with the weights of ``modules`` (name -> pattern) in compact form, and the byte summary (with
+    the content hash of every compressed weight). With ``sparsities`` (the record's per module) every listed module
+    must be in ``state_dict`` and match its record (:func:`check_matches_record`).
 
     >>> sd = {"lin.weight": torch.tensor([[0., 1., 0., 2.] * 4] * 8, dtype=torch.float16), "lin.bias": torch.ones(8)}
     >>> compact, summary = compress_state_dict(sd, {"lin": "2:4"})
     >>> sorted(compact), summary.encodings, summary.stored_bytes < summary.dense_bytes
     (['lin.bias', 'lin.weight', 'lin.weight_layout', 'lin.weight_positions'], {'lin': 'n:m'}, True)
     """
+    if sparsities is not None:
+        check_modules_present(modules, state_dict)
     summary = StorageSummary()
     compact: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        compact.update(compress_entry(key, tensor, modules, summary))
+        compact.update(compress_entry(key, tensor, modules, summary, sparsities))
     return compact, summary
+
+
+def check_modules_present(modules: Iterable[str], keys: Iterable[str]) -> None:
+    """Every module the record lists has a ``.weight`` among ``keys``."""
+    present = {split_key(key)[0] for key in keys if split_key(key)[1] == VALUES}
+    missing = sorted(set(modules) - present)
+    if missing:
+        raise ValueError(f"the sparsity record lists module {shown(missing[0])} but the checkpoint has no "
+                         f"{shown(missing[0] + '.' + VALUES)} ({len(missing)} such): the record does not describe it")
 
 
 def decompress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -249,7 +307,7 @@ def decompress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     grouped = {key for group in groups.values() for key in group.values()}
     dense = {key: tensor for key, tensor in state_dict.items() if key not in grouped}
     for prefix, group in groups.items():
-        dense[f"{prefix}.{VALUES}"] = decompress_weight({s: state_dict[k] for s, k in group.items()})
+        dense[f"{prefix}.{VALUES}"] = decompress_weight({s: state_dict[k] for s, k in group.items()}, module=prefix)
     return dense
 
 

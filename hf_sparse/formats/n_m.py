@@ -79,7 +79,7 @@ def decode_n_m(values: torch.Tensor, positions: torch.Tensor, cols: int, n: int,
     ints = bit_view(values)
 
     def fill(chunk: slice, target: torch.Tensor) -> None:
-        codes = _unpack_codes(positions[chunk], groups * n, bits).reshape(-1, groups, n)  # int64, 4 B per weight
+        codes = unpack_codes(positions[chunk], groups * n, bits).reshape(-1, groups, n)  # int64, 4 B per weight
         if codes.numel() and int(codes.max()) >= m:
             raise ValueError(f"corrupt N:M positions: a position >= {m} in rows {chunk.start}..{chunk.stop - 1}")
         target.view(-1, groups, m).scatter_(-1, codes, ints[chunk].reshape(-1, groups, n))
@@ -87,10 +87,10 @@ def decode_n_m(values: torch.Tensor, positions: torch.Tensor, cols: int, n: int,
     return decode_rows(rows, cols, values.dtype, dtype, values.device, fill)
 
 
-def _unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     """The first ``count`` ``bits``-bit codes of each byte-aligned row of ``packed``, as int64 ``(rows, count)``.
 
-    >>> _unpack_codes(torch.tensor([[0b01110010]], dtype=torch.uint8), 4, 2).tolist()
+    >>> unpack_codes(torch.tensor([[0b01110010]], dtype=torch.uint8), 4, 2).tolist()
     [[1, 3, 0, 2]]
     """
     rows = packed.shape[0]

@@ -35,6 +35,8 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..errors import shown
+from ..formats.checkpoint import compact_record, verify_compact
 from ..formats.compact import (
     COMPANIONS, LAYOUT, STORAGE_FORMAT, STORAGE_VERSION, VALUES, compress_state_dict, decompress_weight, module_patterns,
     quantization_config_entry,
@@ -61,9 +63,9 @@ class CompactStorageConfig(QuantizationConfigMixin):
 
     def __init__(self, quant_method: str = STORAGE_FORMAT, format_version: int = STORAGE_VERSION, **kwargs: Any):
         if quant_method != STORAGE_FORMAT:
-            raise ValueError(f"CompactStorageConfig is for quant_method {STORAGE_FORMAT!r}, got {quant_method!r}")
+            raise ValueError(f"CompactStorageConfig is for quant_method {shown(STORAGE_FORMAT)}, got {shown(quant_method)}")
         if format_version != STORAGE_VERSION:
-            raise ValueError(f"this checkpoint uses {STORAGE_FORMAT} format_version {format_version!r}; this hf_sparse "
+            raise ValueError(f"this checkpoint uses {STORAGE_FORMAT} format_version {shown(format_version)}; this hf_sparse "
                              f"reads version {STORAGE_VERSION} (upgrade hf_sparse)")
         self.quant_method = quant_method
         self.format_version = format_version
@@ -79,15 +81,20 @@ class DecompressCompactWeight(ConversionOps):
     """
 
     def __init__(self, quantizer: HfQuantizer):
+        self.quantizer = quantizer
         self.quantizer_name = quantizer.quantization_config.quant_method
         self.dtype: torch.dtype | None = None  # the dtype transformers chose for this parameter (set while reading)
 
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, **kwargs) -> dict[str, Any]:
         parts = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
         if VALUES not in parts:
-            raise ValueError(f"{full_layer_name}: compact entries {sorted(parts)} without the {VALUES!r} values")
+            raise ValueError(f"{full_layer_name}: compact entries {sorted(parts)} without the {shown(VALUES)} values")
         dtype = self.dtype if self.dtype is not None and parts[VALUES].is_floating_point() else None
-        dense = decompress_weight(parts, dtype)
+        # Entries the quantizer checked before loading (every file, against the record and the model) are decoded
+        # as they are; otherwise (a state_dict handed to from_pretrained) they are checked here.
+        verified = getattr(self.quantizer, "verified", False)
+        dense = decompress_weight(parts, dtype, module=(full_layer_name or "").removesuffix(f".{VALUES}"),
+                                  verify=not verified)
         if LAYOUT in parts:
             _return_freed_heap()
         return {full_layer_name or VALUES: dense}
@@ -152,6 +159,21 @@ class CompactStorageQuantizer(PlainModelQuantizer):
             op.dtype = dtype
         return None
 
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None,
+                                             **kwargs) -> PreTrainedModel:
+        """Check every compressed weight of the checkpoint before any is read into the model: entries against each
+        other, against the model's shapes and against the record (pattern, sparsity, content hash). A damaged or
+        edited checkpoint stops here with one ``ValueError`` naming the weight (an error raised while transformers
+        converts a weight would only be logged, then reported as a generic conversion failure)."""
+        self.verified = False
+        files = [f for f in checkpoint_files or () if str(f).endswith(".safetensors")]
+        if files:
+            where = repr(os.path.dirname(str(files[0])))
+            record = compact_record(model.config.to_dict(), where)
+            verify_compact(files, record, where, shapes=_weight_shapes(model))
+            self.verified = True
+        return model
+
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         remove_quantization_state(model)
         record = read_record(model)
@@ -159,6 +181,20 @@ class CompactStorageQuantizer(PlainModelQuantizer):
             record.storage = None  # the weights in memory are dense: saving them again writes a dense checkpoint
             write_record(model, record)
         return model
+
+
+def _weight_shapes(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
+    """Module name -> weight shape of the (meta-device) model, under its own names and, for a base model loaded from
+    a checkpoint of the full model, under the checkpoint's (``model.layers...`` for ``layers...``)."""
+    shapes = {}
+    prefix = getattr(model, "base_model_prefix", "")
+    for name, param in model.named_parameters():
+        if name.endswith(f".{VALUES}"):
+            module = name.removesuffix(f".{VALUES}")
+            shapes[module] = tuple(param.shape)
+            if prefix and not module.startswith(f"{prefix}."):
+                shapes.setdefault(f"{prefix}.{module}", tuple(param.shape))
+    return shapes
 
 
 register_under(STORAGE_FORMAT, CompactStorageConfig, CompactStorageQuantizer)
@@ -175,7 +211,7 @@ def save_compressed(model: PreTrainedModel, save_directory: str | os.PathLike, *
     """
     record = read_record(model)
     if record is None:
-        raise ValueError(f"compressed=True needs a pruned model: this one has no {RECORD_KEY!r} record "
+        raise ValueError(f"compressed=True needs a pruned model: this one has no {shown(RECORD_KEY)} record "
                          "(prune it with hf_sparse first)")
     if getattr(model, "_hf_peft_config_loaded", False) or getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("compressed=True saves a plain pruned model; merge or remove PEFT adapters and quantization "
@@ -183,13 +219,13 @@ def save_compressed(model: PreTrainedModel, save_directory: str | os.PathLike, *
     marker = getattr(model.config, "quantization_config", None)
     if marker is not None:
         method = marker.get("quant_method") if isinstance(marker, dict) else getattr(marker, "quant_method", None)
-        raise ValueError(f"compressed=True cannot keep the config's quantization_config (quant_method={method!r}: "
+        raise ValueError(f"compressed=True cannot keep the config's quantization_config (quant_method={shown(method)}: "
                          "a structured model whose blocks differ needs it to load); save it without compressed=True")
     if not record.modules:
         raise ValueError("compressed=True drops the zeros of pruned linears, and this record lists none (structured "
                          "pruning made the matrices smaller instead); save it without compressed=True")
     compact, summary = compress_state_dict(state_dict if state_dict is not None else model.state_dict(),
-                                           module_patterns(record))
+                                           module_patterns(record), record.modules)
     original_storage, config = record.storage, model.config
     had_quantization_config = "quantization_config" in vars(config)
     record.storage = summary.record_entry()

@@ -28,6 +28,8 @@ from typing import Any
 from torch import nn
 
 from ..config import QUANT_METHOD, SparsityConfig
+from ..errors import shown
+from ..surgery import STRUCTURED_QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def check_gguf_weights_dense(model: nn.Module) -> None:
     if packed:
         first = next(iter(packed))
         raise ValueError(
-            f"this GGUF-loaded model keeps {len(packed)} weights packed in GGUF blocks (e.g. {first!r}); pruning needs "
+            f"this GGUF-loaded model keeps {len(packed)} weights packed in GGUF blocks (e.g. {shown(first)}); pruning needs "
             "dense weights: load it with quantization_config=transformers.GgufConfig(dequantize=True), or let "
             "from_pretrained(..., gguf_file=..., sparsity_config=...) do the load"
         )
@@ -131,7 +133,13 @@ def detach_gguf(model: nn.Module) -> None:
     # Imported here: hf_sparse.integrations.transformers imports hf_sparse.api, which imports this module.
     from .transformers import remove_quantization_state
 
+    # Structured pruning may have put hf_sparse's own loading marker where the GGUF config was: it is what lets the
+    # saved checkpoint load (blocks of different shapes), so it survives the detach.
+    marker = getattr(model.config, "quantization_config", None)
+    keep = marker if _quant_method(marker) == STRUCTURED_QUANT_METHOD else None
     remove_quantization_state(model)
+    if keep is not None:
+        model.config.quantization_config = keep
     if _SOURCE_ATTRIBUTE in vars(model):
         delattr(model, _SOURCE_ATTRIBUTE)
 
@@ -159,7 +167,7 @@ def _dequantizing_config(quantization_config: Any):
     if _quant_method(quantization_config) != GGUF_QUANT_METHOD:
         raise ValueError(
             f"a GGUF file cannot be loaded with quantization_config quant_method="
-            f"{_quant_method(quantization_config)!r}; prune it, save it, then re-load the saved folder to quantize it"
+            f"{shown(_quant_method(quantization_config))}; prune it, save it, then re-load the saved folder to quantize it"
         )
     if not getattr(quantization_config, "dequantize", False):
         raise ValueError("pruning a GGUF file needs its weights dense: pass GgufConfig(dequantize=True), or no "

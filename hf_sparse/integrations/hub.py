@@ -31,6 +31,7 @@ from torch import nn
 
 from .._version import __version__
 from ..architectures import get_architecture
+from ..errors import shown
 from ..formats.compact import describe_storage, module_patterns, storage_summary
 from ..masks import SparsityPattern
 from ..plots import card_figures
@@ -95,6 +96,24 @@ def _inert_json(data: Any) -> str:
     return text
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+
+
+def check_repo_id(repo_id: str | None) -> None:
+    """Refuse a ``repo_id`` that is not a Hub repository name (``name`` or ``org/name``): the card prints it inside
+    Python code, where a quote or a backtick would change what the card shows.
+
+    >>> check_repo_id("me/llama-2of4")
+    >>> check_repo_id('x")<img src=y>')
+    Traceback (most recent call last):
+    ...
+    ValueError: repo_id 'x")<img src=y>' is not a Hub repository name; allowed: 'name' or 'org/name' (letters, digits, '.', '_', '-')
+    """
+    if repo_id is not None and (not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id)):
+        raise ValueError(f"repo_id {shown(repo_id)} is not a Hub repository name; allowed: 'name' or 'org/name' "
+                         "(letters, digits, '.', '_', '-')")
+
+
 def _short_name(name: str) -> str:
     """A Hub id as is; a local path by its last component (a card must not publish someone's file system)."""
     return name if hub_model_id(name) else Path(str(name).rstrip("/")).name or str(name)
@@ -153,9 +172,9 @@ def _profile_text(profile: dict[str, Any] | None) -> str:
     if achieved and blocks:
         spread += (f" of their parameters (removed: {min(achieved.values()) * 100:.1f}% to "
                    f"{max(achieved.values()) * 100:.1f}%)")
-    options = f" ({', '.join(f'{k}={v}' for k, v in profile.get('options', {}).items())})" if profile.get("options") \
-        else ""
-    return f"{profile['name']}{options}{spread}"
+    options = (f" ({', '.join(_text(f'{k}={json.dumps(v)}') for k, v in profile.get('options', {}).items())})"
+               if profile.get("options") else "")
+    return f"{_text(profile['name'])}{options}{spread}"
 
 
 def _domain_text(check: dict[str, Any] | None) -> str:
@@ -242,6 +261,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     record = read_record(model)
     if record is None:
         raise ValueError(f"the model has no {RECORD_KEY!r} record: prune it with hf_sparse first")
+    check_repo_id(repo_id)
     storage = storage if storage is not None else record.storage
     evaluation = {**record.evaluation, **(evaluation or {})}
     base = base_model or record.base_model or getattr(model, "name_or_path", None) or None
@@ -301,7 +321,8 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         pruned_parameters=f"{pruned_parameters:,}", num_modules=len(record.modules),
         calibration_display=_calibration_text(record.calibration), recovery_display=_recovery_text(record.recovery),
         profile_display=_profile_text(record.sparsity_profile), domain_display=_domain_text(record.domain_check),
-        hf_sparse_version=__version__, sparsity_rows=[{**row, "weights": f"{row['weights']:,}"} for row in rows],
+        hf_sparse_version=__version__,
+        sparsity_rows=[{**row, "name": _literal(row["name"]), "weights": f"{row['weights']:,}"} for row in rows],
         evaluation_rows=evaluation_rows, evaluation_columns=columns, evaluation_note=note,
         architecture=_literal((getattr(model.config, "architectures", None) or [type(model).__name__])[0]),
         repo_id=repo_id or "path/to/this-checkpoint",

@@ -24,9 +24,12 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from safetensors import safe_open
+
 from ..architectures import get_architecture
+from ..errors import shown
 from ..record import read_record
-from ..surgery import STRUCTURED_QUANT_METHOD, mark_for_loading, shrink_to_structure
+from ..surgery import STRUCTURED_QUANT_METHOD, check_loaded_structure, mark_for_loading, shrink_to_structure
 from .transformers import HfSparseQuantizer, register_under, remove_quantization_state
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,42 @@ def shape_for_record(model: PreTrainedModel) -> bool:
     return True
 
 
+def check_block_tensors(model: PreTrainedModel, files: list) -> None:
+    """Before any weight is read: every tensor of the decoder blocks of the shaped skeleton ``model`` is in the
+    checkpoint ``files`` with the same shape (read from the safetensors headers only), and the checkpoint stores no
+    block tensor the skeleton lacks. Otherwise a record edited to say other shapes, or a config edited to build more
+    blocks than were saved, would load random or mismatched weights; the error names the first tensor."""
+    adapter = get_architecture(model)
+    blocks = adapter.blocks(model)
+    path = next(name for name, module in model.named_modules() if module is blocks)
+    prefixes = [f"{path}."]
+    base = getattr(model, "base_model_prefix", "")
+    if base and not path.startswith(f"{base}."):
+        prefixes.append(f"{base}.{path}.")
+    stored: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as reader:
+            for key in reader.keys():
+                stored[key] = tuple(reader.get_slice(key).get_shape())
+    block_keys = {key for key in stored if any(key.startswith(p) for p in prefixes)}
+    expected = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(prefixes[0]):
+            key = next((p + name[len(prefixes[0]):] for p in prefixes if p + name[len(prefixes[0]):] in stored), name)
+            expected[key] = tuple(tensor.shape)
+    for key, shape in expected.items():
+        if key not in stored:
+            raise ValueError(f"the checkpoint has no {shown(key)}, which its sparsity_config.structure needs (config "
+                             "and record describe more than was saved); the checkpoint was edited")
+        if stored[key] != shape:
+            raise ValueError(f"{shown(key)} is stored with shape {stored[key]} but sparsity_config.structure gives "
+                             f"{shape}; the record does not describe these weights")
+    extra = sorted(block_keys - set(expected))
+    if extra:
+        raise ValueError(f"the checkpoint stores {shown(extra[0])} ({len(extra)} such tensors), which the blocks "
+                         "described by config.json and sparsity_config.structure do not have; the checkpoint was edited")
+
+
 class StructuredShapeLoader(HfSparseQuantizer):
     """Builds the smaller modules of a structured checkpoint before its weights are loaded; prunes nothing."""
 
@@ -71,16 +110,22 @@ class StructuredShapeLoader(HfSparseQuantizer):
             raise ValueError(f"quantization_config.quant_method={STRUCTURED_QUANT_METHOD!r} only marks checkpoints "
                              "saved by hf_sparse; to prune, pass sparsity_config=SparsityConfig(...)")
 
-    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None,
+                                             **kwargs) -> PreTrainedModel:
         if not shape_for_record(model):
             raise ValueError(f"config.json has quantization_config.quant_method={STRUCTURED_QUANT_METHOD!r} but no "
                              "sparsity_config.structure to take the block shapes from")
+        files = [f for f in checkpoint_files or () if str(f).endswith(".safetensors")]
+        if files:
+            check_block_tensors(model, files)
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         # A plain model for PEFT, Trainer and generate, keeping only the marker so save_pretrained writes it again.
         remove_quantization_state(model)
-        mark_for_loading(model, read_record(model).structure)
+        structure = read_record(model).structure
+        check_loaded_structure(get_architecture(model), model, structure)
+        mark_for_loading(model, structure)
         return model
 
 

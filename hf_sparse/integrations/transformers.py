@@ -30,12 +30,13 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
+from ..architectures import get_architecture
 from ..calibration import check_fits_model, check_source, is_token_source, tokenizer_for
 from ..config import QUANT_METHOD, SparsityConfig
 from ..config.profiles import UNIFORM, check_profile_fits
 from ..engine import check_device_available, plan_targets
 from ..record import read_record
-from ..surgery import mark_for_loading
+from ..surgery import check_loaded_structure, mark_for_loading
 from .gguf import from_pretrained_gguf
 
 logger = logging.getLogger(__name__)
@@ -302,6 +303,17 @@ def _hook_targets() -> list[type]:
     return list(dict.fromkeys(targets))
 
 
+def check_loaded_record(model: Any) -> Any:
+    """A structured checkpoint that plain transformers built from its rewritten config (``loading: "config"``) must
+    have the blocks and shapes its record says: a ``num_hidden_layers`` raised by hand would otherwise leave randomly
+    initialised blocks behind a model that evaluates as if nothing happened. Returns ``model``."""
+    raw = getattr(getattr(model, "config", None), "sparsity_config", None)
+    # Only a record with a structure says what shapes the model must have; any other record is data read on demand.
+    if isinstance(model, PreTrainedModel) and isinstance(raw, dict) and raw.get("structure") is not None:
+        check_loaded_structure(get_architecture(model), model, read_record(model).structure)
+    return model
+
+
 def _wrap(original: classmethod) -> classmethod:
     function = original.__func__
 
@@ -311,7 +323,7 @@ def _wrap(original: classmethod) -> classmethod:
             return from_pretrained_gguf(functools.partial(function, cls), *args, **kwargs)
         kwargs = _move_sparsity_kwarg(kwargs)
         with _explicit_config(kwargs):
-            return function(cls, *args, **kwargs)
+            return check_loaded_record(function(cls, *args, **kwargs))
 
     from_pretrained._hf_sparse_hook = True
     return classmethod(from_pretrained)

@@ -22,6 +22,7 @@ from torch import nn
 from ..validation import validate_dataclass
 # LinearStatistics is part of a method's interface (what prune_weight is handed); the engine fills it.
 from ..engine.statistics import LinearStatistics, check_statistics
+from ..errors import shown
 from ..masks import SparsityPattern
 
 __all__ = ["METHODS", "LinearStatistics", "MethodOptions", "PruningMethod", "build_method", "get_method_class",
@@ -47,7 +48,7 @@ class MethodOptions:
         unknown = sorted(set(values) - allowed)
         if unknown:
             raise ValueError(
-                f"unknown option(s) {unknown} for method {method!r}; allowed: {sorted(allowed) or 'none'}"
+                f"unknown option(s) {shown(unknown)} for method {shown(method)}; allowed: {sorted(allowed) or 'none'}"
             )
         return cls(**values)
 
@@ -164,7 +165,7 @@ def _check_metadata(cls: type[PruningMethod]) -> None:
 def get_method_class(name: str) -> type[PruningMethod]:
     """The registered class for ``name``; raises ``ValueError`` listing the registered names otherwise."""
     if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"unknown pruning method {name!r}; registered methods: {sorted(METHODS)}")
+        raise ValueError(f"unknown pruning method {shown(name)}; registered methods: {sorted(METHODS)}")
     return METHODS[name]
 
 

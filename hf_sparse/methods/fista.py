@@ -35,7 +35,7 @@ from torch import nn
 
 from ..masks import SparsityPattern, select_mask
 from .base import LinearStatistics, MethodOptions, PaperReference, PruningMethod, register_method
-from .sparsegpt import damped_inverse_hessian, inverse_hessian_cholesky, sparsegpt_prune
+from .sparsegpt import usable_dampening, damped_inverse_hessian, inverse_hessian_cholesky, sparsegpt_prune
 from .wanda import WandaPruning
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ class FistaOptions(MethodOptions):
     dampening: float = field(
         default=0.01,
         metadata={"help": "Diagonal dampening (fraction of mean diag G) for the SparseGPT warm start and the "
-                          "least-squares target C·G⁻¹.", "range": "(0, 1)"},
+                          "least-squares target C·G⁻¹ (at least 1e-6).", "range": "(0, 1)",
+                  "check": lambda name, value: usable_dampening(name, value)},
     )
     ridge: float = field(
         default=0.03,

@@ -133,6 +133,14 @@ class FLAPPruning(StructuredPruningMethod):
             totals[(step.index, "mlp_channel")] = shape.mlp_channels
             means[step.index] = (step.moments[heads.output].mean.float(), step.moments[mlp.output].mean.float())
 
+        multiple = self.options.channel_multiple
+        narrow = min(((width, index) for (index, kind), width in totals.items() if kind == "mlp_channel"),
+                     default=None)
+        if multiple > 1 and narrow is not None and multiple >= narrow[0]:
+            # Every kept width would have to be the full one: the MLPs could not shrink at all (silently 0% there).
+            raise ValueError(f"flap option channel_multiple={multiple} is not below the MLP width of block "
+                             f"{narrow[1]} ({narrow[0]} channels): no smaller width is a multiple of it; use a "
+                             f"multiple below {narrow[0]} (e.g. 8 or 64)")
         if per_block is None:  # one budget, units of all blocks ranked together (AL-AM)
             chosen = choose_units(units, sparsity * session.block_parameters, totals)
         else:  # each block its own share (UL-UM with per-block shares)

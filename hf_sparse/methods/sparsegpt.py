@@ -15,12 +15,24 @@ from ..masks import SparsityPattern, prune_counts, select_n_m, select_unstructur
 from .base import LinearStatistics, MethodOptions, PaperReference, PruningMethod, register_method
 
 
+#: below this the damped Hessian of a rarely firing input can stay singular: Cholesky fails in the middle of pruning
+MIN_DAMPENING = 1e-6
+
+
+def usable_dampening(name: str, value):
+    if isinstance(value, float) and 0 < value < MIN_DAMPENING:
+        raise ValueError(f"{name} must be at least {MIN_DAMPENING:g} (smaller values leave the Hessian singular), got "
+                         f"{value!r}")
+    return value
+
+
 @dataclass
 class SparseGPTOptions(MethodOptions):
     block_size: int = field(default=128, metadata={"help": "Columns processed (and masked) together.", "range": "> 0"})
     dampening: float = field(
         default=0.01,
-        metadata={"help": "Added to the Hessian diagonal, as a fraction of its mean diagonal.", "range": "(0, 1)"},
+        metadata={"help": "Added to the Hessian diagonal, as a fraction of its mean diagonal (at least 1e-6).",
+                  "range": "(0, 1)", "check": lambda name, value: usable_dampening(name, value)},
     )
 
 

@@ -31,13 +31,17 @@ before any weight is read (:func:`shrink_to_structure`).
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..architectures import ArchitectureAdapter
+from ..errors import shown
 from .apply import _configs, _submodule, apply_block_edit, block_shape
 from .edits import RESIDUAL_POINTS, AttentionEdit, BlockEdit, MLPEdit, ResidualEdit
+from .residual import RESIDUAL_MODULE, residual_widths
 
 STRUCTURE_VERSION = 1
 #: quant_method of the marker that makes plain transformers refuse a checkpoint only hf_sparse can shape
@@ -205,11 +209,9 @@ def shrink_to_structure(adapter: ArchitectureAdapter, model: nn.Module, structur
     the full-width stream a block reads and writes): the skeleton gets placeholder index buffers of the recorded
     sizes, which the checkpoint's ``residual_dims`` buffers then fill.
     """
+    check_structure_fits(adapter, model, structure, dense=True)
     blocks = adapter.blocks(model)
     entries = structure["blocks"]
-    if len(entries) != len(blocks):
-        raise ValueError(f"the structure record lists {len(entries)} blocks but the config builds {len(blocks)}; "
-                         "config.json and its sparsity_config.structure disagree")
     model_type = getattr(model.config, "model_type", None)
     for block, entry in zip(blocks, entries):
         now = block_shape(adapter, block)
@@ -236,45 +238,167 @@ def shrink_to_structure(adapter: ArchitectureAdapter, model: nn.Module, structur
                                            requires_grad=module.weight.requires_grad)
 
 
+_ORIGINAL_KEYS = ("num_blocks", "block_parameters", "attention_heads", "kv_heads", "head_dim", "mlp_channels",
+                  "hidden_size")
+_BLOCK_KEYS = ("original_index", *_COUNTS, "residual_dims", "new_biases")
+#: bound on every count in a record before anything is built from it (a hostile 10**9 never reaches a range())
+_MAX_COUNT = 1 << 31
+_MODULE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9][A-Za-z0-9_]*)*")
+
+
+def _check_residual(where: str, block: nn.Module, entry: dict[str, Any]) -> None:
+    """A loaded block's residual selections: the widths the record gives, indices unique, in order and in range."""
+    dims = block._modules.get(RESIDUAL_MODULE)
+    if dims is None:
+        if "residual_dims" in entry:
+            raise ValueError(f"{where} records residual_dims but the model's block selects no residual dimensions")
+        return
+    widths = residual_widths(block)
+    if widths != entry.get("residual_dims"):
+        raise ValueError(f"{where}: the model's block reads/writes residual widths {widths} but the record says "
+                         f"{shown(entry.get('residual_dims'))}")
+    for point in RESIDUAL_POINTS:
+        indices = dims.indices(point)
+        if indices is None:
+            continue
+        if indices.dtype != torch.int64 or indices.dim() != 1 or indices.device.type == "meta":
+            raise ValueError(f"{where}: residual_dims.{point} must be a loaded int64 vector of indices")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= dims.hidden_size or
+                                bool((indices[1:] <= indices[:-1]).any())):
+            raise ValueError(f"{where}: residual_dims.{point} must be increasing indices in [0, {dims.hidden_size}), "
+                             f"got {shown(indices.tolist())}; the checkpoint was edited")
+
+
+def check_loaded_structure(adapter: ArchitectureAdapter, model: nn.Module, structure: dict[str, Any] | None) -> None:
+    """After loading a structured checkpoint: the model has the blocks and shapes its record says (a config edited to
+    build more blocks than were saved would otherwise leave random ones), with valid residual selections."""
+    if structure is not None:
+        check_structure_fits(adapter, model, structure, dense=False)
+
+
 def validate_structure(data: Any) -> dict[str, Any]:
-    """Check a ``structure`` entry read from ``config.json`` (untrusted); raises ``ValueError`` naming the bad field."""
+    """Check a ``structure`` entry read from ``config.json`` (untrusted); raises ``ValueError`` naming the bad field.
+
+    Every count is bounded by the original one it shrinks (and those by :data:`_MAX_COUNT`), indices are unique and
+    in range, module names are plain dotted names: nothing here builds anything. What the record says is checked
+    against the model itself by :func:`check_structure_fits` before any module is reshaped.
+
+    >>> validate_structure({"version": 1, "original": {"num_blocks": 2, "block_parameters": 10}, "removed_blocks": [1, 1],
+    ...                     "blocks": [], "block_parameters": 5, "loading": "config"})
+    Traceback (most recent call last):
+    ...
+    ValueError: sparsity_config.structure.removed_blocks must be increasing block indices below 2 without repeats, got [1, 1]
+    """
     where = "sparsity_config.structure"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be an object, got {type(data).__name__}")
-    if data.get("version") != STRUCTURE_VERSION:
-        raise ValueError(f"{where}.version {data.get('version')!r} is not supported (reads {STRUCTURE_VERSION})")
+    unknown = sorted(set(data) - {"version", "original", "removed_blocks", "blocks", "block_parameters", "loading"})
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {shown(unknown)}")
+    if data.get("version") != STRUCTURE_VERSION or isinstance(data.get("version"), bool):
+        raise ValueError(f"{where}.version {shown(data.get('version'))} is not supported (reads {STRUCTURE_VERSION})")
     original = data.get("original")
-    if not isinstance(original, dict) or not all(isinstance(v, int) and v >= 0 for v in original.values()) \
-            or "num_blocks" not in original:
-        raise ValueError(f"{where}.original must map dimension names to non-negative integers, got {original!r}")
+    if not isinstance(original, dict) or not all(isinstance(k, str) and _is_count(v) for k, v in original.items()) \
+            or "num_blocks" not in original or "block_parameters" not in original:
+        raise ValueError(f"{where}.original must map dimension names to positive integers (below {_MAX_COUNT}) and "
+                         f"hold num_blocks and block_parameters, got {shown(original)}")
+    unknown = sorted(set(original) - set(_ORIGINAL_KEYS))
+    if unknown:
+        raise ValueError(f"{where}.original has unknown keys {shown(unknown)}; allowed: {list(_ORIGINAL_KEYS)}")
+    num_blocks = original["num_blocks"]
     removed = data.get("removed_blocks")
-    if not isinstance(removed, list) or not all(isinstance(i, int) and 0 <= i < original["num_blocks"] for i in removed):
-        raise ValueError(f"{where}.removed_blocks must be a list of block indices below {original['num_blocks']}")
+    if not isinstance(removed, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_blocks
+                                                for i in removed) or removed != sorted(set(removed)):
+        raise ValueError(f"{where}.removed_blocks must be increasing block indices below {num_blocks} without "
+                         f"repeats, got {shown(removed)}")
     blocks = data.get("blocks")
-    if not isinstance(blocks, list) or len(blocks) != original["num_blocks"] - len(set(removed)):
-        raise ValueError(f"{where}.blocks must list the {original['num_blocks'] - len(set(removed or []))} remaining "
-                         "blocks")
-    for position, entry in enumerate(blocks):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}.blocks[{position}] must be an object")
-        for key in _COUNTS:
-            if key in entry and (not isinstance(entry[key], int) or entry[key] < 1):
-                raise ValueError(f"{where}.blocks[{position}].{key} must be a positive integer, got {entry[key]!r}")
-        if ("attention_heads" in entry) != ("kv_heads" in entry) or \
-                ("kv_heads" in entry and entry["attention_heads"] % entry["kv_heads"]):
-            raise ValueError(f"{where}.blocks[{position}]: attention_heads must be a multiple of kv_heads")
-        if "residual_dims" in entry:
-            dims, hidden = entry["residual_dims"], original.get("hidden_size")
-            if not isinstance(hidden, int) or not isinstance(dims, dict) or set(dims) != set(RESIDUAL_POINTS) or \
-                    not all(isinstance(n, int) and 1 <= n <= hidden for n in dims.values()):
-                raise ValueError(f"{where}.blocks[{position}].residual_dims must give each of {list(RESIDUAL_POINTS)} "
-                                 f"a count between 1 and original.hidden_size ({hidden!r}), got {dims!r}")
-        biases = entry.get("new_biases", [])
-        if not isinstance(biases, list) or not all(isinstance(b, str) for b in biases):
-            raise ValueError(f"{where}.blocks[{position}].new_biases must be a list of module names")
-    if not isinstance(data.get("block_parameters"), int) or data.get("loading") not in ("config", "hf_sparse"):
-        raise ValueError(f"{where} needs block_parameters (an integer) and loading ('config' or 'hf_sparse')")
+    surviving = [i for i in range(num_blocks) if i not in set(removed)] if num_blocks <= len(removed) + 100_000 \
+        else None
+    if not isinstance(blocks, list) or surviving is None or len(blocks) != len(surviving):
+        raise ValueError(f"{where}.blocks must list the {num_blocks - len(removed)} remaining blocks, got "
+                         f"{len(blocks) if isinstance(blocks, list) else shown(blocks)}")
+    for position, (entry, index) in enumerate(zip(blocks, surviving)):
+        _validate_block(f"{where}.blocks[{position}]", entry, index, original)
+    parameters = data.get("block_parameters")
+    if not _is_count(parameters) or parameters > original["block_parameters"]:
+        raise ValueError(f"{where}.block_parameters must be a positive integer at most original.block_parameters "
+                         f"({original['block_parameters']}), got {shown(parameters)}")
+    if data.get("loading") not in ("config", "hf_sparse"):
+        raise ValueError(f"{where}.loading must be 'config' or 'hf_sparse', got {shown(data.get('loading'))}")
     return data
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < _MAX_COUNT
+
+
+def _validate_block(where: str, entry: Any, index: int, original: dict[str, int]) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object, got {shown(entry)}")
+    unknown = sorted(set(entry) - set(_BLOCK_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {shown(unknown)}; allowed: {list(_BLOCK_KEYS)}")
+    if entry.get("original_index") != index or isinstance(entry.get("original_index"), bool):
+        raise ValueError(f"{where}.original_index must be {index} (the blocks not removed, in order), got "
+                         f"{shown(entry.get('original_index'))}")
+    for key in _COUNTS:
+        if key in entry:
+            bound = original.get(key)
+            if bound is None or not _is_count(entry[key]) or entry[key] > bound:
+                raise ValueError(f"{where}.{key} must be a positive integer at most original.{key} ({bound}), got "
+                                 f"{shown(entry[key])}")
+    if ("attention_heads" in entry) != ("kv_heads" in entry) or \
+            ("kv_heads" in entry and entry["attention_heads"] % entry["kv_heads"]):
+        raise ValueError(f"{where}: attention_heads must be a multiple of kv_heads")
+    if "residual_dims" in entry:
+        dims, hidden = entry["residual_dims"], original.get("hidden_size")
+        if not isinstance(hidden, int) or not isinstance(dims, dict) or set(dims) != set(RESIDUAL_POINTS) or \
+                not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= hidden for n in dims.values()):
+            raise ValueError(f"{where}.residual_dims must give each of {list(RESIDUAL_POINTS)} a count between 1 and "
+                             f"original.hidden_size ({hidden!r}), got {shown(dims)}")
+    biases = entry.get("new_biases", [])
+    if not isinstance(biases, list) or not all(isinstance(b, str) and len(b) <= 200 and _MODULE_NAME.fullmatch(b) for b in biases) \
+            or len(set(biases)) != len(biases):
+        raise ValueError(f"{where}.new_biases must be a list of distinct module names (such as 'mlp.down_proj'), got "
+                         f"{shown(biases)}")
+
+
+def check_structure_fits(adapter: ArchitectureAdapter, model: nn.Module, structure: dict[str, Any],
+                         dense: bool) -> None:
+    """Check a validated ``structure`` against ``model`` before anything is built from it: as many blocks, the
+    original dimensions the model's (when ``dense``: a skeleton built from a config that keeps the dense widths) or
+    each block's recorded shape (when not: a model as loaded), and every ``new_biases`` name a linear of its block.
+    Raises a one-line ``ValueError`` saying what disagrees."""
+    where = "sparsity_config.structure"
+    blocks = adapter.blocks(model)
+    if len(blocks) != len(structure["blocks"]):
+        raise ValueError(f"{where} lists {len(structure['blocks'])} blocks but the model has {len(blocks)} "
+                         "(config.json's num_hidden_layers and the record disagree); the checkpoint was edited")
+    original = structure["original"]
+    if "hidden_size" in original and blocks:
+        hidden = _hidden_size(adapter, blocks)
+        if original["hidden_size"] != hidden:
+            raise ValueError(f"{where}.original.hidden_size is {original['hidden_size']} but the model's residual "
+                             f"width is {hidden}; the record does not describe this model")
+    for position, (block, entry) in enumerate(zip(blocks, structure["blocks"])):
+        shape = block_shape(adapter, block).to_dict()
+        if shape.get("residual_dims") is None:
+            shape.pop("residual_dims", None)
+        for key in _COUNTS:
+            if key not in shape and key not in entry:
+                continue
+            expected = original.get(key) if dense else entry.get(key, original.get(key))
+            if shape.get(key) != expected:
+                raise ValueError(f"{where}.blocks[{position}]: the model's block has {key} {shape.get(key)} but the "
+                                 f"record says {expected} ({'original' if dense else 'kept'}); the record does not "
+                                 "describe this model")
+        if not dense:
+            _check_residual(f"{where}.blocks[{position}]", block, entry)
+        linears = {name for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+        for name in entry.get("new_biases", ()):
+            if name not in linears:
+                raise ValueError(f"{where}.blocks[{position}].new_biases names {shown(name)}, which is not a linear "
+                                 f"layer of the block (its linears: {shown(sorted(linears))})")
 
 
 def removed_fraction(structure: dict[str, Any]) -> float:
