@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import shown
+
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 PROG = "hf-sparse"
 
@@ -44,14 +46,13 @@ def parse_sparsity_profile(text: str) -> str | dict[str, float]:
     >>> parse_sparsity_profile("owl")
     'owl'
     """
-    from ..config.profiles import NAMED_PROFILES
-
-    if text in NAMED_PROFILES:
-        return text
     path = Path(text).expanduser()
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"--sparsity-profile {text!r} is neither one of {NAMED_PROFILES} nor a JSON "
-                                         "file of block index or module-name regex -> sparsity")
+        if text.endswith(".json") or "/" in text or path.is_dir():
+            raise argparse.ArgumentTypeError(f"--sparsity-profile {shown(text)} is not a JSON file (a profile name "
+                                             "such as uniform or owl, or a JSON file of block index or module-name "
+                                             "regex -> sparsity, is allowed)")
+        return text  # a profile name: SparsityConfig checks it against the registered profiles
     try:
         profile = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
