@@ -10,6 +10,7 @@ there the import waits until a subcommand runs (:func:`load`), so ``--help`` and
 torch and transformers. Any public name that is used earlier loads it too.
 """
 
+import importlib as _importlib
 import os as _os
 import sys as _sys
 
@@ -42,16 +43,16 @@ def load() -> None:
     >>> load(); hasattr(load, "__call__") and "prune" in globals()
     True
     """
-    from . import _api
-
+    _api = _importlib.import_module(f"{__name__}._api")
     globals().update({name: getattr(_api, name) for name in _api.__all__})
 
 
 if _started_as_the_command():
 
     def __getattr__(name: str):
-        from . import _api
-
+        if name.startswith("_"):  # the import system asks for submodules (_api) this way: no public name
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        _api = _importlib.import_module(f"{__name__}._api")
         if name not in _api.__all__:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         load()

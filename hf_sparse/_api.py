@@ -28,7 +28,8 @@ from . import formats, kernels  # compact storage; opt-in 2:4 kernels (hf_sparse
 evaluate = evaluation
 _sys.modules["hf_sparse.evaluate"] = evaluation
 
-# `from_pretrained(..., sparsity_config=cfg)` works once hf_sparse is imported; uninstall_from_pretrained_hook() undoes it.
+# `from_pretrained(..., sparsity_config=cfg)` works once hf_sparse is imported; uninstall_from_pretrained_hook()
+# undoes it.
 install_from_pretrained_hook()
 install_save_hook()
 install_config_hook()

@@ -46,7 +46,8 @@ CHECKPOINT_MARKER = "config.json"
 #: the file that marks a folder as a temporary of hf_sparse's own (removed before the folder becomes the checkpoint)
 WRITER_MARKER = ".hf_sparse-save.json"
 #: weight files of a checkpoint written by transformers or hf_sparse
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 #: what else a checkpoint folder holds (configs, tokenizers, the card, its pictures, custom code, a chat template)
 CHECKPOINT_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".md", ".png", ".txt", ".model", ".py", ".jinja",
                             ".tiktoken", ".gitattributes")

@@ -47,7 +47,8 @@ def test_existing_folder_is_refused_without_overwrite(pruned, tmp_path):
         hub.save_with_model_card(pruned, None, existing)
     with pytest.raises(ValueError, match=r"already exists"):
         save_checkpoint(pruned, None, existing)
-    assert (existing / "config.json").read_text() == '{"model_type": "llama", "run": "old"}' and _names(tmp_path) == ["out"]
+    assert (existing / "config.json").read_text() == '{"model_type": "llama", "run": "old"}'
+    assert _names(tmp_path) == ["out"]
     card = hub.save_with_model_card(pruned, None, existing, overwrite=True)
     assert card == existing / "README.md" and "sparsity_config" in json.loads((existing / "config.json").read_text())
     assert _names(tmp_path) == ["out"]  # no temporary or backup folder left
@@ -152,7 +153,8 @@ def test_an_interrupted_swap_without_the_new_copy_restores_the_old_one(tmp_path)
         new.rmdir()
     with pytest.raises(ValueError, match="already exists"):  # the old checkpoint is back, so it is refused
         check_destination(output)
-    assert json.loads((output / "config.json").read_text()) == {"model_type": "llama", "run": "old"} and _hidden(tmp_path) == []
+    assert json.loads((output / "config.json").read_text()) == {"model_type": "llama", "run": "old"}
+    assert _hidden(tmp_path) == []
 
 
 def test_sigterm_during_the_swap_waits_for_the_swap_to_finish(tmp_path):

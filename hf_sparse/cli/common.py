@@ -26,7 +26,7 @@ def parse_method_option(text: str, flag: str = "--method-option", example: str =
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{flag} {text!r} must look like key=value, e.g. {example}")
+        raise argparse.ArgumentTypeError(f"{flag} {shown(text)} must look like key=value, e.g. {example}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -56,9 +56,9 @@ def parse_sparsity_profile(text: str) -> str | dict[str, float]:
     try:
         profile = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise argparse.ArgumentTypeError(f"--sparsity-profile {text!r} is not valid JSON: {error}") from None
+        raise argparse.ArgumentTypeError(f"--sparsity-profile {shown(text)} is not valid JSON: {error}") from None
     if not isinstance(profile, dict):
-        raise argparse.ArgumentTypeError(f"--sparsity-profile {text!r} must hold a JSON object, got "
+        raise argparse.ArgumentTypeError(f"--sparsity-profile {shown(text)} must hold a JSON object, got "
                                          f"{type(profile).__name__}")
     return profile
 
@@ -72,7 +72,7 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; a positive integer is required") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer; a positive integer is required") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not allowed; a positive integer is required")
     return value
@@ -125,18 +125,27 @@ def apply_threads(args: argparse.Namespace) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtypes: Sequence[str] = DTYPES) -> None:
-    """``--dtype`` and ``--gguf-file`` for the positional MODEL."""
-    parser.add_argument("--dtype", choices=dtypes, default="float32",
-                        help="dtype to load the model in (default float32; pruning math is float32 regardless)")
+    """``--dtype`` and ``--gguf-file`` for the positional MODEL. The default is the checkpoint's own dtype (``auto``),
+    so a float16 checkpoint stays float16 through every command; commands whose ``dtypes`` lack ``auto`` keep
+    float32."""
+    default = "auto" if "auto" in dtypes else "float32"
+    parser.add_argument("--dtype", choices=dtypes, default=default,
+                        help="dtype to load and save the model in (default: " + (
+                            "auto, the checkpoint's own, e.g. float16 stays float16; float32 for a GGUF file"
+                            if default == "auto" else default) + "; pruning math is float32 regardless)")
     parser.add_argument("--gguf-file", default=None, metavar="FILE",
                         help="load MODEL's GGUF file FILE (a name inside the MODEL folder or Hub repo); its weights "
                              "are dequantized to --dtype, the tokenizer comes from the same file")
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str, gguf_file: str | None = None):
+    """The ``dtype`` for ``from_pretrained``: ``"auto"`` (the checkpoint's own) or a torch dtype; a GGUF file has no
+    dtype transformers keeps (its weights are dequantized), so ``auto`` means float32 there."""
     import torch
 
-    return "auto" if name == "auto" else getattr(torch, name)
+    if name == "auto":
+        return torch.float32 if gguf_file else "auto"
+    return getattr(torch, name)
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", gguf_file: str | None = None):
@@ -150,12 +159,12 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", gguf_fil
         finish_interrupted_save(name_or_path)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype(dtype), **extra)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype(dtype, gguf_file), **extra)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     except OSError as error:  # transformers reports a missing folder / unknown Hub id / no network as OSError
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"could not load model {name_or_path!r}" + (f" (GGUF file {gguf_file!r})" if gguf_file
-                                                                      else "")
+        raise ValueError(f"could not load model {shown(str(name_or_path))}" + (
+                             f" (GGUF file {shown(gguf_file)})" if gguf_file else "")
                          + f" (a local folder or Hub id is allowed): {first_line}") from error
     return model, tokenizer
 
@@ -169,7 +178,8 @@ def read_eval_texts(path: str) -> list[str]:
     from ..calibration import read_texts
 
     if not Path(path).expanduser().exists():
-        raise ValueError(f"evaluation data {path!r} does not exist; give a local .txt/.json/.jsonl file or folder")
+        raise ValueError(f"evaluation data {shown(path)} does not exist; give a local .txt/.json/.jsonl file or "
+                         "folder")
     return read_texts(str(Path(path).expanduser()))
 
 
@@ -244,7 +254,7 @@ def check_calibration_path(calibration) -> None:
     from ..calibration import missing_path
 
     if missing_path(calibration):
-        raise ValueError(f"--calibration {calibration!r} does not exist; give a text/JSON file or folder, "
+        raise ValueError(f"--calibration {shown(calibration)} does not exist; give a text/JSON file or folder, "
                          "or a Hugging Face dataset name")
 
 
@@ -256,12 +266,43 @@ def add_perplexity_arguments(parser: argparse.ArgumentParser, required: bool = F
                             help="held-out text file or folder for perplexity")
     evaluation.add_argument("--eval-sequence-length", type=positive_int, default=None,
                             help="perplexity window (default 2048, or the model's context if shorter)")
-    evaluation.add_argument("--eval-max-windows", type=positive_int, default=None,
-                            help="evaluate on at most N windows")
+    evaluation.add_argument("--max-windows", dest="eval_max_windows", type=positive_int, default=None, metavar="N",
+                            help="evaluate on at most N windows (as `hf-sparse eval --max-windows`)")
+    # The first spelling, kept working but hidden: it says the same as --max-windows.
+    evaluation.add_argument("--eval-max-windows", dest="eval_max_windows", type=positive_int, default=None,
+                            action=_DeprecatedAlias, new_flag="--max-windows", help=argparse.SUPPRESS)
     evaluation.add_argument("--eval-batch-size", type=positive_int, default=8,
                             help="windows per forward pass (default 8)")
     if not required:
         evaluation.add_argument("--no-eval", action="store_true", help="skip perplexity even if --eval-data is given")
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An option kept under an old name: stores like the new one and says once, on stderr, which name to use."""
+
+    def __init__(self, *args, new_flag: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new_flag = new_flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{PROG}: {option_string} is deprecated; use {self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def check_calibration_given(methods: Sequence[str], calibration, profile: Any = "uniform") -> None:
+    """Refuse, before loading, a method (or the owl profile) that needs calibration data when ``--calibration`` is
+    missing: the library's own error names ``SparsityConfig(calibration=...)``, the command's names the flag."""
+    if calibration:
+        return
+    from ..methods import get_method_class
+
+    needing = [method for method in methods if get_method_class(method).needs_calibration]
+    if needing:
+        raise ValueError(f"method {needing[0]!r} needs calibration data: give --calibration FILE_OR_FOLDER (a "
+                         "text/JSON file or folder, or a Hugging Face dataset name)")
+    if profile == "owl":
+        raise ValueError("--sparsity-profile owl needs calibration data (Wanda scores of the dense model): give "
+                         "--calibration FILE_OR_FOLDER")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,7 +315,8 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--output", required=True, metavar="DIR",
                      help="folder for the checkpoint (must not exist); it appears only once it is complete")
     out.add_argument("--overwrite", action="store_true",
-                     help="replace --output if it is a checkpoint (has config.json), only once the new one is complete")
+                     help="replace --output if it is a checkpoint (a model config.json and weights, nothing else), "
+                          "only once the new one is complete; never the input model")
     group = parser.add_argument_group("model card and Hub")
     group.add_argument("--model-card", action=argparse.BooleanOptionalAction, default=True,
                        help="write README.md, a model card generated from the sparsity record (default: on)")
@@ -287,13 +329,15 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_output(args: argparse.Namespace) -> Path:
-    """Everything about the output that can be refused before a long load: the folder, the Hub id."""
-    from ..saving import check_destination
+    """Everything about the output that can be refused before a long load: the folder (never the input model, nor
+    inside it or around it), the Hub id."""
+    from ..saving import check_destination, check_not_the_input
 
+    check_not_the_input(args.output, args.model, label="--output", source_label="the input model")
     output = check_destination(args.output, args.overwrite, label="--output", overwrite_hint="pass --overwrite")
     repo = args.push_to_hub
     if repo and (repo.count("/") != 1 or repo.startswith(("/", ".", "~")) or repo.endswith("/")):
-        raise ValueError(f"--push-to-hub {repo!r} is not a Hub repository id; use org/name")
+        raise ValueError(f"--push-to-hub {shown(repo)} is not a Hub repository id; use org/name")
     return output
 
 
@@ -305,7 +349,7 @@ def save_output(model, tokenizer, args: argparse.Namespace, evaluation: dict[str
 
     # check_output() has refused a bad --output with the CLI's wording before the load; this re-checks.
     if args.model_card:
-        card = hub.save_with_model_card(model, tokenizer, args.output, evaluation=evaluation,
+        card = hub.save_with_model_card(model, tokenizer, args.output, evaluation=evaluation, repo_id=args.push_to_hub,
                                         base_model=args.base_model, license=args.license, overwrite=args.overwrite,
                                         compressed=getattr(args, "compressed", False))
         output = card.parent

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..errors import shown
 from .common import (add_model_arguments, default_eval_length, evaluation_entry, load_model_and_tokenizer,
                      positive_int, print_table, read_eval_texts)
 
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _task_list(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     if not tasks:
-        raise argparse.ArgumentTypeError(f"--tasks {text!r} is empty; give comma-separated lm-eval task names")
+        raise argparse.ArgumentTypeError(f"--tasks {shown(text)} is empty; give comma-separated lm-eval task names")
     return tasks
 
 
@@ -52,7 +53,8 @@ def _limit(text: str) -> int | float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a document count or a fraction") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number; give a document count or a "
+                                         "fraction") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not allowed; a positive count or a fraction in (0, 1)")
     return int(value) if value >= 1 and value.is_integer() else value
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot {args.num_fewshot} is not allowed; 0 or more examples")
     if args.update_card and not Path(args.model).expanduser().is_dir():
-        raise ValueError(f"--update-card needs a local checkpoint folder; {args.model!r} is not one")
+        raise ValueError(f"--update-card needs a local checkpoint folder; {shown(args.model)} is not one")
     texts = read_eval_texts(args.data) if args.data else None
     if args.tasks:
         from ..evaluation.zero_shot import check_available
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, gguf_file=args.gguf_file)
     record = read_record(model)
     if args.update_card and record is None:
-        raise ValueError(f"--update-card: {args.model!r} has no sparsity record (not pruned by hf_sparse)")
+        raise ValueError(f"--update-card: {shown(args.model)} has no sparsity record (not pruned by hf_sparse)")
     rows = [("model", str(args.model) + (f" ({args.gguf_file})" if args.gguf_file else "")),
             ("sparsity", f"{record.overall_sparsity:.4f} ({record.method}, {record.pattern})" if record else "dense")]
     result: dict[str, Any] = {}

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import shown
 from .common import (add_calibration_arguments, add_model_arguments, add_output_arguments, add_perplexity_arguments,
-                     add_selection_arguments, check_calibration_path, check_output, default_eval_length,
-                     evaluation_entry, format_bytes, load_model_and_tokenizer, parse_profile_option,
-                     parse_sparsity_profile, peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
+                     add_selection_arguments, check_calibration_given, check_calibration_path, check_output,
+                     default_eval_length, evaluation_entry, format_bytes, load_model_and_tokenizer,
+                     parse_profile_option, parse_sparsity_profile, peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
 
 HELP = "prune a model and save it (with perplexity before/after, if --eval-data is given)"
 DESCRIPTION = ("Load MODEL (local folder or Hub id), prune it with hf_sparse.prune, measure perplexity before and "
@@ -108,8 +109,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Everything that can be checked without the model is checked before a possibly long load.
     config = sparsity_config(args)
+    check_calibration_given([config.method], args.calibration, config.sparsity_profile)
     if args.target_data is not None and not Path(args.target_data).expanduser().exists():
-        raise ValueError(f"--target-data {args.target_data!r} does not exist; give a text/JSON file or folder")
+        raise ValueError(f"--target-data {shown(args.target_data)} does not exist; give a text/JSON file or folder")
     check_output(args)
     # Under torchrun/accelerate launch every process prunes its share of the blocks; one of them (the main process)
     # evaluates, writes the output and prints, the others stop once the pruned weights are shared.
