@@ -191,6 +191,18 @@ def default_eval_length(model, requested: int | None) -> int:
     return min(2048, context) if context else 2048
 
 
+def check_eval_length(model, length: int, flag: str) -> None:
+    """Refuse a perplexity window the model cannot score meaningfully (beyond its context, or under 2 tokens), naming
+    the command's flag, before any time is spent."""
+    from ..evaluation.perplexity import model_context
+
+    context = model_context(model)
+    if length < 2 or (context is not None and length > context):
+        allowed = f"2..{context}" if context is not None else "2 or more"
+        why = f"longer than the model's context of {context} tokens" if length >= 2 else "too short to score a token"
+        raise ValueError(f"{flag} {length} is {why}; allowed: {allowed}")
+
+
 def evaluation_entry(perplexities: dict[str, float], data: str, sequence_length: int,
                      max_windows: int | None) -> dict[str, Any]:
     """The record's ``evaluation`` keys for perplexities measured by a command (``{"pruned": 62.1}`` ->

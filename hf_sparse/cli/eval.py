@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import shown
-from .common import (add_model_arguments, default_eval_length, evaluation_entry, load_model_and_tokenizer,
-                     positive_int, print_table, read_eval_texts)
+from .common import (add_model_arguments, check_eval_length, default_eval_length, evaluation_entry,
+                     load_model_and_tokenizer, positive_int, print_table, read_eval_texts)
 
 HELP = "perplexity on held-out text and zero-shot accuracy on lm-eval-harness tasks"
 DESCRIPTION = ("Print the perplexity of MODEL_OR_DIR on --data (non-overlapping windows unless --stride is smaller "
@@ -60,6 +60,20 @@ def _limit(text: str) -> int | float:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
+def _is_compact(folder: str) -> bool:
+    """Whether a local checkpoint folder is in compact storage (its config.json says so)."""
+    import json
+
+    from ..formats.compact import STORAGE_FORMAT
+
+    try:
+        config = json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == STORAGE_FORMAT
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse eval``; returns the numbers and settings it printed."""
     from ..evaluation import perplexity
@@ -87,6 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stage = ("recovered" if record.recovery else "pruned") if record else "dense"
     if texts is not None:
         length = default_eval_length(model, args.sequence_length)
+        check_eval_length(model, length, "--sequence-length")
         if args.stride is not None and args.stride > length:
             raise ValueError(f"--stride {args.stride} is larger than the sequence length {length}; "
                              f"allowed: 1..{length}")
@@ -116,6 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.update_card:
         from ..integrations import hub
 
-        card = hub.save_with_model_card(model, tokenizer, args.model, evaluation=evaluation, overwrite=True)
+        # A compact checkpoint stays compact (with its storage entry); a dense one stays dense.
+        card = hub.save_with_model_card(model, tokenizer, args.model, evaluation=evaluation, overwrite=True,
+                                        compressed=_is_compact(args.model))
         print(f"updated {card.parent} (record and {card.name})")
     return result

@@ -9,7 +9,8 @@ from typing import Any
 
 from ..errors import shown
 from .common import (add_calibration_arguments, add_model_arguments, add_output_arguments, add_perplexity_arguments,
-                     add_selection_arguments, check_calibration_given, check_calibration_path, check_output,
+                     add_selection_arguments, check_calibration_given, check_calibration_path, check_eval_length,
+                     check_output,
                      default_eval_length, evaluation_entry, format_bytes, load_model_and_tokenizer,
                      parse_profile_option, parse_sparsity_profile, peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
 
@@ -125,6 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, gguf_file=args.gguf_file)
     config.tokenizer = tokenizer
     eval_length = default_eval_length(model, args.eval_sequence_length)
+    if evaluate:
+        check_eval_length(model, eval_length, "--eval-sequence-length")
 
     def measure() -> float:
         return perplexity(model, tokenizer, eval_texts, sequence_length=eval_length,

@@ -7,8 +7,8 @@ from typing import Any
 
 from ..errors import shown
 from .common import (add_calibration_arguments, add_model_arguments, add_perplexity_arguments,
-                     add_selection_arguments, check_calibration_given, default_eval_length, load_model_and_tokenizer,
-                     read_eval_texts)
+                     add_selection_arguments, check_calibration_given, check_eval_length, default_eval_length,
+                     load_model_and_tokenizer, read_eval_texts)
 
 HELP = "prune at many methods and sparsities, evaluate each; a table, results.csv and a plot (resumable)"
 DESCRIPTION = ("Prune MODEL once per setting (every method of --methods at every level of --sparsities, plus one "
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     texts = read_eval_texts(args.eval_data)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, gguf_file=args.gguf_file)
     base.tokenizer = tokenizer
+    check_eval_length(model, default_eval_length(model, args.eval_sequence_length), "--eval-sequence-length")
     plot = not args.no_plot and plots_available()
     points = run_sweep(model, tokenizer, base, args.methods, args.sparsities, texts, args.output,
                        patterns=args.patterns, eval_sequence_length=default_eval_length(model, args.eval_sequence_length),

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..record import RECORD_KEY, SparsityRecord
-from ..saving import atomic_directory
+from ..saving import atomic_directory, check_not_the_input
 from .guard import add_guard, strip_guard
 from .compact import (
     STORAGE_FORMAT, VALUES, StorageSummary, compress_entry, compressed_groups, decompress_weight, module_patterns,
@@ -107,6 +107,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     0.62
     """
     source = Path(input_dir)
+    check_not_the_input(output_dir, source)
     config = _read_json(source / CONFIG_NAME)
     if _is_compressed(config):
         raise ValueError(f"{str(source)!r} is already in compact storage ({STORAGE_FORMAT})")
@@ -144,6 +145,7 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
     >>> decompress_checkpoint("pruned-compact", "pruned-dense")  # doctest: +SKIP
     """
     source = Path(input_dir)
+    check_not_the_input(output_dir, source)
     config = _read_json(source / CONFIG_NAME)
     if not _is_compressed(config):
         raise ValueError(f"{str(source)!r} is not in compact storage: its config.json has no quantization_config "
