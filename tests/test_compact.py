@@ -358,8 +358,9 @@ def test_compress_checkpoint_matches_save_pretrained_and_decompress_inverts_it(s
     ours, theirs = _tensors(tmp_path / "c"), _tensors(root / "compact")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (tmp_path / "c" / "generation_config.json").exists()
-    guards = [{key: json.loads((folder / "config.json").read_text())[key]
-               for key in ("model_type", "hf_sparse_original_model_type")} for folder in (tmp_path / "c", root / "compact")]
+    keys = ("model_type", "hf_sparse_original_model_type")
+    guards = [{key: json.loads((folder / "config.json").read_text())[key] for key in keys}
+              for folder in (tmp_path / "c", root / "compact")]
     assert guards[0] == guards[1] == {"model_type": "hf_sparse_compact", "hf_sparse_original_model_type": "llama"}
     for source in ("compact", "sharded"):
         decompress_checkpoint(root / source, tmp_path / f"d-{source}", show_progress=False)

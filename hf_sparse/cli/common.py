@@ -180,7 +180,10 @@ def read_eval_texts(path: str) -> list[str]:
     if not Path(path).expanduser().exists():
         raise ValueError(f"evaluation data {shown(path)} does not exist; give a local .txt/.json/.jsonl file or "
                          "folder")
-    return read_texts(str(Path(path).expanduser()))
+    try:
+        return read_texts(str(Path(path).expanduser()))
+    except ValueError as error:  # the reader is calibration's: say which data it was
+        raise ValueError(f"evaluation data: {str(error).replace('calibration ', '', 1)}") from None
 
 
 def default_eval_length(model, requested: int | None) -> int:
@@ -255,10 +258,27 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, mix: bool = False
     calib.add_argument("--calibration-column", default="text", help="text column of a dataset/JSON (default text)")
     calib.add_argument("--calibration-subset", default=None, help="dataset configuration name")
     calib.add_argument("--num-samples", type=positive_int, default=128, help="calibration sequences (default 128)")
-    calib.add_argument("--sequence-length", type=positive_int, default=2048,
-                       help="tokens per calibration sequence (default 2048)")
+    calib.add_argument("--sequence-length", type=positive_int, default=None,
+                       help="tokens per calibration sequence (default 2048, or the model's context if shorter)")
     calib.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)")
     calib.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+
+
+def default_calibration_length(args: argparse.Namespace) -> int:
+    """``--sequence-length``, or 2048 capped at the model's context read from its ``config.json`` (without loading
+    the weights); a model whose config cannot be read here gets 2048 and is checked when it loads."""
+    if args.sequence_length is not None:
+        return args.sequence_length
+    if getattr(args, "gguf_file", None):
+        return 2048
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError):
+        return 2048
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return min(2048, context) if isinstance(context, int) and context > 0 else 2048
 
 
 def check_calibration_path(calibration) -> None:

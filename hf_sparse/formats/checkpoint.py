@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..errors import shown
 from ..record import RECORD_KEY, SparsityRecord
 from ..saving import atomic_directory, check_not_the_input
 from .guard import add_guard, strip_guard
@@ -41,8 +42,10 @@ INDEX_NAME = "model.safetensors.index.json"
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{str(path)!r} does not exist: a checkpoint folder with {path.name} is needed") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"{shown(str(path))} does not exist: a checkpoint folder with {path.name} is needed") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{shown(str(path))} is not valid JSON ({error})") from None
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
