@@ -43,6 +43,8 @@ def load() -> None:
     >>> load(); hasattr(load, "__call__") and "prune" in globals()
     True
     """
+    if "prune" in globals():
+        return
     _api = _importlib.import_module(f"{__name__}._api")
     globals().update({name: getattr(_api, name) for name in _api.__all__})
 

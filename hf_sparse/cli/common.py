@@ -194,6 +194,12 @@ def default_eval_length(model, requested: int | None) -> int:
     return min(2048, context) if context else 2048
 
 
+def check_eval_length_given(length: int | None, flag: str) -> None:
+    """What can be refused of a perplexity window before the model loads: fewer than 2 tokens score nothing."""
+    if length is not None and length < 2:
+        raise ValueError(f"{flag} {length} is too short to score a token; allowed: 2 up to the model's context")
+
+
 def check_eval_length(model, length: int, flag: str) -> None:
     """Refuse a perplexity window the model cannot score meaningfully (beyond its context, or under 2 tokens), naming
     the command's flag, before any time is spent."""
@@ -365,7 +371,9 @@ def check_output(args: argparse.Namespace) -> Path:
     inside it or around it), the Hub id."""
     from ..saving import check_destination, check_not_the_input
 
-    check_not_the_input(args.output, args.model, label="--output", source_label="the input model")
+    gguf_file = getattr(args, "gguf_file", None)
+    source = Path(args.model).expanduser() / gguf_file if gguf_file else args.model  # a GGUF input is one file
+    check_not_the_input(args.output, source, label="--output", source_label="the input model")
     output = check_destination(args.output, args.overwrite, label="--output", overwrite_hint="pass --overwrite")
     repo = args.push_to_hub
     if repo and (repo.count("/") != 1 or repo.startswith(("/", ".", "~")) or repo.endswith("/")):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import shown
-from .common import (add_model_arguments, check_eval_length, default_eval_length, evaluation_entry,
+from .common import (add_model_arguments, check_eval_length, check_eval_length_given, default_eval_length, evaluation_entry,
                      load_model_and_tokenizer, positive_int, print_table, read_eval_texts)
 
 HELP = "perplexity on held-out text and zero-shot accuracy on lm-eval-harness tasks"
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--num-fewshot {args.num_fewshot} is not allowed; 0 or more examples")
     if args.update_card and not Path(args.model).expanduser().is_dir():
         raise ValueError(f"--update-card needs a local checkpoint folder; {shown(args.model)} is not one")
+    check_eval_length_given(args.sequence_length, "--sequence-length")
     texts = read_eval_texts(args.data) if args.data else None
     if args.tasks:
         from ..evaluation.zero_shot import check_available

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import shown
 from .common import (add_calibration_arguments, add_model_arguments, add_output_arguments, add_perplexity_arguments,
                      add_selection_arguments, check_calibration_given, check_calibration_path, check_eval_length,
-                     check_output, default_calibration_length, default_eval_length, evaluation_entry, format_bytes,
+                     check_eval_length_given, check_output, default_calibration_length, default_eval_length, evaluation_entry, format_bytes,
                      load_model_and_tokenizer, parse_profile_option, parse_sparsity_profile, peak_rss_bytes,
                      positive_int, print_table, read_eval_texts, save_output)
 
@@ -103,6 +103,13 @@ def check_profile_before_loading(args: argparse.Namespace, config) -> None:
     check_plan_before_loading(skeleton, config)
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no such file either way
+        return False
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse prune``; returns the numbers it printed."""
     import torch
@@ -117,8 +124,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.compressed and config.parsed_pattern.is_structured:
         raise ValueError("--compressed stores the zeros of pruned linears compactly; --pattern structured makes the "
                          "matrices smaller instead, so there is nothing to compress: drop --compressed")
-    if args.target_data is not None and not Path(args.target_data).expanduser().exists():
+    if args.target_data is not None and not _exists(args.target_data):
         raise ValueError(f"--target-data {shown(args.target_data)} does not exist; give a text/JSON file or folder")
+    check_eval_length_given(args.eval_sequence_length, "--eval-sequence-length")
     check_output(args)
     # Under torchrun/accelerate launch every process prunes its share of the blocks; one of them (the main process)
     # evaluates, writes the output and prints, the others stop once the pruned weights are shared.

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import shown
 from ..record import RECORD_KEY, SparsityRecord
-from ..saving import atomic_directory, check_not_the_input
+from ..saving import atomic_directory, check_destination, check_not_the_input
 from .guard import add_guard, strip_guard
 from .compact import (
     STORAGE_FORMAT, VALUES, StorageSummary, compress_entry, compressed_groups, decompress_weight, module_patterns,
@@ -111,6 +111,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     """
     source = Path(input_dir)
     check_not_the_input(output_dir, source)
+    check_destination(output_dir, overwrite)  # an empty name, an existing folder: refused before any reading
     config = _read_json(source / CONFIG_NAME)
     if _is_compressed(config):
         raise ValueError(f"{str(source)!r} is already in compact storage ({STORAGE_FORMAT})")
@@ -149,6 +150,7 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
     """
     source = Path(input_dir)
     check_not_the_input(output_dir, source)
+    check_destination(output_dir, overwrite)  # an empty name, an existing folder: refused before any reading
     config = _read_json(source / CONFIG_NAME)
     if not _is_compressed(config):
         raise ValueError(f"{str(source)!r} is not in compact storage: its config.json has no quantization_config "
