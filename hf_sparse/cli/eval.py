@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import shown
-from .common import (add_model_arguments, check_eval_length, check_eval_length_given, default_eval_length, evaluation_entry,
-                     load_model_and_tokenizer, positive_int, print_table, read_eval_texts)
+from .common import (add_model_arguments, check_eval_length, check_eval_length_given, default_eval_length,
+                     evaluation_entry, load_model_and_tokenizer, positive_int, print_table, read_eval_texts)
 
 HELP = "perplexity on held-out text and zero-shot accuracy on lm-eval-harness tasks"
 DESCRIPTION = ("Print the perplexity of MODEL_OR_DIR on --data (non-overlapping windows unless --stride is smaller "

@@ -10,9 +10,9 @@ from typing import Any
 from ..errors import shown
 from .common import (add_calibration_arguments, add_model_arguments, add_output_arguments, add_perplexity_arguments,
                      add_selection_arguments, check_calibration_given, check_calibration_path, check_eval_length,
-                     check_eval_length_given, check_output, default_calibration_length, default_eval_length, evaluation_entry, format_bytes,
-                     load_model_and_tokenizer, parse_profile_option, parse_sparsity_profile, peak_rss_bytes,
-                     positive_int, print_table, read_eval_texts, save_output)
+                     check_eval_length_given, check_output, default_calibration_length, default_eval_length,
+                     evaluation_entry, format_bytes, load_model_and_tokenizer, parse_profile_option,
+                     parse_sparsity_profile, peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
 
 HELP = "prune a model and save it (with perplexity before/after, if --eval-data is given)"
 DESCRIPTION = ("Load MODEL (local folder or Hub id), prune it with hf_sparse.prune, measure perplexity before and "
