@@ -91,7 +91,7 @@ def test_bench_runs_through_the_cli(capsys):
     assert run(["bench", DEMO_MODEL, "--prompt-length", 8, "--new-tokens", 2, "--runs", 1, "--warmup", 0,
                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["settings"]["dtype"] == "auto" and list(report["results"]) == ["llama-7m-books-fp16"]
+    assert report["settings"]["dtype"] == "float16" and list(report["results"]) == ["llama-7m-books-fp16"]
 
 
 def test_recover_runs_through_the_cli(tiny_dir, tmp_path):

@@ -46,5 +46,5 @@ def run(args: argparse.Namespace) -> None:
     from ..formats import checkpoint_bytes, compress_checkpoint
 
     check_folders(args)
-    summary = compress_checkpoint(args.input, args.output, overwrite=args.overwrite)
+    summary = compress_checkpoint(args.input, args.output, overwrite=args.overwrite, show_progress=not args.quiet)
     print_sizes(summary, (checkpoint_bytes(args.input), checkpoint_bytes(args.output)))

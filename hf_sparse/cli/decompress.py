@@ -20,5 +20,6 @@ def run(args: argparse.Namespace) -> None:
     from ..formats import checkpoint_bytes, decompress_checkpoint
 
     check_folders(args)
-    summary = decompress_checkpoint(args.input, args.output, overwrite=args.overwrite)
+    summary = decompress_checkpoint(args.input, args.output, overwrite=args.overwrite,
+                                    show_progress=not args.quiet)
     print_sizes(summary, (checkpoint_bytes(args.input), checkpoint_bytes(args.output)))
