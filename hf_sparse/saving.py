@@ -265,10 +265,10 @@ def check_not_the_input(output: str | os.PathLike, source: str | os.PathLike, *,
     """Refuse an output that is the input folder, inside it, or holds it (links and relative paths resolved): writing
     there would replace or nest into what is being read.
 
-    >>> check_not_the_input("pruned", "pruned")
+    >>> check_not_the_input("./", ".")
     Traceback (most recent call last):
     ...
-    ValueError: output 'pruned' is the input 'pruned' itself; choose another folder
+    ValueError: output './' is the input '.' itself; choose another folder
     """
     if not str(output).strip() or not str(source).strip():
         return
