@@ -450,6 +450,8 @@ def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path, monkeypatch
     (["eval", "MODEL", "--data", HELDOUT, "--sequence-length", 1], "--sequence-length 1 is too short"),
     (["compress", "AFILE", "OUT"], "does not exist: a checkpoint folder with config.json is needed"),
     (["sweep", "MODEL", "--methods", "magnitude", "--eval-data", HELDOUT, "--output", "AFILE"], "is a file"),
+    (["prune", "AFILE", "--method", "magnitude"], "is a file; give the checkpoint folder"),
+    (["eval", "AFILE", "--data", HELDOUT], "is a file; give the checkpoint folder"),
 ])
 def test_bad_input_is_refused_before_loading_in_one_line(tmp_path, monkeypatch, capsys, argv, fragment):
     from transformers import PreTrainedModel
@@ -477,3 +479,19 @@ def test_calibration_length_defaults_to_the_models_context(tmp_path):
                 "--output", output]) == 0
     record = json.loads((output / "config.json").read_text())["sparsity_config"]
     assert record["calibration"]["sequence_length"] == 1024
+
+
+def test_a_failed_push_keeps_the_saved_copy_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from hf_sparse.integrations import hub
+
+    def offline(folder, repo, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(hub, "upload_folder", offline)
+    output = tmp_path / "pruned"
+    assert run(["prune", DEMO_MODEL, "--method", "magnitude", "--push-to-hub", "me/pruned", "--output", output]) == 2
+    err = capsys.readouterr().err
+    assert _error_lines(err) == [f"hf-sparse prune: error: OSError: saved to {output}, but pushing it to 'me/pruned' "
+                                 "failed (ConnectionError: '[Errno -2] Name or service not known'); push the folder "
+                                 "again with huggingface-cli upload"]
+    assert "Traceback" not in err and (output / "model.safetensors").exists()

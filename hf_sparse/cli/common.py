@@ -155,13 +155,18 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", gguf_fil
 
     from ..saving import finish_interrupted_save
 
+    if not str(name_or_path).strip():
+        raise ValueError("the model is empty; give a local checkpoint folder or a Hub id")
+    if Path(name_or_path).expanduser().is_file():
+        raise ValueError(f"model {shown(str(name_or_path))} is a file; give the checkpoint folder (or a Hub id)"
+                         + ("" if gguf_file else ", and --gguf-file NAME for a GGUF file in it"))
     if not str(name_or_path).startswith(("http://", "https://")):
         finish_interrupted_save(name_or_path)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype(dtype, gguf_file), **extra)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
-    except OSError as error:  # transformers reports a missing folder / unknown Hub id / no network as OSError
+    except (OSError, ValueError) as error:  # a missing folder, an unknown Hub id, no network, a folder of no model
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"could not load model {shown(str(name_or_path))}" + (
                              f" (GGUF file {shown(gguf_file)})" if gguf_file else "")
@@ -397,5 +402,10 @@ def save_output(model, tokenizer, args: argparse.Namespace, evaluation: dict[str
         output = save_checkpoint(model, tokenizer, args.output, evaluation=evaluation, overwrite=args.overwrite,
                                  compressed=getattr(args, "compressed", False))
     if args.push_to_hub:
-        hub.upload_folder(output, args.push_to_hub, private=args.private or None)
+        try:
+            hub.upload_folder(output, args.push_to_hub, private=args.private or None)
+        except Exception as error:  # noqa: BLE001 - any network or Hub failure: the saved copy is what matters
+            text = " ".join(str(error).split()) or type(error).__name__
+            raise OSError(f"saved to {output}, but pushing it to {args.push_to_hub!r} failed ({type(error).__name__}: "
+                          f"{shown(text, 200)}); push the folder again with huggingface-cli upload") from error
     return output
