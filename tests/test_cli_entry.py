@@ -142,7 +142,7 @@ def test_dtype_option_overrides_the_checkpoints(tmp_path):
 # Start-up: --help and argument errors import neither torch nor transformers
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["prune", "--help"], ["prune", "--no-such-option"], ["eval"],
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["prune", "--help"], ["prune", "--no-such-option"], ["eval"],
                                   ["sweep", "M", "--sparsities", "2", "--eval-data", "x", "--output", "o"]])
 def test_help_and_argument_errors_do_not_import_torch(argv):
     # `python -X importtime -m hf_sparse ...` lists every module it imported: the real start of the command.
@@ -151,6 +151,16 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
     assert done.returncode in (0, 2), done.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
     assert "argparse" in imported and not imported & {"torch", "transformers", "safetensors"}, sorted(imported)[:50]
+
+
+def test_the_complete_parser_is_there_for_documentation():
+    """main() adds a subcommand's options only when it is used; build_parser() gives every one (docs, completion)."""
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert sorted(commands) == sorted(cli.COMMANDS)
+    options = {name: {s for action in sub._actions for s in action.option_strings} for name, sub in commands.items()}
+    assert {"--max-windows", "--calibration", "--dtype", "--threads", "--quiet"} <= options["prune"]
+    assert {"--rank", "--threads"} <= options["recover"] and "--overwrite" in options["decompress"]
 
 
 def test_the_command_in_a_subprocess_prunes_and_keeps_float16(tmp_path):
