@@ -411,9 +411,13 @@ def atomic_write_file(path: str | os.PathLike, content: str | bytes) -> Path:
 
 
 @contextlib.contextmanager
-def _disk_errors() -> Iterator[None]:
+def disk_errors() -> Iterator[None]:
     """safetensors reports a failed write (a full disk) as its own ``SafetensorError`` with a Rust ``IoError`` in the
-    text; it becomes the ``OSError`` it is, with the one line that matters."""
+    text; inside this block it becomes the ``OSError`` it is, with the one line that matters.
+
+    >>> with disk_errors():  # doctest: +SKIP
+    ...     safetensors.torch.save_file(tensors, "model.safetensors")
+    """
     try:
         yield
     except Exception as error:
@@ -447,7 +451,7 @@ def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, ov
     if evaluation:
         merge_evaluation(model, evaluation)
     files = dict(extra_files()) if extra_files is not None else {}
-    with atomic_directory(output, overwrite) as tmp, _disk_errors():
+    with atomic_directory(output, overwrite) as tmp, disk_errors():
         model.save_pretrained(tmp, **({"compressed": True} if compressed else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -461,4 +465,4 @@ def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, ov
 
 
 __all__ = ["CHECKPOINT_MARKER", "WRITER_MARKER", "atomic_directory", "atomic_write_file", "check_destination",
-           "check_not_the_input", "finish_interrupted_save", "is_checkpoint", "save_checkpoint"]
+           "check_not_the_input", "disk_errors", "finish_interrupted_save", "is_checkpoint", "save_checkpoint"]

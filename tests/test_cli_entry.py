@@ -414,6 +414,22 @@ def test_a_full_disk_in_safetensors_is_one_line(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_while_compressing_is_one_line(compact_dir, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from hf_sparse.formats import checkpoint
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    assert run(["decompress", compact_dir, tmp_path / "dense"]) == 2
+    assert _error_lines(capsys.readouterr().err) == [
+        "hf-sparse decompress: error: OSError: [Errno 28] No space left on device (while writing the weights)"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_any_safetensors_error_is_one_line(compact_dir, tmp_path, monkeypatch, capsys):
     from safetensors import SafetensorError
 

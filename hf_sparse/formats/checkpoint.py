@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import shown
 from ..record import RECORD_KEY, SparsityRecord
-from ..saving import atomic_directory, check_destination, check_not_the_input
+from ..saving import atomic_directory, check_destination, check_not_the_input, disk_errors
 from .guard import add_guard, strip_guard
 from .compact import (
     STORAGE_FORMAT, VALUES, StorageSummary, compress_entry, compressed_groups, decompress_weight, module_patterns,
@@ -86,7 +86,8 @@ def _copy_other_files(source: Path, target: Path, written: set[str]) -> None:
 
 
 def _write_shard(tensors: dict, path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    with disk_errors():  # a full disk is an OSError, as for every other file
+        save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _finish(source: Path, target: Path, config: dict, files: list[str], index: dict | None,
