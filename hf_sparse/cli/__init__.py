@@ -140,16 +140,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(lazy=True).parse_args(argv)
-    # Only now, with valid arguments, the package's public API and its transformers hooks (see hf_sparse.load).
-    from .. import load
-
-    load()
-    _configure_logging(args.verbose, getattr(args, "quiet", False))
     try:
+        # Only now, with valid arguments, the package's public API and its transformers hooks (see hf_sparse.load).
+        from .. import load
+
+        load()
+        _configure_logging(args.verbose, getattr(args, "quiet", False))
         apply_threads(args)
         args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing half-written is left behind
-        print(f"{PROG} {args.command}: interrupted; no output was written unless it said so", file=sys.stderr)
+        print(f"{PROG} {args.command}: interrupted; an output folder is written whole or not at all (a sweep keeps "
+              "the points it finished)", file=sys.stderr)
         return 130
     except (ValueError, ImportError) as error:  # bad input; an optional extra that is not installed (lm-eval, ...)
         return _fail(args.command, _one_line(error))
