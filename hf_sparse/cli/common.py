@@ -168,9 +168,11 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", gguf_fil
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     except (OSError, ValueError) as error:  # a missing folder, an unknown Hub id, no network, a folder of no model
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"could not load model {shown(str(name_or_path))}" + (
-                             f" (GGUF file {shown(gguf_file)})" if gguf_file else "")
-                         + f" (a local folder or Hub id is allowed): {first_line}") from error
+        where = f"could not load model {shown(str(name_or_path))}" + (
+            f" (GGUF file {shown(gguf_file)})" if gguf_file else "")
+        if isinstance(error, OSError):  # transformers' words for "not found"
+            where += " (a local folder or Hub id is allowed)"
+        raise ValueError(f"{where}: {first_line}") from error
     return model, tokenizer
 
 
