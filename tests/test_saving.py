@@ -269,3 +269,12 @@ def test_safetensors_full_disk_becomes_one_oserror(pruned, tmp_path, monkeypatch
     with pytest.raises(OSError, match=r"^\[Errno 28\] No space left on device \(while writing the weights\)$"):
         save_checkpoint(pruned, None, tmp_path / "out")
     assert _names(tmp_path) == []
+
+
+def test_overwrite_never_follows_a_link_to_a_checkpoint(pruned, tmp_path):
+    real = _old_checkpoint(tmp_path / "real")
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(ValueError, match=r"is not a checkpoint folder \(it is a symbolic link\)"):
+        save_checkpoint(pruned, None, tmp_path / "link", overwrite=True)
+    assert (real / "config.json").read_text() == '{"model_type": "llama", "run": "old"}'
+    assert (tmp_path / "link").is_symlink()
