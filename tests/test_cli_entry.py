@@ -478,6 +478,7 @@ def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path, monkeypatch
     (["sweep", "MODEL", "--methods", "magnitude", "--eval-data", HELDOUT, "--output", "AFILE"], "is a file"),
     (["prune", "AFILE", "--method", "magnitude"], "is a file; give the checkpoint folder"),
     (["eval", "AFILE", "--data", HELDOUT], "is a file; give the checkpoint folder"),
+    (["eval", "MODEL", "--data", HELDOUT, "--gguf-file", "x.gguf"], "--gguf-file 'x.gguf' is not a file in"),
 ])
 def test_bad_input_is_refused_before_loading_in_one_line(tmp_path, monkeypatch, capsys, argv, fragment):
     from transformers import PreTrainedModel

@@ -160,6 +160,11 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", gguf_fil
     if Path(name_or_path).expanduser().is_file():
         raise ValueError(f"model {shown(str(name_or_path))} is a file; give the checkpoint folder (or a Hub id)"
                          + ("" if gguf_file else ", and --gguf-file NAME for a GGUF file in it"))
+    folder = Path(name_or_path).expanduser()
+    if gguf_file and folder.is_dir() and not (folder / gguf_file).is_file():
+        found = sorted(path.name for path in folder.glob("*.gguf"))[:5]
+        raise ValueError(f"--gguf-file {shown(gguf_file)} is not a file in {shown(str(name_or_path))}"
+                         + (f"; GGUF files there: {found}" if found else "; the folder holds no .gguf file"))
     if not str(name_or_path).startswith(("http://", "https://")):
         finish_interrupted_save(name_or_path)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
