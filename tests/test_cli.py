@@ -306,7 +306,11 @@ def test_gguf_file_reaches_from_pretrained_for_model_and_tokenizer(tiny_dir, tmp
     argv = (["prune", tiny_dir, "--method", "magnitude", "--no-model-card", "--output", tmp_path / "out"]
             if command == "prune" else ["eval", tiny_dir, "--data", HELDOUT, "--sequence-length", 16,
                                         "--max-windows", 1])
-    assert run([*argv, "--gguf-file", "tiny.Q4_1.gguf", "--threads", 1]) == 0
+    (tiny_dir / "tiny.Q4_1.gguf").touch()  # the file must exist in a local folder; the spy never reads it
+    try:
+        assert run([*argv, "--gguf-file", "tiny.Q4_1.gguf", "--threads", 1]) == 0
+    finally:
+        (tiny_dir / "tiny.Q4_1.gguf").unlink()
     assert calls[:2] == [("model", str(tiny_dir), "tiny.Q4_1.gguf"), ("tokenizer", str(tiny_dir), "tiny.Q4_1.gguf")]
 
 
