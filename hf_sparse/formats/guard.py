@@ -51,13 +51,6 @@ def guarded_method(config: dict[str, Any]) -> str | None:
     return method if method in GUARDED_TYPES else None
 
 
-def is_guarded(config: dict[str, Any]) -> bool:
-    """Whether a ``config.json`` dictionary carries hf_sparse's own ``model_type`` (or the first guard)."""
-    labels = config.get(LABELS_KEY)
-    return config.get("model_type") in GUARDED_TYPES.values() or (
-        isinstance(labels, dict) and any(_is_legacy_guard(key) for key in labels))
-
-
 def add_guard(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a ``config.json`` dictionary with hf_sparse's ``model_type`` when it needs one (else unguarded)."""
     config = strip_guard(config)
