@@ -4,7 +4,7 @@
     hf_sparse.formats.decompress_checkpoint("pruned-compact/", "pruned-dense/")  # plain dense export for serving engines
 
 Both read the safetensors shards lazily, keep the shard layout (file names, ``model.safetensors.index.json``), rewrite
-``config.json`` (``quantization_config``, the record's ``storage`` entry and the loading guard of
+``config.json`` (``quantization_config``, the record's ``storage`` entry and the ``model_type`` of
 :mod:`hf_sparse.formats.guard`) and copy every other file unchanged. They
 write through :func:`hf_sparse.saving.atomic_directory` (temporary sibling, fsync, rename): complete or not at all.
 """
