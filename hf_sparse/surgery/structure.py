@@ -24,8 +24,8 @@ int64 buffers ``<block>.residual_dims.<point>`` (:mod:`.residual`), so the recor
 head count that does not divide ``hidden_size``); the config keeps the dense widths and
 carries ``quantization_config = {"quant_method": "hf_sparse_structured"}`` (and, when saved, ``model_type:
 "hf_sparse_structured"``, see :mod:`hf_sparse.formats.guard`) so that transformers without hf_sparse refuses the
-checkpoint naming that type instead of loading wrong shapes, and hf_sparse's loader shrinks the empty model to these shapes
-before any weight is read (:func:`shrink_to_structure`).
+checkpoint naming that type instead of loading wrong shapes, and hf_sparse's loader shrinks the empty model to these
+shapes before any weight is read (:func:`shrink_to_structure`).
 """
 
 from __future__ import annotations
