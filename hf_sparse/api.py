@@ -26,7 +26,7 @@ from .integrations.gguf import check_gguf_weights_dense, detach_gguf, gguf_sourc
 from .methods import build_method
 from .record import SparsityRecord, merge_records, overall_sparsity, read_record, write_record
 from .architectures import get_architecture
-from .surgery import parameters_per_block, removed_fraction, removed_per_block
+from .surgery import mark_for_loading, parameters_per_block, removed_fraction, removed_per_block
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def _prune_structured(model: nn.Module, config: SparsityConfig, method, calibrat
         structure = engine.run(model, calibration_ids, batch_size=config.batch_size).structure
     if gguf is not None:
         detach_gguf(model)  # the smaller weights are plain tensors: drop the GGUF quantizer so save_pretrained works
+        mark_for_loading(model, structure)  # detaching removed the config's quantization_config: the marker too
     profile = None
     if allocation is not None:
         achieved = removed_per_block(adapter, model, structure, dense_sizes)

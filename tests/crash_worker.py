@@ -5,7 +5,8 @@
 PHASE ``write``: writes a new checkpoint over OUTPUT with hf_sparse.saving.atomic_directory, creates READY halfway
 through the files and pauses. PHASE ``swap``: pauses right after the old checkpoint was renamed away (between the two
 renames of the swap). The test kills the process while it pauses. saving.py is loaded on its own (it needs nothing
-but the standard library), so the process starts in a fraction of a second instead of importing torch.
+but the standard library and hf_sparse.errors), so the process starts in a fraction of a second instead of importing
+torch.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import importlib.util
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_saving():
-    spec = importlib.util.spec_from_file_location("hf_sparse_saving", REPO / "hf_sparse" / "saving.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # An empty stand-in for the package, so `from .errors import shown` resolves without running hf_sparse/__init__.
+    package = types.ModuleType("hf_sparse")
+    package.__path__ = [str(REPO / "hf_sparse")]
+    sys.modules["hf_sparse"] = package
+    return importlib.import_module("hf_sparse.saving")
 
 
 def main() -> None:

@@ -170,8 +170,9 @@ def test_failed_save_leaves_no_output(tiny_dir, tmp_path, monkeypatch, overwrite
 
     output = tmp_path / "out"
     if overwrite:
-        output.mkdir()  # a previous checkpoint (only folders with config.json are ever replaced)
-        (output / "config.json").write_text("{}")
+        output.mkdir()  # a previous checkpoint (only a model config plus weights is ever replaced)
+        (output / "config.json").write_text('{"model_type": "llama"}')
+        (output / "model.safetensors").write_bytes(b"previous weights")
         (output / "keep.txt").write_text("previous run")
 
     def fail(self, *args, **kwargs):  # the model's weights are written by now; the tokenizer save crashes
@@ -183,15 +184,16 @@ def test_failed_save_leaves_no_output(tiny_dir, tmp_path, monkeypatch, overwrite
         cli.main([str(a) for a in argv])
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if overwrite else [])
     if overwrite:
-        assert sorted(p.name for p in output.iterdir()) == ["config.json", "keep.txt"]
+        assert sorted(p.name for p in output.iterdir()) == ["config.json", "keep.txt", "model.safetensors"]
 
 
 def test_atomic_output_dir_replaces_only_on_success(tmp_path):
     target = tmp_path / "ckpt"
     with atomic_directory(target) as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(".ckpt.tmp-")
-        (tmp / "config.json").write_text("1")
-    assert (target / "config.json").read_text() == "1"
+        (tmp / "config.json").write_text('{"model_type": "llama"}')
+        (tmp / "model.safetensors").write_bytes(b"1")
+    assert (target / "model.safetensors").read_bytes() == b"1"
     with atomic_directory(target, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
@@ -304,7 +306,11 @@ def test_gguf_file_reaches_from_pretrained_for_model_and_tokenizer(tiny_dir, tmp
     argv = (["prune", tiny_dir, "--method", "magnitude", "--no-model-card", "--output", tmp_path / "out"]
             if command == "prune" else ["eval", tiny_dir, "--data", HELDOUT, "--sequence-length", 16,
                                         "--max-windows", 1])
-    assert run([*argv, "--gguf-file", "tiny.Q4_1.gguf", "--threads", 1]) == 0
+    (tiny_dir / "tiny.Q4_1.gguf").touch()  # the file must exist in a local folder; the spy never reads it
+    try:
+        assert run([*argv, "--gguf-file", "tiny.Q4_1.gguf", "--threads", 1]) == 0
+    finally:
+        (tiny_dir / "tiny.Q4_1.gguf").unlink()
     assert calls[:2] == [("model", str(tiny_dir), "tiny.Q4_1.gguf"), ("tokenizer", str(tiny_dir), "tiny.Q4_1.gguf")]
 
 

@@ -33,8 +33,11 @@ def test_compress_then_decompress_round_trip(tmp_path, capsys):
 
 def test_compress_refuses_an_existing_output_with_exit_code_2(tmp_path, capsys):
     _pruned_dir(tmp_path / "pruned")
-    assert main(["compress", str(tmp_path / "pruned"), str(tmp_path / "pruned")]) == 2
-    assert "already exists" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    assert main(["compress", str(tmp_path / "pruned"), str(tmp_path / "taken")]) == 2
+    assert "already exists; choose a new folder or pass --overwrite" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "pruned"), str(tmp_path / "pruned")]) == 2  # the input itself
+    assert "is the input IN" in capsys.readouterr().err
 
 
 def test_prune_compressed_writes_compact_storage(tmp_path):

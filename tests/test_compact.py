@@ -256,7 +256,7 @@ _PLAIN_LOAD = """
     try:
         AutoModelForCausalLM.from_pretrained(sys.argv[1], **kwargs)
     except Exception as error:
-        print(type(error).__name__ + ": " + str(error))
+        print(type(error).__name__ + ": " + " ".join(str(error).split()))
     else:
         print("LOADED")
 """
@@ -264,47 +264,52 @@ _PLAIN_LOAD = """
 
 @pytest.mark.parametrize("kwargs", ["", "forced"])
 def test_plain_transformers_refuses_a_compressed_checkpoint_naming_hf_sparse(saved, kwargs):
-    """No keyword gets past the guard: not a dtype, not ignore_mismatched_sizes (which would re-initialise the
+    """No keyword gets past the model type: not a dtype, not ignore_mismatched_sizes (which would re-initialise the
     mismatching weights at random), not an id2label of the caller's."""
     _, root = saved
     for folder in ("compact", "sharded"):
         done = run_without_hf_sparse(_PLAIN_LOAD, str(root / folder), kwargs)
         assert done.returncode == 0, done.stderr
         message = done.stdout.strip().splitlines()[-1]
-        assert message.startswith("ValueError: ") and "This checkpoint needs hf_sparse to load" in message
-        assert "hf_sparse_compact" in message and "hf-sparse decompress" in message and "import hf_sparse" in message
+        assert message.startswith("ValueError: ") and "does not recognize this architecture" in message
+        assert "model type `hf_sparse_compact`" in message
 
 
 def test_the_guard_is_only_in_the_file(saved, tmp_path):
-    """config.json has the guard; with hf_sparse the config read back has not, and a compact checkpoint's guard
-    is neither in the loaded model's config nor in a checkpoint saved from it."""
+    """config.json has hf_sparse's model type; with hf_sparse the config read back has the architecture's, and so do
+    the loaded model and a checkpoint saved from it."""
     model, root = saved
-    labels = json.loads((root / "compact" / "config.json").read_text())["id2label"]
-    assert any(key.startswith("This checkpoint needs hf_sparse") for key in labels)
+    stored = json.loads((root / "compact" / "config.json").read_text())
+    assert stored["model_type"] == "hf_sparse_compact" and stored["hf_sparse_original_model_type"] == "llama"
     config = AutoConfig.from_pretrained(root / "compact")
-    assert config.id2label == model.config.id2label and config.quantization_config["quant_method"] == "hf_sparse_compact"
+    assert config.model_type == "llama" and config.quantization_config["quant_method"] == "hf_sparse_compact"
     loaded = AutoModelForCausalLM.from_pretrained(root / "compact")
-    assert loaded.config.id2label == model.config.id2label
+    assert loaded.config.model_type == "llama" and loaded.config.id2label == model.config.id2label
     loaded.save_pretrained(tmp_path / "dense")
-    assert "This checkpoint needs" not in (tmp_path / "dense" / "config.json").read_text()
-    assert model.config.id2label == tiny_llama().config.id2label  # saving compact left the model's config as it was
+    assert json.loads((tmp_path / "dense" / "config.json").read_text())["model_type"] == "llama"
+    assert model.config.model_type == "llama"  # saving compact left the model's config as it was
 
 
-def test_guard_texts_fit_the_error_and_labels_survive():
-    from hf_sparse.formats.guard import MAX_MESSAGE, add_guard, guard_message
+def test_guard_round_trips_and_refuses_a_missing_original_type():
+    from hf_sparse.formats.guard import ORIGINAL_TYPE_KEY, add_guard
     from hf_sparse.surgery import STRUCTURED_QUANT_METHOD
 
-    for method in ("hf_sparse_compact", STRUCTURED_QUANT_METHOD):
-        assert "hf_sparse" in guard_message(method) and len(repr(guard_message(method))) <= MAX_MESSAGE + 2 <= 200
-    labelled = {"quantization_config": {"quant_method": STRUCTURED_QUANT_METHOD}, "id2label": {"0": "neg", "1": "pos"}}
+    labelled = {"model_type": "llama", "quantization_config": {"quant_method": STRUCTURED_QUANT_METHOD},
+                "id2label": {"0": "neg", "1": "pos"}}
     guarded = add_guard(labelled)
-    assert len(guarded["id2label"]) == 3 and add_guard(guarded) == guarded and strip_guard(guarded) == labelled
-    assert add_guard({"id2label": {"0": "a"}}) == {"id2label": {"0": "a"}}  # no hf_sparse marker: nothing added
-    with pytest.raises(ValueError, match="no loading guard for quant_method 'gptq'"):
-        guard_message("gptq")
+    assert guarded["model_type"] == STRUCTURED_QUANT_METHOD and guarded[ORIGINAL_TYPE_KEY] == "llama"
+    assert add_guard(guarded) == guarded and strip_guard(guarded) == labelled and guarded["id2label"] == {"0": "neg",
+                                                                                                        "1": "pos"}
+    assert add_guard({"model_type": "llama"}) == {"model_type": "llama"}  # no hf_sparse marker: nothing added
+    with pytest.raises(ValueError, match="hf_sparse_original_model_type is None"):
+        strip_guard({"model_type": "hf_sparse_compact"})
+    with pytest.raises(ValueError, match="config has no model_type"):
+        add_guard({"quantization_config": {"quant_method": "hf_sparse_compact"}})
 
 
 def test_config_hook_is_what_reads_the_guard_and_uninstalls_exactly(saved):
+    from transformers import PreTrainedConfig
+
     from hf_sparse.integrations import loading_guard
 
     _, root = saved
@@ -313,14 +318,14 @@ def test_config_hook_is_what_reads_the_guard_and_uninstalls_exactly(saved):
     try:
         loading_guard.uninstall_config_hook()
         assert not loading_guard.is_config_hook_installed()
-        from transformers import PreTrainedConfig
-
         assert PreTrainedConfig.__dict__["get_config_dict"] is original
-        with pytest.raises(ValueError, match="needs hf_sparse to load .*hf-sparse decompress"):
-            AutoConfig.from_pretrained(root / "compact")
+        assert PreTrainedConfig.get_config_dict(root / "compact")[0]["model_type"] == "hf_sparse_compact"
+        # The model type stays registered with AutoConfig, which builds the architecture's config from it.
+        assert AutoConfig.from_pretrained(root / "compact").model_type == "llama"
     finally:
         loading_guard.install_config_hook()
     assert loading_guard.is_config_hook_installed()
+    assert PreTrainedConfig.get_config_dict(root / "compact")[0]["model_type"] == "llama"
     assert AutoConfig.from_pretrained(root / "compact").quantization_config["quant_method"] == "hf_sparse_compact"
 
 
@@ -353,14 +358,15 @@ def test_compress_checkpoint_matches_save_pretrained_and_decompress_inverts_it(s
     ours, theirs = _tensors(tmp_path / "c"), _tensors(root / "compact")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (tmp_path / "c" / "generation_config.json").exists()
-    guards = [{key for key in json.loads((folder / "config.json").read_text())["id2label"] if "needs hf_sparse" in key}
+    keys = ("model_type", "hf_sparse_original_model_type")
+    guards = [{key: json.loads((folder / "config.json").read_text())[key] for key in keys}
               for folder in (tmp_path / "c", root / "compact")]
-    assert guards[0] == guards[1] and len(guards[0]) == 1  # the same loading guard
+    assert guards[0] == guards[1] == {"model_type": "hf_sparse_compact", "hf_sparse_original_model_type": "llama"}
     for source in ("compact", "sharded"):
         decompress_checkpoint(root / source, tmp_path / f"d-{source}", show_progress=False)
         config = json.loads((tmp_path / f"d-{source}" / "config.json").read_text())
         assert "quantization_config" not in config and "storage" not in config["sparsity_config"]
-        assert "This checkpoint needs" not in json.dumps(config)  # the dense export loads anywhere
+        assert config["model_type"] == "llama" and "hf_sparse_original_model_type" not in config  # loads anywhere
         dense = _tensors(tmp_path / f"d-{source}")
         expected = _tensors(root / "dense")
         assert dense.keys() == expected.keys()

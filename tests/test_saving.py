@@ -32,7 +32,7 @@ def pruned():
 
 def _old_checkpoint(path: Path) -> Path:
     path.mkdir()
-    (path / "config.json").write_text('{"run": "old"}')
+    (path / "config.json").write_text('{"model_type": "llama", "run": "old"}')
     (path / "model.safetensors").write_bytes(b"old weights")
     return path
 
@@ -47,7 +47,8 @@ def test_existing_folder_is_refused_without_overwrite(pruned, tmp_path):
         hub.save_with_model_card(pruned, None, existing)
     with pytest.raises(ValueError, match=r"already exists"):
         save_checkpoint(pruned, None, existing)
-    assert (existing / "config.json").read_text() == '{"run": "old"}' and _names(tmp_path) == ["out"]
+    assert (existing / "config.json").read_text() == '{"model_type": "llama", "run": "old"}'
+    assert _names(tmp_path) == ["out"]
     card = hub.save_with_model_card(pruned, None, existing, overwrite=True)
     assert card == existing / "README.md" and "sparsity_config" in json.loads((existing / "config.json").read_text())
     assert _names(tmp_path) == ["out"]  # no temporary or backup folder left
@@ -85,7 +86,7 @@ def test_a_failing_write_leaves_nothing_and_keeps_the_old_checkpoint(pruned, tmp
 
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(FullDisk(), None, old, overwrite=True)
-    assert _names(tmp_path) == ["out"] and (old / "config.json").read_text() == '{"run": "old"}'
+    assert _names(tmp_path) == ["out"] and (old / "config.json").read_text() == '{"model_type": "llama", "run": "old"}'
 
 
 def test_push_to_hub_saves_through_the_atomic_path(pruned, monkeypatch):
@@ -117,7 +118,7 @@ def test_sigkill_mid_write_keeps_the_old_checkpoint_and_the_next_save_cleans_up(
     process, output, ready = _start(tmp_path, "write")
     process.kill()
     assert process.wait() == -signal.SIGKILL
-    assert json.loads((output / "config.json").read_text()) == {"run": "old"}
+    assert json.loads((output / "config.json").read_text()) == {"model_type": "llama", "run": "old"}
     assert _hidden(tmp_path) == [".out.tmp"]  # a SIGKILL cannot be caught: its half-written copy stays
     check_destination(output, overwrite=True)  # what every save does first: the dead writer's copy goes
     assert _hidden(tmp_path) == [] and (output / "model.safetensors").read_bytes() == b"old weights"
@@ -130,7 +131,7 @@ def test_sigterm_or_sigint_mid_write_removes_the_temporary_folder(tmp_path, sign
     process.send_signal(signum)
     assert process.wait(timeout=120) != 0
     assert _names(tmp_path) == ["out", "ready"] and _hidden(tmp_path) == []
-    assert json.loads((output / "config.json").read_text()) == {"run": "old"}
+    assert json.loads((output / "config.json").read_text()) == {"model_type": "llama", "run": "old"}
 
 
 def test_sigkill_between_the_renames_is_finished_by_the_next_run(tmp_path):
@@ -152,7 +153,8 @@ def test_an_interrupted_swap_without_the_new_copy_restores_the_old_one(tmp_path)
         new.rmdir()
     with pytest.raises(ValueError, match="already exists"):  # the old checkpoint is back, so it is refused
         check_destination(output)
-    assert json.loads((output / "config.json").read_text()) == {"run": "old"} and _hidden(tmp_path) == []
+    assert json.loads((output / "config.json").read_text()) == {"model_type": "llama", "run": "old"}
+    assert _hidden(tmp_path) == []
 
 
 def test_sigterm_during_the_swap_waits_for_the_swap_to_finish(tmp_path):
@@ -176,3 +178,103 @@ def test_atomic_directory_on_success_fsyncs_and_replaces(tmp_path, monkeypatch):
         (tmp / "weights.bin").write_bytes(torch.zeros(4).numpy().tobytes())
     assert _names(old) == ["config.json", "weights.bin"] and _names(tmp_path) == ["out"]
     assert len(synced) >= 4  # two files, the folder, the parent after each rename
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data loss: only a real checkpoint is replaced, only our own temporaries are removed
+
+
+@pytest.mark.parametrize("config", ["{}", "[1]", "not json", '{"architectures": ["X"]}'])
+def test_overwrite_refuses_a_config_that_is_not_a_model_configuration(pruned, tmp_path, config):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    (folder / "thesis.tex").write_text(r"\documentclass{book}")
+    with pytest.raises(ValueError, match=r"is not a checkpoint folder \(.*\), so it is never replaced"):
+        save_checkpoint(pruned, None, folder, overwrite=True)
+    assert _names(folder) == ["config.json", "thesis.tex"]
+
+
+def test_overwrite_refuses_a_checkpoint_holding_a_users_file_or_folder(pruned, tmp_path):
+    folder = _old_checkpoint(tmp_path / "out")
+    (folder / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match=r"it holds 'thesis.tex', which a checkpoint does not"):
+        save_checkpoint(pruned, None, folder, overwrite=True)
+    (folder / "thesis.tex").unlink()
+    (folder / "data").mkdir()
+    with pytest.raises(ValueError, match=r"it holds 'data'"):
+        save_checkpoint(pruned, None, folder, overwrite=True)
+    (folder / "data").rmdir()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"no weights"):
+        save_checkpoint(pruned, None, folder, overwrite=True)
+
+
+def test_empty_output_and_the_current_folder_are_refused(pruned, tmp_path, monkeypatch):
+    checkpoint = _old_checkpoint(tmp_path / "out")
+    monkeypatch.chdir(checkpoint)
+    for output in ("", " ", ".", str(checkpoint), str(tmp_path)):
+        with pytest.raises(ValueError, match=r"is empty|is the current folder or one of its parents"):
+            save_checkpoint(pruned, None, output, overwrite=True)
+    assert _names(checkpoint) == ["config.json", "model.safetensors"]
+
+
+def test_a_folder_that_only_looks_like_a_leftover_is_never_removed(pruned, tmp_path):
+    lookalikes = [tmp_path / ".out.tmp-1-abc", tmp_path / ".out.old-99999999-x", tmp_path / ".out.new-1-y"]
+    for folder in lookalikes:
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+    save_checkpoint(pruned, None, tmp_path / "out")
+    save_checkpoint(pruned, None, tmp_path / "out", overwrite=True)
+    finish_interrupted_save(tmp_path / "out")
+    assert all((folder / "notes.txt").read_text() == "mine" for folder in lookalikes)
+    assert sorted(_names(tmp_path)) == sorted(["out"] + [f.name for f in lookalikes])
+    assert ".hf_sparse-save.json" not in _names(tmp_path / "out")
+
+
+def test_files_get_the_users_permissions(pruned, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        output = save_checkpoint(pruned, None, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in output.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("input_is", ["same", "symlink", "relative", "inside", "parent"])
+def test_output_that_is_the_input_is_refused(tmp_path, monkeypatch, input_is):
+    from hf_sparse.saving import check_not_the_input
+
+    model = _old_checkpoint(tmp_path / "model")
+    (tmp_path / "link").symlink_to(model)
+    monkeypatch.chdir(tmp_path)
+    output = {"same": str(model), "symlink": "link", "relative": "./model/../model", "inside": "model/sub",
+              "parent": str(tmp_path)}[input_is]
+    with pytest.raises(ValueError, match=r"is the input|is inside the input|holds the input"):
+        check_not_the_input(output, str(model))
+    check_not_the_input(tmp_path / "other", model)  # a new folder beside it is fine
+
+
+def test_safetensors_full_disk_becomes_one_oserror(pruned, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(type(pruned), "save_pretrained", full)
+    with pytest.raises(OSError, match=r"^\[Errno 28\] No space left on device \(while writing the weights\)$"):
+        save_checkpoint(pruned, None, tmp_path / "out")
+    assert _names(tmp_path) == []
+
+
+def test_overwrite_never_follows_a_link_to_a_checkpoint(pruned, tmp_path):
+    real = _old_checkpoint(tmp_path / "real")
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(ValueError, match=r"is not a checkpoint folder \(it is a symbolic link\)"):
+        save_checkpoint(pruned, None, tmp_path / "link", overwrite=True)
+    assert (real / "config.json").read_text() == '{"model_type": "llama", "run": "old"}'
+    assert (tmp_path / "link").is_symlink()

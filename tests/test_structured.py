@@ -283,12 +283,13 @@ def test_uneven_checkpoint_without_hf_sparse_fails_naming_it(tmp_path):
     structure = apply_and_describe(get_architecture(model), model, _uneven_edits())
     _record(model, structure)
     model.save_pretrained(tmp_path)
-    with pytest.raises(RuntimeError, match="ValueError: .*This checkpoint needs hf_sparse to load .*hf_sparse_structured"):
+    with pytest.raises(RuntimeError, match="model type `hf_sparse_structured` but Transformers does not recognize"):
         _plain_transformers_logits(tmp_path)
-    # The same loading guard as compact checkpoints, in the file only: the model in memory keeps its labels.
-    assert "This checkpoint needs hf_sparse" in (tmp_path / "config.json").read_text()
-    assert "This checkpoint needs hf_sparse" not in str(model.config.id2label)
-    assert transformers.AutoConfig.from_pretrained(tmp_path).id2label == model.config.id2label
+    # The same model type mechanism as compact checkpoints, in the file only: the model in memory keeps its type.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "hf_sparse_structured" and saved["hf_sparse_original_model_type"] == "llama"
+    assert model.config.model_type == "llama" and "id2label" not in saved
+    assert transformers.AutoConfig.from_pretrained(tmp_path).model_type == "llama"
 
 
 def test_structure_record_is_validated():

@@ -53,10 +53,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       show_progress=not args.quiet)
     import torch
 
+    first = next(iter(models.values()))
+    dtype = str(next(first.parameters()).dtype).removeprefix("torch.")  # what --dtype (auto: the checkpoint's) gave
     report: dict[str, Any] = {
         "settings": {"prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "runs": args.runs,
-                     "warmup": args.warmup, "batch_size": args.batch_size, "dtype": args.dtype,
-                     "threads": torch.get_num_threads(), "device": str(next(iter(models.values())).device)},
+                     "warmup": args.warmup, "batch_size": args.batch_size, "dtype": dtype,
+                     "threads": torch.get_num_threads(), "device": str(first.device)},
         "results": {r.name: {**r.to_dict(), "source": str(sources[r.name])} for r in results},
     }
     if len(results) == 2:

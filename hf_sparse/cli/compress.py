@@ -33,8 +33,18 @@ def print_sizes(summary, files_bytes: tuple[int, int]) -> None:
     ])
 
 
+def check_folders(args: argparse.Namespace) -> None:
+    """OUT is refused in the command's words before IN is read: the input itself, inside or around it, empty, or an
+    existing folder without --overwrite."""
+    from ..saving import check_destination, check_not_the_input
+
+    check_not_the_input(args.output, args.input, label="OUT", source_label="the input IN")
+    check_destination(args.output, args.overwrite, label="OUT", overwrite_hint="pass --overwrite")
+
+
 def run(args: argparse.Namespace) -> None:
     from ..formats import checkpoint_bytes, compress_checkpoint
 
-    summary = compress_checkpoint(args.input, args.output, overwrite=args.overwrite)
+    check_folders(args)
+    summary = compress_checkpoint(args.input, args.output, overwrite=args.overwrite, show_progress=not args.quiet)
     print_sizes(summary, (checkpoint_bytes(args.input), checkpoint_bytes(args.output)))

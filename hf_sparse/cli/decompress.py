@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .compress import add_arguments as _shared_arguments
-from .compress import print_sizes
+from .compress import check_folders, print_sizes
 
 HELP = "rewrite a compact checkpoint as a plain dense one (loads anywhere)"
 DESCRIPTION = ("Decode every compact weight of IN back to its dense tensor (bit-identical) and write a plain "
@@ -19,5 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from ..formats import checkpoint_bytes, decompress_checkpoint
 
-    summary = decompress_checkpoint(args.input, args.output, overwrite=args.overwrite)
+    check_folders(args)
+    summary = decompress_checkpoint(args.input, args.output, overwrite=args.overwrite,
+                                    show_progress=not args.quiet)
     print_sizes(summary, (checkpoint_bytes(args.input), checkpoint_bytes(args.output)))

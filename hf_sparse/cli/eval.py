@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import (add_model_arguments, default_eval_length, evaluation_entry, load_model_and_tokenizer,
-                     positive_int, print_table, read_eval_texts)
+from ..errors import shown
+from .common import (add_model_arguments, check_eval_length, check_eval_length_given, default_eval_length,
+                     evaluation_entry, load_model_and_tokenizer, positive_int, print_table, read_eval_texts)
 
 HELP = "perplexity on held-out text and zero-shot accuracy on lm-eval-harness tasks"
 DESCRIPTION = ("Print the perplexity of MODEL_OR_DIR on --data (non-overlapping windows unless --stride is smaller "
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _task_list(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     if not tasks:
-        raise argparse.ArgumentTypeError(f"--tasks {text!r} is empty; give comma-separated lm-eval task names")
+        raise argparse.ArgumentTypeError(f"--tasks {shown(text)} is empty; give comma-separated lm-eval task names")
     return tasks
 
 
@@ -52,10 +53,25 @@ def _limit(text: str) -> int | float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a document count or a fraction") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number; give a document count or a "
+                                         "fraction") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not allowed; a positive count or a fraction in (0, 1)")
     return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _is_compact(folder: str) -> bool:
+    """Whether a local checkpoint folder is in compact storage (its config.json says so)."""
+    import json
+
+    from ..formats.compact import STORAGE_FORMAT
+
+    try:
+        config = json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == STORAGE_FORMAT
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,7 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot {args.num_fewshot} is not allowed; 0 or more examples")
     if args.update_card and not Path(args.model).expanduser().is_dir():
-        raise ValueError(f"--update-card needs a local checkpoint folder; {args.model!r} is not one")
+        raise ValueError(f"--update-card needs a local checkpoint folder; {shown(args.model)} is not one")
+    check_eval_length_given(args.sequence_length, "--sequence-length")
     texts = read_eval_texts(args.data) if args.data else None
     if args.tasks:
         from ..evaluation.zero_shot import check_available
@@ -77,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, gguf_file=args.gguf_file)
     record = read_record(model)
     if args.update_card and record is None:
-        raise ValueError(f"--update-card: {args.model!r} has no sparsity record (not pruned by hf_sparse)")
+        raise ValueError(f"--update-card: {shown(args.model)} has no sparsity record (not pruned by hf_sparse)")
     rows = [("model", str(args.model) + (f" ({args.gguf_file})" if args.gguf_file else "")),
             ("sparsity", f"{record.overall_sparsity:.4f} ({record.method}, {record.pattern})" if record else "dense")]
     result: dict[str, Any] = {}
@@ -85,6 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stage = ("recovered" if record.recovery else "pruned") if record else "dense"
     if texts is not None:
         length = default_eval_length(model, args.sequence_length)
+        check_eval_length(model, length, "--sequence-length")
         if args.stride is not None and args.stride > length:
             raise ValueError(f"--stride {args.stride} is larger than the sequence length {length}; "
                              f"allowed: 1..{length}")
@@ -114,6 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.update_card:
         from ..integrations import hub
 
-        card = hub.save_with_model_card(model, tokenizer, args.model, evaluation=evaluation, overwrite=True)
+        # A compact checkpoint stays compact (with its storage entry); a dense one stays dense.
+        card = hub.save_with_model_card(model, tokenizer, args.model, evaluation=evaluation, overwrite=True,
+                                        compressed=_is_compact(args.model))
         print(f"updated {card.parent} (record and {card.name})")
     return result

@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import shown
 from .common import (add_calibration_arguments, add_model_arguments, add_output_arguments, add_perplexity_arguments,
-                     add_selection_arguments, check_calibration_path, check_output, default_eval_length,
+                     add_selection_arguments, check_calibration_given, check_calibration_path, check_eval_length,
+                     check_eval_length_given, check_output, default_calibration_length, default_eval_length,
                      evaluation_entry, format_bytes, load_model_and_tokenizer, parse_profile_option,
                      parse_sparsity_profile, peak_rss_bytes, positive_int, print_table, read_eval_texts, save_output)
 
@@ -56,6 +58,9 @@ def sparsity_config(args: argparse.Namespace):
     """The :class:`hf_sparse.SparsityConfig` the options describe (validated on construction)."""
     from .. import SparsityConfig
 
+    if args.num_workers is not None and not args.parallel:
+        raise ValueError(f"--num-workers {args.num_workers} needs --parallel (blocks are pruned one after another "
+                         "without it)")
     sources = args.calibration or []
     for source in sources:  # before the config, whose mix check would name the path less helpfully
         check_calibration_path(source)
@@ -72,7 +77,7 @@ def sparsity_config(args: argparse.Namespace):
         exclude=args.exclude, calibration=calibration, calibration_weights=weights, target_data=args.target_data,
         calibration_split=args.calibration_split,
         calibration_column=args.calibration_column, calibration_subset=args.calibration_subset,
-        num_samples=args.num_samples, sequence_length=args.sequence_length, batch_size=args.batch_size,
+        num_samples=args.num_samples, sequence_length=default_calibration_length(args), batch_size=args.batch_size,
         seed=args.seed, method_options=dict(args.method_options), parallel=args.parallel,
         num_workers=args.num_workers, device=args.device,
     )
@@ -98,6 +103,13 @@ def check_profile_before_loading(args: argparse.Namespace, config) -> None:
     check_plan_before_loading(skeleton, config)
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no such file either way
+        return False
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse prune``; returns the numbers it printed."""
     import torch
@@ -108,8 +120,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Everything that can be checked without the model is checked before a possibly long load.
     config = sparsity_config(args)
-    if args.target_data is not None and not Path(args.target_data).expanduser().exists():
-        raise ValueError(f"--target-data {args.target_data!r} does not exist; give a text/JSON file or folder")
+    check_calibration_given([config.method], args.calibration, config.sparsity_profile)
+    if args.compressed and config.parsed_pattern.is_structured:
+        raise ValueError("--compressed stores the zeros of pruned linears compactly; --pattern structured makes the "
+                         "matrices smaller instead, so there is nothing to compress: drop --compressed")
+    if args.target_data is not None and not _exists(args.target_data):
+        raise ValueError(f"--target-data {shown(args.target_data)} does not exist; give a text/JSON file or folder")
+    check_eval_length_given(args.eval_sequence_length, "--eval-sequence-length")
     check_output(args)
     # Under torchrun/accelerate launch every process prunes its share of the blocks; one of them (the main process)
     # evaluates, writes the output and prints, the others stop once the pruned weights are shared.
@@ -123,6 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, gguf_file=args.gguf_file)
     config.tokenizer = tokenizer
     eval_length = default_eval_length(model, args.eval_sequence_length)
+    if evaluate:
+        check_eval_length(model, eval_length, "--eval-sequence-length")
 
     def measure() -> float:
         return perplexity(model, tokenizer, eval_texts, sequence_length=eval_length,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import shown
 from .common import (add_calibration_arguments, add_model_arguments, add_perplexity_arguments,
-                     add_selection_arguments, check_calibration_path, default_eval_length,
+                     add_selection_arguments, check_calibration_given, check_eval_length, default_eval_length,
                      load_model_and_tokenizer, read_eval_texts)
 
 HELP = "prune at many methods and sparsities, evaluate each; a table, results.csv and a plot (resumable)"
@@ -20,7 +21,7 @@ DESCRIPTION = ("Prune MODEL once per setting (every method of --methods at every
 def _comma_list(text: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
-        raise argparse.ArgumentTypeError(f"{text!r} is empty; give comma-separated values")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is empty; give comma-separated values")
     return items
 
 
@@ -30,7 +31,7 @@ def _sparsity_list(text: str) -> list[float]:
         try:
             value = float(item)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a number; sparsities are in [0, 1)") from None
+            raise argparse.ArgumentTypeError(f"{shown(item)} is not a number; sparsities are in [0, 1)") from None
         if not 0 <= value < 1:
             raise argparse.ArgumentTypeError(f"sparsity {value} is not allowed; sparsities are in [0, 1)")
         values.append(value)
@@ -60,6 +61,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--no-plot", action="store_true", help="write the CSV only")
 
 
+def check_output_folder(args: argparse.Namespace) -> None:
+    """The sweep's folder: never a file, never the model's own folder (results.csv and pictures would land in it)."""
+    from pathlib import Path
+
+    from ..saving import check_not_the_input
+
+    if not str(args.output).strip():
+        raise ValueError("--output is empty; give the folder for the sweep's results")
+    check_not_the_input(args.output, args.model, label="--output", source_label="the input model")
+    if Path(args.output).expanduser().exists() and not Path(args.output).expanduser().is_dir():
+        raise ValueError(f"--output {shown(args.output)} is a file; give a folder for the sweep's results")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``hf-sparse sweep``; returns the points it printed."""
     from ..plots import INSTALL_HINT, plots_available
@@ -67,14 +81,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..methods import get_method_class
     from .prune import sparsity_config
 
-    # The base configuration is every option but method/pattern/sparsity; run_sweep validates each setting.
-    base = sparsity_config(argparse.Namespace(**{**vars(args), "method": args.methods[0], "sparsity": None,
-                                                 "pattern": "unstructured", "parallel": False, "num_workers": None}))
-    if any(get_method_class(method).needs_calibration for method in args.methods):
-        check_calibration_path(args.calibration)
+    # The base configuration is every option but method/pattern/sparsity; run_sweep validates each setting. The
+    # sweep has one calibration source and the uniform profile: the options prune has beyond those take no value here.
+    check_calibration_given(args.methods, args.calibration)
+    check_output_folder(args)
+    base = sparsity_config(argparse.Namespace(**{
+        **vars(args), "method": args.methods[0], "sparsity": None, "pattern": "unstructured", "parallel": False,
+        "num_workers": None, "calibration": [args.calibration] if args.calibration else None,
+        "calibration_weights": None, "target_data": None, "sparsity_profile": "uniform", "profile_options": []}))
+    for method in args.methods:
+        get_method_class(method)  # an unknown name is refused before the load, naming the registered ones
     texts = read_eval_texts(args.eval_data)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, gguf_file=args.gguf_file)
     base.tokenizer = tokenizer
+    check_eval_length(model, default_eval_length(model, args.eval_sequence_length), "--eval-sequence-length")
     plot = not args.no_plot and plots_available()
     points = run_sweep(model, tokenizer, base, args.methods, args.sparsities, texts, args.output,
                        patterns=args.patterns, eval_sequence_length=default_eval_length(model, args.eval_sequence_length),

@@ -36,6 +36,40 @@ def token_windows(token_ids: torch.Tensor, sequence_length: int, stride: int | N
 
 
 @torch.no_grad()
+def model_context(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` was built for (``config.max_position_embeddings`` or its GPT-2 name), if known."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_window(model: nn.Module, sequence_length: int, stride: int | None = None, batch_size: int = 1,
+                 max_windows: int | None = None) -> None:
+    """Refuse evaluation settings that cannot give a meaningful perplexity: a window longer than the model's context
+    (positions it never saw: the number would be printed but mean nothing), non-positive sizes.
+
+    >>> from types import SimpleNamespace
+    >>> check_window(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=1024)), 5000)
+    Traceback (most recent call last):
+    ...
+    ValueError: sequence_length 5000 is longer than the model's context of 1024 tokens; allowed: 2..1024
+    """
+    for name, value, low in (("sequence_length", sequence_length, 2), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} {value!r} is not allowed; an integer >= {low}")
+    for name, value in (("stride", stride), ("max_windows", max_windows)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} {value!r} is not allowed; a positive integer or None")
+    context = model_context(model)
+    if context is not None and sequence_length > context:
+        raise ValueError(f"sequence_length {sequence_length} is longer than the model's context of {context} tokens; "
+                         f"allowed: 2..{context}")
+
+
+@torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, texts: str | Sequence[str], sequence_length: int = 2048,
                stride: int | None = None, batch_size: int = 8, max_windows: int | None = None,
                show_progress: bool = True) -> float:
@@ -43,7 +77,10 @@ def perplexity(model: nn.Module, tokenizer, texts: str | Sequence[str], sequence
 
     >>> perplexity(model, tokenizer, open("wikitext2-test.txt").read(), sequence_length=256)  # doctest: +SKIP
     53.06
+
+    A ``sequence_length`` beyond the model's context raises ``ValueError`` (:func:`check_window`).
     """
+    check_window(model, sequence_length, stride, batch_size, max_windows)
     if isinstance(texts, str):
         texts = [texts]
     stream = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]

@@ -4,7 +4,7 @@
     hf_sparse.formats.decompress_checkpoint("pruned-compact/", "pruned-dense/")  # plain dense export for serving engines
 
 Both read the safetensors shards lazily, keep the shard layout (file names, ``model.safetensors.index.json``), rewrite
-``config.json`` (``quantization_config``, the record's ``storage`` entry and the loading guard of
+``config.json`` (``quantization_config``, the record's ``storage`` entry and the ``model_type`` of
 :mod:`hf_sparse.formats.guard`) and copy every other file unchanged. They
 write through :func:`hf_sparse.saving.atomic_directory` (temporary sibling, fsync, rename): complete or not at all.
 """
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PATH_SHOWN, shown
 from ..record import RECORD_KEY, SparsityRecord
-from ..saving import atomic_directory
+from ..saving import atomic_directory, check_destination, check_not_the_input, disk_errors
 from .guard import add_guard, strip_guard
 from .compact import (
     STORAGE_FORMAT, VALUES, StorageSummary, check_modules_present, compress_entry, compressed_groups,
@@ -45,7 +45,7 @@ _SHARD_NAME = re.compile(r"[A-Za-z0-9._-]+\.safetensors")
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise ValueError(f"{shown(str(path), PATH_SHOWN)} does not exist: a checkpoint folder with {path.name} is "
                          "needed") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -107,7 +107,8 @@ def _copy_other_files(source: Path, target: Path, written: set[str]) -> None:
 
 
 def _write_shard(tensors: dict, path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    with disk_errors():  # a full disk is an OSError, as for every other file
+        save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _finish(source: Path, target: Path, config: dict, files: list[str], index: dict | None,
@@ -131,6 +132,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     0.62
     """
     source = Path(input_dir)
+    check_not_the_input(output_dir, source)
+    check_destination(output_dir, overwrite)  # an empty name, an existing folder: refused before any reading
     config = _read_json(source / CONFIG_NAME)
     if _is_compressed(config):
         raise ValueError(f"{shown(str(source), PATH_SHOWN)} is already in compact storage ({STORAGE_FORMAT})")
@@ -247,6 +250,8 @@ def decompress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.Pat
     >>> decompress_checkpoint("pruned-compact", "pruned-dense")  # doctest: +SKIP
     """
     source = Path(input_dir)
+    check_not_the_input(output_dir, source)
+    check_destination(output_dir, overwrite)  # an empty name, an existing folder: refused before any reading
     config = _read_json(source / CONFIG_NAME)
     if not _is_compressed(config):
         raise ValueError(f"{shown(str(source), PATH_SHOWN)} is not in compact storage: its config.json has no quantization_config "

@@ -14,10 +14,11 @@ After loading the quantizer removes every trace of itself, as the prune-on-load 
 dense model (its weights bit-identical to the pruned model that was saved), ready for PEFT, ``get_masks`` or saving.
 
 Without hf_sparse, transformers 5 does not raise on an unknown ``quant_method`` (it logs "Unknown quantization type"
-and loads as if dense), so ``config.json`` also carries the loading guard (:mod:`hf_sparse.formats.guard`): building
-the config fails with a ``ValueError`` that says hf_sparse is needed and names ``hf-sparse decompress``, before any
-weight is read. Were the guard removed by hand, the stored values still do not fit the layers (half the columns for
-2:4, a flat vector for a bitmask): loading stops on the size mismatch instead of producing wrong weights.
+and loads as if dense), so ``config.json`` also says ``model_type: "hf_sparse_compact"``
+(:mod:`hf_sparse.formats.guard`): without hf_sparse, transformers stops reading the config with its own "does not
+recognize this architecture" naming that type, before any weight is read. Were the type changed back by hand, the
+stored values still do not fit the layers (half the columns for 2:4, a flat vector for a bitmask): loading stops on
+the size mismatch instead of producing wrong weights.
 """
 
 from __future__ import annotations

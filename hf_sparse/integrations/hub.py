@@ -279,7 +279,7 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         base_model=hub_model_id(base), license=license, library_name="transformers", pipeline_tag="text-generation",
         tags=card_tags,
     )
-    if license is None:
+    if license is None and repo_id is not None:  # only a published card needs one: local copies are the user's own
         logger.warning("the model card has no license: pass license=... (the base model's license usually applies)")
     if record.structure is not None and not record.modules:
         # Structured: the matrices are smaller, so the rows are block shapes rather than zeros per module type.

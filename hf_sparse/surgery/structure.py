@@ -22,10 +22,10 @@ int64 buffers ``<block>.residual_dims.<point>`` (:mod:`.residual`), so the recor
 ``intermediate_size``, ``num_attention_heads``, ...) were rewritten, so plain transformers loads the checkpoint.
 ``"hf_sparse"``: the blocks differ (or gained biases, or have a shape the config class refuses to save, such as a
 head count that does not divide ``hidden_size``); the config keeps the dense widths and
-carries ``quantization_config = {"quant_method": "hf_sparse_structured"}`` (and, when saved, the loading guard of
-:mod:`hf_sparse.formats.guard`) so that transformers without hf_sparse refuses the checkpoint with an error naming
-hf_sparse instead of loading wrong shapes, and hf_sparse's loader shrinks the empty model to these shapes
-before any weight is read (:func:`shrink_to_structure`).
+carries ``quantization_config = {"quant_method": "hf_sparse_structured"}`` (and, when saved, ``model_type:
+"hf_sparse_structured"``, see :mod:`hf_sparse.formats.guard`) so that transformers without hf_sparse refuses the
+checkpoint naming that type instead of loading wrong shapes, and hf_sparse's loader shrinks the empty model to these
+shapes before any weight is read (:func:`shrink_to_structure`).
 """
 
 from __future__ import annotations
