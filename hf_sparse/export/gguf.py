@@ -155,7 +155,8 @@ def plan_export(model: nn.Module) -> ExportPlan:
     if model_type == "mistral" and getattr(config, "sliding_window", None) and \
             config.sliding_window < config.max_position_embeddings:
         raise ValueError(f"mistral with sliding_window={config.sliding_window} below its context "
-                         f"{config.max_position_embeddings}: llama.cpp's llama architecture attends to the full context")
+                         f"{config.max_position_embeddings}: llama.cpp's llama architecture attends to the whole "
+                         "context")
     adapter = get_architecture(model)
     blocks = adapter.blocks(model)
     prefix = adapter.block_prefix(model)
@@ -236,7 +237,8 @@ def _check_destination(path: str | os.PathLike, overwrite: bool) -> Path:
         if path.is_dir():
             raise ValueError(f"output {shown(str(path))} is a folder; name a .gguf file")
         if not overwrite:
-            raise ValueError(f"output {shown(str(path))} already exists; choose a new file or pass overwrite=True")
+            raise ValueError(f"output {shown(str(path))} already exists; choose a new file or pass overwrite=True "
+                             "(--overwrite)")
     if not path.parent.is_dir():
         raise ValueError(f"cannot write {shown(str(path))}: its folder does not exist")
     if not os.access(path.parent, os.W_OK):

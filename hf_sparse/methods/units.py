@@ -283,5 +283,6 @@ def round_channel_counts(counts: Mapping[tuple[int, str], int], totals: Mapping[
 
 
 __all__ = ["KV_GROUP", "MLP_CHANNEL", "BlockUnits", "Unit", "block_target_counts", "block_unit_counts",
-           "block_units", "check_uniform_session", "choose_units", "lowest_units", "round_channel_counts", "round_kept_channels",
+           "block_units", "check_uniform_session", "choose_units", "lowest_units", "round_channel_counts",
+           "round_kept_channels",
            "uniform_target_counts", "uniform_unit_counts"]
