@@ -66,6 +66,31 @@ def llamacpp_perplexity(binary: Path, gguf: Path, text: Path, context: int, chun
     return float(found[-1])
 
 
+def llamacpp_logprobs(binary: Path, gguf: Path, text: Path, context: int, chunks: int = 1, threads: int = 1):
+    """(token ids, log-probabilities) of llama.cpp's perplexity run: the ids of the first ``chunks`` chunks and, for
+    each position of each chunk's second half but the last, the log-probabilities over the vocabulary (decoded from
+    the ``--kl-divergence-base`` file: per position a scale and an offset, then one 16-bit step per token)."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="hf_sparse-kl-") as folder:
+        base = Path(folder) / "base.bin"
+        done = subprocess.run([str(binary), "-m", str(gguf), "-f", str(text), "-c", str(context), "--chunks",
+                               str(chunks), "-t", str(threads), "--kl-divergence-base", str(base)],
+                              capture_output=True, text=True)
+        if done.returncode or not base.is_file():
+            raise RuntimeError(f"llama-perplexity failed on {gguf.name}: {done.stderr[-800:]}")
+        data = base.read_bytes()
+    if data[:8] != b"_logits_":
+        raise RuntimeError("unexpected --kl-divergence-base file")
+    n_ctx, n_vocab, n_chunk = (int(v) for v in np.frombuffer(data[8:20], np.int32))
+    ids = np.frombuffer(data[20:20 + 4 * n_ctx * n_chunk], np.int32).reshape(n_chunk, n_ctx)
+    stride = 2 * ((n_vocab + 1) // 2) + 4  # uint16 per position
+    first = n_ctx // 2
+    rows = np.frombuffer(data[20 + 4 * n_ctx * n_chunk:], np.uint16).reshape(n_chunk, n_ctx - 1 - first, stride)
+    header = rows[..., :4].copy().view(np.float32)  # (chunks, positions, 2): scale, minimum log-probability
+    return ids, header[..., 1:2] + header[..., 0:1] * rows[..., 4:4 + n_vocab]
+
+
 def llamacpp_tokens(binary: Path, gguf: Path, text: str) -> list[int]:
     """``llama-tokenize``'s ids for ``text`` (special tokens parsed, as transformers does by default)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as handle:
