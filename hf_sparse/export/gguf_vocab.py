@@ -47,13 +47,17 @@ def _steps(pre: dict | None) -> list[dict]:
     return list(pre.get("pretokenizers", [])) if pre.get("type") == "Sequence" else [pre]
 
 
-#: llama.cpp pre-tokenizer name -> test on the ``pre_tokenizer`` steps of a byte-level BPE ``tokenizer.json``
+#: llama.cpp pre-tokenizer name -> test on (the ``pre_tokenizer`` steps, whether the BPE model ignores merges for
+#: whole words in its vocabulary) of a byte-level BPE ``tokenizer.json``; llama.cpp's ``llama-bpe`` ignores merges,
+#: the others do not
 PRE_TOKENIZERS = {
-    "gpt-2": lambda s: len(s) == 1 and _byte_level(s[0], use_regex=True),
-    "smollm": lambda s: len(s) == 2 and s[0].get("type") == "Digits" and s[0].get("individual_digits") is True
-    and _byte_level(s[1], use_regex=True),
-    "llama-bpe": lambda s: len(s) == 2 and _split(s[0], _LLAMA3_SPLIT) and _byte_level(s[1], use_regex=False),
-    "qwen2": lambda s: len(s) == 2 and _split(s[0], _QWEN2_SPLIT) and _byte_level(s[1], use_regex=False),
+    "gpt-2": lambda s, ignore: len(s) == 1 and _byte_level(s[0], use_regex=True) and not ignore,
+    "smollm": lambda s, ignore: len(s) == 2 and s[0].get("type") == "Digits" and s[0].get("individual_digits") is True
+    and _byte_level(s[1], use_regex=True) and not ignore,
+    "llama-bpe": lambda s, ignore: len(s) == 2 and _split(s[0], _LLAMA3_SPLIT) and _byte_level(s[1], use_regex=False)
+    and ignore,
+    "qwen2": lambda s, ignore: len(s) == 2 and _split(s[0], _QWEN2_SPLIT) and _byte_level(s[1], use_regex=False)
+    and not ignore,
 }
 
 
@@ -132,10 +136,12 @@ def read_vocab(tokenizer) -> GGUFVocab:
         decoder = (data.get("decoder") or {}).get("type")
         if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel":
             steps = _steps(data.get("pre_tokenizer"))
-            pre = next((name for name, test in PRE_TOKENIZERS.items() if test(steps)), None)
+            ignore = bool(model.get("ignore_merges", False))
+            pre = next((name for name, test in PRE_TOKENIZERS.items() if test(steps, ignore)), None)
             if pre is None:
-                raise ValueError(f"the tokenizer's pre-tokenizer {_describe(data.get('pre_tokenizer'))} has no "
-                                 f"llama.cpp name known to hf_sparse (known: {sorted(PRE_TOKENIZERS)})")
+                raise ValueError(f"the tokenizer's pre-tokenizer {_describe(data.get('pre_tokenizer'))} (ignore_"
+                                 f"merges={ignore}) has no llama.cpp name known to hf_sparse (known: "
+                                 f"{sorted(PRE_TOKENIZERS)})")
             if data.get("normalizer"):
                 raise ValueError(f"the byte-level tokenizer has a normalizer {_describe(data['normalizer'])}, which "
                                  "llama.cpp's BPE tokenizers do not apply")
