@@ -149,3 +149,18 @@ def test_pip_channel_multiple_needs_counts_decided_up_front():
         hf_sparse.prune(tiny_llama(), _config("pip", 0.3, channel_multiple=16), show_progress=False)
     with pytest.raises(ValueError, match=r"pip (option )?channel_multiple must be .*0"):
         _config("pip", channel_multiple=0)
+
+
+def test_uniform_head_counts_are_ones_the_config_class_accepts(tmp_path):
+    """8 heads of width 8 in 4 groups at hidden 64: 6 heads (one group gone) do not divide 64, so Llama's config
+    refuses them; the uniform rule removes 0, 2 or 3 groups only, and the model stays a stock config."""
+    from hf_sparse.engine.structured import StructuredSession
+    from hf_sparse.methods.units import stock_group_removals
+
+    model = tiny_llama(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4)
+    assert stock_group_removals(StructuredSession(model, CALIBRATION, 4, show_progress=False)) == {0, 2, 3}
+    for sparsity in (0.2, 0.3, 0.4):
+        model = tiny_llama(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4)
+        record = hf_sparse.prune(model, _config("pip", sparsity, uniform_shapes=True), show_progress=False)
+        assert record.structure["loading"] == "config"
+        assert 64 % _shapes(record)[0][0] == 0

@@ -100,7 +100,8 @@ def _fill(block: BlockUnits, kind: str, rest: float) -> tuple[int, float]:
     return count, abs(block.removed(kind, count) - rest)
 
 
-def block_unit_counts(block: BlockUnits, share: float, coarse_hint: float | None = None) -> dict[str, int]:
+def block_unit_counts(block: BlockUnits, share: float, coarse_hint: float | None = None,
+                      coarse_allowed: Iterable[int] | None = None) -> dict[str, int]:
     """How many units of each kind ``block`` loses so that it loses ``share`` of its parameters.
 
     The coarse kind (the costlier unit: key/value groups) loses the count nearest to ``share`` of its units, as in
@@ -111,7 +112,8 @@ def block_unit_counts(block: BlockUnits, share: float, coarse_hint: float | None
     overshot by one whole group, or a large one beyond the MLP), the coarse count whose remainder it can make up
     closest is taken instead. A target beyond what the block can lose raises: a share is never silently clamped.
     ``coarse_hint`` replaces ``share`` times the coarse units as the count to stay nearest to (uniform shapes take it
-    from the method's global ranking).
+    from the method's global ranking); ``coarse_allowed`` limits the coarse counts that may be removed (uniform shapes
+    keep only head counts the model's config class accepts).
 
     >>> b = BlockUnits(0, 1000, counts={"kv_group": 4, "mlp_channel": 100}, costs={"kv_group": 100, "mlp_channel": 6})
     >>> block_unit_counts(b, 0.3)  # 1 of 4 groups (nearest to 1.2), then (300 - 100) / 6 = 33.3 -> 33 channels
@@ -134,10 +136,12 @@ def block_unit_counts(block: BlockUnits, share: float, coarse_hint: float | None
     if len(kinds) == 1:
         return {fine: _fill(block, fine, target)[0]}
     coarse = kinds[0]
-    options = {n: _fill(block, fine, target - block.removed(coarse, n)) for n in range(block.counts[coarse])}
+    allowed = set(range(block.counts[coarse])) if coarse_allowed is None else set(coarse_allowed) | {0}
+    options = {n: _fill(block, fine, target - block.removed(coarse, n)) for n in range(block.counts[coarse])
+               if n in allowed}
     wanted = share * block.counts[coarse] if coarse_hint is None else coarse_hint
     nearest = max(0, min(block.counts[coarse] - 1, math.floor(wanted + 0.5)))
-    if options[nearest][1] <= block.costs[fine] / 2:
+    if nearest in options and options[nearest][1] <= block.costs[fine] / 2:
         count = nearest
     else:
         count = min(options, key=lambda n: (options[n][1], abs(n - wanted)))
@@ -191,14 +195,15 @@ def block_target_counts(session: StructuredSession, compensated: bool = False) -
 # Uniform shapes
 
 
-def uniform_unit_counts(blocks: Sequence[BlockUnits], share: float, ranked: Iterable[Unit] = ()
-                        ) -> dict[tuple[int, str], int]:
+def uniform_unit_counts(blocks: Sequence[BlockUnits], share: float, ranked: Iterable[Unit] = (),
+                        coarse_allowed: Iterable[int] | None = None) -> dict[tuple[int, str], int]:
     """The same count of each unit kind for every block, so that together they lose ``share`` of their parameters.
 
     The blocks must have one shape (what a dense model has). The key/value-group count stays nearest to the mean
     number of groups per block among ``ranked`` (the units the method's global ranking would remove; without them,
     ``share`` of the groups, as FLAP's uniform-per-layer rule), and the MLP channels make up the rest
-    (:func:`block_unit_counts`: within half a channel's parameters per block).
+    (:func:`block_unit_counts`: within half a channel's parameters per block). ``coarse_allowed``: the group counts
+    that may be removed (others leave a shape the config class refuses), as in :func:`block_unit_counts`.
 
     >>> b = [BlockUnits(i, 1000, counts={"kv_group": 4, "mlp_channel": 100},
     ...                 costs={"kv_group": 100, "mlp_channel": 6}) for i in range(2)]
@@ -218,16 +223,40 @@ def uniform_unit_counts(blocks: Sequence[BlockUnits], share: float, ranked: Iter
     coarse = max(first.counts, key=lambda k: (first.costs[k], k))
     ranked = list(ranked)
     hint = (sum(u.kind == coarse for u in ranked) / len(blocks)) if ranked else None
-    counts = block_unit_counts(first, share, coarse_hint=hint)
+    counts = block_unit_counts(first, share, coarse_hint=hint, coarse_allowed=coarse_allowed)
     return {(block.index, kind): count for block in blocks for kind, count in counts.items()}
 
 
 def uniform_target_counts(session: StructuredSession, share: float, ranked: Iterable[Unit] = (),
                           compensated: bool = False) -> dict[tuple[int, str], int]:
-    """:func:`uniform_unit_counts` for the blocks of ``session`` (``compensated``: see :func:`block_units`)."""
+    """:func:`uniform_unit_counts` for the blocks of ``session`` (``compensated``: see :func:`block_units`), removing
+    only key/value-group counts whose head count the model's config class accepts (Llama wants ``hidden_size``
+    divisible by the heads: 6 of 8 heads at width 256 could not be saved as config keys)."""
     check_uniform_session(session)
     return uniform_unit_counts([block_units(session, i, compensated) for i in range(session.num_blocks)], share,
-                               ranked)
+                               ranked, stock_group_removals(session))
+
+
+def stock_group_removals(session: StructuredSession) -> set[int]:
+    """The numbers of key/value groups a block may lose so that the config class still describes the heads left."""
+    from ..surgery.structure import _config_accepts
+
+    decl = session.require("attention_heads")
+    shape = session.block_shape(0)
+    per_group = shape.attention_heads // shape.kv_heads
+    allowed = set()
+    for removed in range(shape.kv_heads):
+        groups = shape.kv_heads - removed
+        updates = {decl.heads_key: groups * per_group}
+        if decl.kv_heads_key is not None:
+            updates[decl.kv_heads_key] = groups
+        if decl.head_dim_key is not None:
+            updates[decl.head_dim_key] = shape.head_dim
+        elif removed:
+            continue  # head_dim follows hidden_size // heads: fewer heads cannot be described
+        if _config_accepts(session.model.config, updates):
+            allowed.add(removed)
+    return allowed
 
 
 def check_uniform_session(session: StructuredSession) -> None:
@@ -284,5 +313,5 @@ def round_channel_counts(counts: Mapping[tuple[int, str], int], totals: Mapping[
 
 __all__ = ["KV_GROUP", "MLP_CHANNEL", "BlockUnits", "Unit", "block_target_counts", "block_unit_counts",
            "block_units", "check_uniform_session", "choose_units", "lowest_units", "round_channel_counts",
-           "round_kept_channels",
+           "round_kept_channels", "stock_group_removals",
            "uniform_target_counts", "uniform_unit_counts"]
