@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -219,16 +218,18 @@ def _encode(tensor: torch.Tensor, outtype: str):
     q8_0 needs rows that are a multiple of 32 and falls back to f16 otherwise."""
     import gguf
 
-    data = tensor.detach().to(torch.float32).cpu().numpy()
+    tensor = tensor.detach().to(torch.float32).cpu()
+    data = tensor.numpy()
     if data.ndim == 1 or outtype == "f32":
         return data, None
+    half = tensor.to(torch.float16).numpy()
     if outtype == "q8_0":
         if data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
             return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-        return data.astype(np.float16), None
+        return half, None
     if outtype == "bf16":
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
-    return data.astype(np.float16), None
+    return half, None
 
 
 def _check_destination(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -283,7 +284,10 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
     >>> path.name
     'demo-7m.gguf'
     """
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("GGUF export needs the gguf package: pip install 'hf-sparse[gguf]'") from None
 
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {shown(outtype)} is not supported; use one of {list(OUTTYPES)}")

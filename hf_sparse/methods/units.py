@@ -111,8 +111,8 @@ def block_unit_counts(block: BlockUnits, share: float, coarse_hint: float | None
     the larger half). When the fine kind cannot make up the rest at the nearest coarse count (a small target
     overshot by one whole group, or a large one beyond the MLP), the coarse count whose remainder it can make up
     closest is taken instead. A target beyond what the block can lose raises: a share is never silently clamped.
-    ``coarse_hint`` replaces ``share`` times the coarse units as the count to stay nearest to (uniform shapes take it
-    from the method's global ranking); ``coarse_allowed`` limits the coarse counts that may be removed (uniform shapes
+    ``coarse_hint`` replaces ``share`` times the coarse units as the count to stay nearest to (uniform shapes take
+    it from the method's global ranking); ``coarse_allowed`` limits the coarse counts that may be removed (uniform shapes
     keep only head counts the model's config class accepts).
 
     >>> b = BlockUnits(0, 1000, counts={"kv_group": 4, "mlp_channel": 100}, costs={"kv_group": 100, "mlp_channel": 6})
