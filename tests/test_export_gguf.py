@@ -306,3 +306,18 @@ def test_tokenizers_the_helpers_do_not_know_are_refused(tmp_path, tokenizer):
 def test_input_folder_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"is not a checkpoint folder \(no config.json\)"):
         hf_sparse.export_gguf(tmp_path, tmp_path / "out.gguf")
+
+
+def test_a_compact_checkpoint_exports_with_its_zeros(tmp_path, tokenizer):
+    from hf_sparse.formats import compress_checkpoint
+
+    model = _tiny()
+    _prune(model, "magnitude", 0.5, pattern="2:4")
+    model.save_pretrained(tmp_path / "pruned")
+    tokenizer.save_pretrained(tmp_path / "pruned")
+    compress_checkpoint(tmp_path / "pruned", tmp_path / "compact")
+    tokenizer.save_pretrained(tmp_path / "compact")
+    reader, fields = _fields(hf_sparse.export_gguf(tmp_path / "compact", tmp_path / "c.gguf", show_progress=False))
+    assert json.loads(fields[RECORD_KEY])["pattern"] == "2:4"
+    assert np.array_equal(_tensor(reader, "blk.2.ffn_gate.weight"), model.model.layers[2].mlp.gate_proj.weight
+                          .detach().numpy())
