@@ -75,7 +75,10 @@ def test_every_block_keeps_the_same_shape_and_the_budget_is_met(method, options)
     shapes = _shapes(record)
     assert len(set(shapes)) == 1 and shapes[0] != (4, 2, 128)
     assert record.method_options["uniform_shapes"] is True
-    assert abs(record.overall_sparsity - 0.3) * 3 * BLOCK <= CHANNEL / 2 + 64  # half a channel (+ a bias) per block
+    # half a channel (+ a compensation bias) per block, and the zero biases that make FLAP's biases config keys
+    zero = sum(m.bias.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and m.bias is not None and not name.endswith(("o_proj", "down_proj")))
+    assert abs(record.overall_sparsity - 0.3) * 3 * BLOCK <= CHANNEL / 2 + 64 + zero
     assert torch.isfinite(model(IDS).logits).all()
 
 
@@ -99,10 +102,16 @@ def test_channel_multiple_rounds_the_one_width():
         assert shape[2] % 16 == 0
 
 
-def test_uniform_model_is_a_stock_config_for_plain_transformers(tmp_path):
+@pytest.mark.parametrize("method", ["pip", "flap"])
+def test_uniform_model_is_a_stock_config_for_plain_transformers(tmp_path, method):
+    """PIP (no biases) and FLAP with its compensation biases: Llama's attention_bias / mlp_bias keys describe the
+    biases once the sub-block's other linears hold zero biases."""
     model = tiny_llama(num_hidden_layers=3)
-    record = hf_sparse.prune(model, _config("pip", 0.3, uniform_shapes=True), show_progress=False)
+    record = hf_sparse.prune(model, _config(method, 0.3, uniform_shapes=True), show_progress=False)
     assert record.structure["loading"] == "config"
+    if method == "flap":
+        assert model.config.mlp_bias and all(b.mlp.gate_proj.bias is not None for b in model.model.layers)
+        assert record.structure["block_parameters"] == sum(p.numel() for p in model.model.layers.parameters())
     heads, kv_heads, channels = _shapes(record)[0]
     assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size) == \
         (heads, kv_heads, channels)
