@@ -13,7 +13,8 @@ import torch
 import transformers
 
 import hf_sparse
-from conftest import CALIBRATION_TXT, DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL, MODEL_DIR, TEST_TXT, import_example
+from conftest import (CALIBRATION_TXT, DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL, MODEL_DIR, TEST_TXT,
+                      import_example)
 
 gguf = pytest.importorskip("gguf")
 bench = import_example("benchmark_llamacpp")
