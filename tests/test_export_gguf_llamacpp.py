@@ -18,8 +18,8 @@ from conftest import (CALIBRATION_TXT, DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODE
 
 gguf = pytest.importorskip("gguf")
 bench = import_example("benchmark_llamacpp")
-TEXT = ("Hello world, it's 2026!  Numbers 12345 and   spaces\n\nNew line.\tTabs; café, naïve — “quotes” <s> and "
-        "</s> 3.14159 don't I'M we'll\n  indented")
+TEXT = ("Hello world, it's 2026!  Numbers 12345 and   spaces\n\nNew line.\tTabs; café, naïve — “quotes” "
+        "<s> and </s> 3.14159 don't I'M we'll\n  indented")
 
 
 def _binary(name: str):
