@@ -134,6 +134,17 @@ def test_uniform_structured_model_keeps_the_llama_architecture(tmp_path, tokeniz
     assert torch.allclose(_gguf_logits(path), _logits(model), atol=1e-5)
 
 
+def test_uniform_flap_biases_go_to_llama_slots_and_zero_biases_are_not_written(tmp_path, tokenizer):
+    model = _tiny()
+    _prune(model, "flap", 0.3, uniform_shapes=True)
+    assert model.config.mlp_bias and model.model.layers[0].mlp.gate_proj.bias is not None  # zero, for the config
+    reader, fields = _fields(_export(model, tokenizer, tmp_path / "uniform-flap.gguf"))
+    names = {t.name for t in reader.tensors}
+    assert fields["general.architecture"] == "llama"
+    assert "blk.0.ffn_down.bias" in names and "blk.0.ffn_gate.bias" not in names and "blk.0.ffn_up.bias" not in names
+    assert np.allclose(_tensor(reader, "blk.0.ffn_down.bias"), model.model.layers[0].mlp.down_proj.bias.detach())
+
+
 def test_layer_removal_writes_fewer_llama_layers(tmp_path, tokenizer):
     model = _tiny()
     _prune(model, "shortgpt", 0.34)
@@ -185,15 +196,22 @@ def test_qwen2_keeps_its_architecture_dense_and_goes_to_deci_when_heads_change(t
     config = transformers.Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # q/k/v biases start at zero, and an all-zero bias is not written
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0, 0.1)
     plan = plan_export(model)
     assert plan.arch == "qwen2" and "blk.0.attn_q.bias" in plan.tensors
     reader, _ = _fields(_export(model, tokenizer, tmp_path / "q.gguf"))
     # qwen2 applies rotary embeddings to halves, as transformers does: no reordering
     assert np.array_equal(_tensor(reader, "blk.0.attn_q.weight"), model.model.layers[0].self_attn.q_proj.weight
                           .detach().numpy())
-    _prune(model, "pip", 0.4, uniform_shapes=True)
-    assert model.model.layers[0].self_attn.q_proj.out_features < 64
-    assert plan_export(model).arch == "deci"
+    from hf_sparse.surgery import AttentionEdit
+
+    edit = {i: BlockEdit(attention=AttentionEdit.whole_groups([1], 2)) for i in range(2)}  # one group in each block
+    apply_edits(model, get_architecture(model), StructuredEdits(blocks=edit))
+    plan = plan_export(model)  # one shape, but qwen2's attention is hidden-size wide: deci
+    assert plan.arch == "deci" and plan.layers[0].heads == 2
 
 
 def test_export_from_a_saved_folder_and_the_cli(tmp_path, capsys):

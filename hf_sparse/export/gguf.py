@@ -11,7 +11,8 @@ file. The GGUF architecture follows the shapes of the model's blocks, read from 
   with one value per layer;
 * biases (FLAP's compensation on ``o_proj``/``down_proj``, Qwen2's q/k/v biases) go into the bias tensors the chosen
   architecture has (``llama`` and ``deci`` load optional q/k/v, output, gate, up and down biases; ``qwen2`` only q/k/v,
-  so a Qwen2 model with other biases goes to ``deci``).
+  so a Qwen2 model with other biases goes to ``deci``); an all-zero bias (those that make uniform FLAP's biases
+  Llama config keys) is not written.
 
 What no architecture expresses is refused with a one-line error naming it, never written wrongly: blocks that read
 and write their own residual dimensions (DISP-LLM), a bias with no slot (e.g. on ``lm_head``), a parameter the layout
@@ -170,8 +171,8 @@ def plan_export(model: nn.Module) -> ExportPlan:
     hidden = int(config.hidden_size)
     uniform = len(set(layers)) == 1
     names = dict(model.named_parameters(remove_duplicate=False))
-    biases = {_BLOCK_TENSORS.get(name.split(".", 3)[-1]) for name in names
-              if name.startswith(prefix + ".") and name.endswith(".bias")}
+    biases = {_BLOCK_TENSORS.get(name.split(".", 3)[-1]) for name, tensor in names.items()
+              if name.startswith(prefix + ".") and name.endswith(".bias") and tensor.detach().any()}
     arch = FAMILIES[model_type]
     if not uniform or not biases <= _BIAS_SLOTS[arch] or \
             (arch == "qwen2" and layers[0].heads * head_dim != hidden):
@@ -189,6 +190,8 @@ def plan_export(model: nn.Module) -> ExportPlan:
             target = _BLOCK_TENSORS.get(rest)
             if target is None:
                 raise ValueError(f"parameter {shown(name)} has no place in GGUF architecture {arch!r}")
+            if target.endswith(".bias") and not tensor.detach().any():
+                continue  # an all-zero bias adds nothing, and llama.cpp would still spend an addition on it
             if target.endswith(".bias") and target not in _BIAS_SLOTS[arch]:
                 raise ValueError(f"bias {shown(name)} has no slot in GGUF architecture {arch!r}")
             layer = layers[int(index)]
