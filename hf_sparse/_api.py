@@ -24,6 +24,7 @@ from . import hub, peft, recovery, training  # public submodules: `from hf_spars
 from .integrations.compressed import install_save_hook  # save_pretrained(d, compressed=True); compact loading
 from .integrations.loading_guard import install_config_hook  # model types of checkpoints only hf_sparse loads
 from . import formats, kernels  # compact storage; opt-in 2:4 kernels (hf_sparse.kernels.enable_2of4)
+from .export import export_gguf  # GGUF files for llama.cpp
 
 # `hf_sparse.evaluate` is the first wave's name for the evaluation module; `import hf_sparse.evaluate` works too.
 evaluate = evaluation
@@ -46,6 +47,7 @@ __all__ = [
     "SparsityRecord",
     "evaluate",
     "evaluation",
+    "export_gguf",
     "formats",
     "get_masks",
     "hub",

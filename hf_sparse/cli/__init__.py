@@ -9,6 +9,7 @@
     hf-sparse sweep MODEL --methods wanda,sparsegpt --sparsities 0.5,0.7 --calibration calib.txt --eval-data test.txt --output sweep/
     hf-sparse bench pruned/ --baseline MODEL --prompt-length 512 --new-tokens 64
     hf-sparse compress pruned/ pruned-compact/        (and `hf-sparse decompress IN OUT` for a dense export)
+    hf-sparse export pruned/ pruned.gguf --outtype f16  (for llama.cpp)
 
 Tables go to stdout, progress bars and logs to stderr. Bad input, and an operating-system error such as a full disk,
 exit with code 2 and one line naming the problem (as argparse does for malformed options); Ctrl-C exits with 130.
@@ -34,7 +35,7 @@ from .common import PROG, add_threads_argument, apply_threads
 logger = logging.getLogger("hf_sparse.cli")
 
 #: the subcommands, in the order ``hf-sparse --help`` lists them (module names in this package)
-COMMANDS = ("prune", "eval", "sweep", "bench", "methods", "recover", "compress", "decompress")
+COMMANDS = ("prune", "eval", "sweep", "bench", "methods", "recover", "compress", "decompress", "export")
 
 
 class _HelpFormatter(argparse.HelpFormatter):

@@ -21,6 +21,13 @@ methods) step 2 is replaced by FLAP's uniform-per-layer rule ("UL-UM") with each
 the nearest count of its key/value groups to ``t_i`` of them and the MLP channels that make up the rest of ``t_i``
 of its parameters (:func:`hf_sparse.methods.units.block_unit_counts`, within half an MLP channel per block, the new
 compensation biases counted); within a block the lowest-scoring groups and channels go.
+
+With ``uniform_shapes=True`` every block keeps the same number of key/value groups and MLP channels
+(:func:`hf_sparse.methods.units.uniform_unit_counts`): the adaptive search still decides how many groups go in all
+(shared equally among the blocks), the channels make up the budget, and each block removes its own lowest-scoring
+units. Without compensation biases the config's own keys then describe the model (plain transformers and serving
+engines load it); with them (the default) the biases need ``import hf_sparse`` in transformers, while a GGUF export
+(:func:`hf_sparse.export_gguf`) keeps the model's own architecture, whose bias slots hold them.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from typing import TYPE_CHECKING
 from ..surgery import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits
 from .base import MethodOptions, PaperReference, register_method
 from .structured import StructuredPruningMethod
-from .units import Unit, block_target_counts, choose_units, lowest_units
+from .units import (Unit, block_target_counts, check_uniform_session, choose_units, lowest_units,
+                    round_kept_channels, uniform_target_counts)
 
 if TYPE_CHECKING:
     from ..engine.structured import StructuredSession
@@ -53,10 +61,16 @@ class FLAPOptions(MethodOptions):
                 "kernels handle efficiently) by keeping or removing that block's next channels in score order; 1 "
                 "keeps the exact search. The removed share moves by at most half a multiple per block.",
         "range": ">= 1"})
+    uniform_shapes: bool = field(default=False, metadata={
+        "help": "Give every block the same number of key/value groups and MLP channels (each block removes its own "
+                "lowest-scoring ones; the split between groups and channels follows the global ranking), so the "
+                "config describes every block and any engine loads the model; the default lets blocks differ."})
 
     def __post_init__(self):
         if not isinstance(self.bias_compensation, bool):
             raise ValueError(f"flap option bias_compensation must be True or False, got {self.bias_compensation!r}")
+        if not isinstance(self.uniform_shapes, bool):
+            raise ValueError(f"flap option uniform_shapes must be True or False, got {self.uniform_shapes!r}")
         if isinstance(self.channel_multiple, bool) or not isinstance(self.channel_multiple, int) \
                 or self.channel_multiple < 1:
             raise ValueError(f"flap option channel_multiple must be an integer >= 1, got {self.channel_multiple!r}")
@@ -66,33 +80,6 @@ def _standardise(scores: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std over one layer's channels (unbiased std, as torch.std and the reference)."""
     std = scores.std()
     return (scores - scores.mean()) / (std if std > 0 else 1.0)
-
-
-def round_kept_channels(units: list[Unit], chosen: list[Unit], totals: dict[tuple[int, str], int],
-                        multiple: int) -> list[Unit]:
-    """``chosen`` with every block's kept MLP channel count rounded to the nearest multiple of ``multiple`` (at least
-    one multiple, at most all channels): the block's lowest-scoring kept channels go, or its highest-scoring removed
-    ones come back.
-
-    >>> u = [Unit(float(i), 1, 0, "mlp_channel", i) for i in range(10)]
-    >>> sorted(x.index for x in round_kept_channels(u, u[:3], {(0, "mlp_channel"): 10}, 4))  # keeps 7 -> 8
-    [0, 1]
-    """
-    if multiple == 1:
-        return chosen
-    chosen_ids = {id(u) for u in chosen}
-    result = [u for u in chosen if u.kind != "mlp_channel"]
-    for (block, kind), total in sorted(totals.items()):
-        if kind != "mlp_channel":
-            continue
-        ranked = sorted((u for u in units if u.block == block and u.kind == kind),
-                        key=lambda u: (u.score, u.index))  # ascending: removal order
-        removed = sum(id(u) in chosen_ids for u in ranked)
-        kept = total - removed
-        target = min(total, max(multiple, multiple * round(kept / multiple)))
-        # Removal follows the block's own score order, so the rounded choice is a prefix of it.
-        result += ranked[: total - target] if target < total else []
-    return result
 
 
 @register_method
@@ -111,6 +98,8 @@ class FLAPPruning(StructuredPruningMethod):
         heads = session.require("attention_heads")
         mlp = session.require("mlp_channels")
         # Per-block targets are turned into unit counts first: a share out of a block's reach fails before the pass.
+        if self.options.uniform_shapes:
+            check_uniform_session(session)  # before the pass: per-block targets and one shape exclude each other
         per_block = (block_target_counts(session, self.options.bias_compensation)
                      if session.block_targets is not None else None)
         units: list[Unit] = []
@@ -141,7 +130,11 @@ class FLAPPruning(StructuredPruningMethod):
             raise ValueError(f"flap option channel_multiple={multiple} is not below the MLP width of block "
                              f"{narrow[1]} ({narrow[0]} channels): no smaller width is a multiple of it; use a "
                              f"multiple below {narrow[0]} (e.g. 8 or 64)")
-        if per_block is None:  # one budget, units of all blocks ranked together (AL-AM)
+        if self.options.uniform_shapes:  # one shape: AL-AM's split between groups and channels, the same per block
+            ranked = choose_units(units, sparsity * session.block_parameters, totals)
+            chosen = lowest_units(units, uniform_target_counts(session, sparsity, ranked,
+                                                               self.options.bias_compensation))
+        elif per_block is None:  # one budget, units of all blocks ranked together (AL-AM)
             chosen = choose_units(units, sparsity * session.block_parameters, totals)
         else:  # each block its own share (UL-UM with per-block shares)
             chosen = lowest_units(units, per_block)

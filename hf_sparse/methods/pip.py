@@ -27,6 +27,10 @@ distinguish between these two views". Our reading, every choice an option where 
    blocks, block ``i`` loses the share ``t_i`` of its own parameters: the key/value groups and MLP channels that takes
    are counted once (:func:`hf_sparse.methods.units.block_unit_counts`, FLAP's per-layer rule, within half an MLP
    channel per block), round ``r`` removes the lowest-scoring remaining units up to ``r / rounds`` of each count.
+6. **Uniform shapes** (``uniform_shapes=True``): every block loses the same counts, fixed after the first round's
+   scores (:func:`hf_sparse.methods.units.uniform_unit_counts`: the key/value-group count from the global ranking,
+   shared equally, the MLP channels making up the budget), then removed round by round as in 5. The config's own
+   keys describe the result, so engines load it without hf_sparse.
 
 Deterministic for a seed (the noise and the replaced tokens come from the pruning seed). Cost: ``rounds`` × 2 forwards
 and one backward of the whole model per calibration batch.
@@ -50,7 +54,8 @@ from ..surgery import AttentionEdit, BlockEdit, MLPEdit, StructuredEdits
 from ..surgery.apply import _submodule
 from .base import MethodOptions, PaperReference, register_method
 from .structured import StructuredPruningMethod
-from .units import Unit, block_target_counts, choose_units, lowest_units
+from .units import (Unit, block_target_counts, check_uniform_session, choose_units, lowest_units,
+                    round_channel_counts, uniform_target_counts)
 
 if TYPE_CHECKING:
     from ..architectures import AttentionHeads, MLPChannels
@@ -82,11 +87,24 @@ class PIPOptions(MethodOptions):
     bias_compensation: bool = field(default=False, metadata={
         "help": "Add the removed channels' mean contribution (measured on the dense model) as a bias of o_proj / "
                 "down_proj, as FLAP does. Costs one more forward pass over the calibration data."})
+    uniform_shapes: bool = field(default=False, metadata={
+        "help": "Give every block the same number of key/value groups and MLP channels (the split between groups and "
+                "channels from the first round's global ranking; each block removes its own lowest-scoring units), "
+                "so the config describes every block and any engine loads the model."})
+    channel_multiple: int = field(default=1, metadata={
+        "help": "Round every block's kept MLP channel count to a multiple of this (e.g. 256 for llama.cpp's "
+                "k-quants); needs counts decided up front: uniform_shapes=True or a per-block sparsity_profile.",
+        "range": ">= 1"})
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.bias_compensation, bool):
             raise ValueError(f"pip option bias_compensation must be True or False, got {self.bias_compensation!r}")
+        if not isinstance(self.uniform_shapes, bool):
+            raise ValueError(f"pip option uniform_shapes must be True or False, got {self.uniform_shapes!r}")
+        if isinstance(self.channel_multiple, bool) or not isinstance(self.channel_multiple, int) \
+                or self.channel_multiple < 1:
+            raise ValueError(f"pip option channel_multiple must be an integer >= 1, got {self.channel_multiple!r}")
         if self.perturbation == "token_replace" and self.strength > 1:
             raise ValueError(f"pip strength is the share of tokens replaced for perturbation='token_replace' and must "
                              f"be at most 1, got {self.strength}")
@@ -284,6 +302,15 @@ class PIPPruning(StructuredPruningMethod):
         # Per-block targets become unit counts before any gradient is taken (a share out of reach fails first).
         final_counts = (block_target_counts(session, self.options.bias_compensation)
                         if session.block_targets is not None else None)
+        if self.options.uniform_shapes:
+            check_uniform_session(session)
+        elif final_counts is None and self.options.channel_multiple > 1:
+            raise ValueError(f"pip option channel_multiple={self.options.channel_multiple} rounds counts decided up "
+                             "front: use it with uniform_shapes=True or a per-block sparsity_profile")
+        totals = {(i, kind): n for i, shape in enumerate(shapes)
+                  for kind, n in (("kv_group", shape.kv_heads), ("mlp_channel", shape.mlp_channels))}
+        if final_counts is not None:
+            final_counts = round_channel_counts(final_counts, totals, self.options.channel_multiple)
         # The pruning seed (api forks and seeds the global RNG) fixes the perturbations.
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         removed: dict[tuple[int, str], set[int]] = {}
@@ -307,6 +334,11 @@ class PIPPruning(StructuredPruningMethod):
                     left[(index, kind)] = len(scores) - len(gone)
                     units += [Unit(s, costs[index][kind], index, kind, u)
                               for u, s in enumerate(scores) if u not in gone]
+            if self.options.uniform_shapes and final_counts is None:  # counts fixed once, from round 1's ranking
+                ranked = choose_units(units, budget, left)
+                final_counts = round_channel_counts(
+                    uniform_target_counts(session, sparsity, ranked, self.options.bias_compensation), totals,
+                    self.options.channel_multiple)
             if final_counts is None:  # one budget, ranked across all blocks
                 target = budget * round_index / rounds
                 chosen = choose_units(units, target - removed_parameters, left)

@@ -129,10 +129,34 @@ def _hidden_size(adapter: ArchitectureAdapter, blocks) -> int:
     return _submodule(blocks[0], adapter.attention_heads.query).in_features
 
 
-def _rewritable(adapter: ArchitectureAdapter, structure: dict[str, Any]) -> bool:
+#: model_type -> {linear that may gain a bias: (config key giving biases to a whole sub-block, its linears)}: a new
+#: bias (FLAP's compensation) on every block's o_proj / down_proj is a stock config once the key is set and the
+#: sub-block's other linears get zero biases (Llama's attention_bias covers q/k/v/o, mlp_bias gate/up/down)
+STOCK_BIAS_KEYS = {
+    "llama": {"self_attn.o_proj": ("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                      "self_attn.o_proj")),
+              "mlp.down_proj": ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))},
+}
+
+
+def _stock_biases(model_type: str | None, structure: dict[str, Any]) -> dict[str, tuple[str, ...]] | None:
+    """``{config key: linears}`` that describe the blocks' new biases (all blocks alike), or ``None`` if none do."""
+    biased = {tuple(sorted(b.get("new_biases", ()))) for b in structure["blocks"]}
+    if len(biased) != 1:
+        return None
+    keys = STOCK_BIAS_KEYS.get(model_type, {})
+    names = biased.pop()
+    if not all(name in keys for name in names):
+        return None
+    return dict(keys[name] for name in names)
+
+
+def _rewritable(adapter: ArchitectureAdapter, structure: dict[str, Any], model_type: str | None = None) -> bool:
     """Whether one set of config keys describes every block (then plain transformers can build the model)."""
     blocks, original = structure["blocks"], structure["original"]
-    if any(b.get("new_biases") or b.get("residual_dims") for b in blocks):
+    if any(b.get("residual_dims") for b in blocks):
+        return False
+    if any(b.get("new_biases") for b in blocks) and _stock_biases(model_type, structure) is None:
         return False
     shapes = {tuple(b.get(k) for k in _COUNTS) for b in blocks}
     if len(shapes) != 1:
@@ -181,10 +205,25 @@ def _config_accepts(config, updates: dict[str, Any]) -> bool:
 def finish_config(adapter: ArchitectureAdapter, model: nn.Module, structure: dict[str, Any]) -> dict[str, Any]:
     """Rewrite the config's own keys where every block has one shape, else mark the config as needing hf_sparse.
 
-    Returns ``structure`` with ``"loading"`` set. Block removal has already shortened ``num_hidden_layers``.
+    Returns ``structure`` with ``"loading"`` set. Block removal has already shortened ``num_hidden_layers``. New
+    biases alike in every block become the config's bias keys (:data:`STOCK_BIAS_KEYS`): the sub-block's other
+    linears get zero biases, which change no output, and ``block_parameters`` counts them.
     """
-    updates = _config_updates(adapter, structure) if _rewritable(adapter, structure) else None
+    model_type = getattr(model.config, "model_type", None)
+    updates = _config_updates(adapter, structure) if _rewritable(adapter, structure, model_type) else None
+    biases = _stock_biases(model_type, structure) if updates is not None else None
+    if updates is not None:
+        updates.update({key: True for key in biases or {}})
     if updates is not None and all(_config_accepts(config, updates) for config in _configs(model)):
+        for block in adapter.blocks(model):
+            for linears in (biases or {}).values():
+                for name in linears:
+                    module = _submodule(block, name)
+                    if module.bias is None:
+                        module.bias = nn.Parameter(module.weight.new_zeros(module.out_features),
+                                                   requires_grad=module.weight.requires_grad)
+        if biases:
+            structure["block_parameters"] = block_parameters(adapter, model)
         for config in _configs(model):
             for key, value in updates.items():
                 setattr(config, key, value)
