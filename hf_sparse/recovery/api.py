@@ -81,7 +81,7 @@ def _last_checkpoint(folder: str) -> str | None:
 def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | None = None, *,
             teacher_model: nn.Module | None = None, data_weights: Any = None, output: str | None = None,
             overwrite: bool = False, callbacks: list | None = None, show_progress: bool = True,
-            **overrides: Any) -> RecoveryResult:
+            dense_control: bool = False, **overrides: Any) -> RecoveryResult:
     """Recover ``model`` (pruned by hf_sparse) by distillation from its dense teacher or on the LM loss.
 
     ``data`` is any calibration source (text file or folder, dataset name, list of strings, token ids; a mix with
@@ -89,7 +89,8 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
     overrides (``objective=``, ``teacher=``, ``steps=``, ``method=``, ``temperature=``...). ``teacher_model`` is an
     already loaded teacher (instead of ``config.teacher``). ``model`` itself is trained (LoRA layers are merged
     back into it); the result's ``model`` is the recovered model, exactly as sparse and the same shapes as before.
-    With ``output`` the recovered model (and ``tokenizer``) is saved there atomically: a kill leaves no
+    ``dense_control=True`` accepts a dense model (no record; nothing to keep) and trains it the same way: the
+    control that separates recovery from adaptation to the training text. With ``output`` the recovered model (and ``tokenizer``) is saved there atomically: a kill leaves no
     half-written folder, and with ``checkpoint_dir`` + ``resume=True`` a rerun continues from the last checkpoint.
 
     >>> result = recover(pruned_model, tokenizer, "calibration.txt", objective="distill", teacher="base",
@@ -101,13 +102,18 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
     if overrides:
         config = RecoveryConfig(**{**asdict(config), **overrides})
     record = read_record(model)
-    if record is None:
-        raise ValueError("recover() needs a model pruned by hf_sparse (config.sparsity_config is missing)")
+    if record is None and not dense_control:
+        raise ValueError("recover() needs a model pruned by hf_sparse (config.sparsity_config is missing); "
+                         "dense_control=True trains a dense model the same way (the control for adaptation)")
+    if record is None and config.uses_teacher and teacher_model is None and config.teacher == "base":
+        raise ValueError("a dense model has no record naming its base model: pass teacher=DIR or teacher_model")
+    if dense_control and record is not None:
+        raise ValueError("dense_control=True is for a dense model, but this one was pruned by hf_sparse")
     if output is not None:
         from ..saving import check_destination
 
         check_destination(output, overwrite)
-    masks_before = get_masks(model)  # strict: the zeros must match the record before we start
+    masks_before = get_masks(model) if record is not None else {}  # strict: the zeros must match the record before we start
     shapes_before = _shapes(model)
     packed = pack_training_data(data, tokenizer, config.sequence_length, config.heldout_fraction,
                                 config.max_heldout, config.seed, weights=data_weights,
@@ -136,10 +142,16 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
         alpha = config.alpha if config.alpha is not None else 2 * config.rank
         lora = LoraConfig(r=config.rank, lora_alpha=alpha, lora_dropout=config.dropout,
                           target_modules=config.target_modules, task_type="CAUSAL_LM")
-        student = get_sparse_peft_model(model, lora, mode=config.mode)
+        if record is None:
+            from peft import get_peft_model
+
+            student = get_peft_model(model, lora)
+        else:
+            student = get_sparse_peft_model(model, lora, mode=config.mode)
     else:
         model.requires_grad_(True)
-        trainer_callbacks.append(KeepSparsityCallback(masks_before))
+        if masks_before:
+            trainer_callbacks.append(KeepSparsityCallback(masks_before))
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
 
@@ -179,7 +191,7 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
     recovered.eval()
     recovered.requires_grad_(False)
 
-    masks_after = get_masks(recovered)  # raises if any recorded module's sparsity changed
+    masks_after = get_masks(recovered) if record is not None else {}  # raises if any recorded module's sparsity changed
     for name, mask in masks_before.items():
         if not torch.equal(mask, masks_after[name]):
             raise RuntimeError(f"recovery changed the sparsity pattern of {name!r}; this is a bug in hf_sparse")
@@ -207,8 +219,9 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
         **({"heldout_perplexity_before": round(ppl_before, 4)} if ppl_before is not None else {}),
         **({"heldout_perplexity_after": round(ppl_after, 4)} if ppl_after is not None else {}),
     }
-    record.recovery = entry
-    write_record(recovered, record)
+    if record is not None:
+        record.recovery = entry
+        write_record(recovered, record)
     losses = list(trainer.loss_history)
     if losses:
         logger.info("recovery (%s, %s): %d steps in %.0f s, loss %.3f -> %.3f", config.objective, config.method,

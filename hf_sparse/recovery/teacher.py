@@ -121,7 +121,7 @@ def check_teacher(teacher: nn.Module, student: nn.Module) -> None:
                          "the same vocabulary (the same tokenizer)")
 
 
-def load_teacher(teacher: Any, student: nn.Module, record: SparsityRecord, *, student_tokenizer=None,
+def load_teacher(teacher: Any, student: nn.Module, record: SparsityRecord | None, *, student_tokenizer=None,
                  dtype: str | None = None, device_map: str | None = None, force: bool = False) -> Teacher:
     """Resolve ``teacher`` (``"base"``, a folder, a Hub id or a loaded model) into a frozen, checked :class:`Teacher`."""
     student_base = unwrap_model(student)
@@ -139,7 +139,8 @@ def load_teacher(teacher: Any, student: nn.Module, record: SparsityRecord, *, st
             claims_base = True
         else:
             source = teacher
-            claims_base = record.base_model is not None and Path(teacher).name == record.base_model
+            claims_base = record is not None and record.base_model is not None and \
+                Path(teacher).name == record.base_model
         folder = _local_folder(source)
         if folder is not None:
             name = folder.resolve().name
