@@ -77,7 +77,7 @@ class RecoveryConfig:
                                                           "'merge'.", "choices": MODES})
     steps: int = field(default=200, metadata={"help": "Optimizer steps.", "range": "> 0"})
     batch_size: int = field(default=8, metadata={"help": "Sequences per step and process.", "range": "> 0"})
-    sequence_length: int = field(default=256, metadata={"help": "Tokens per training sequence.", "range": "> 0"})
+    sequence_length: int = field(default=256, metadata={"help": "Tokens per training sequence.", "range": ">= 2"})
     learning_rate: float | None = field(default=None, metadata={
         "help": "Peak AdamW learning rate; None = 1e-3 for LoRA, 1e-4 for full fine-tuning.", "range": "> 0"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup.",
