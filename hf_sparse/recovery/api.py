@@ -27,7 +27,7 @@ from .config import RecoveryConfig
 from .data import SequenceDataset, collate, describe_data, pack_training_data
 from .mask_keeper import KeepSparsityCallback
 from .teacher import Teacher, load_teacher, teacher_info
-from .trainer import LossLogger, RecoveryTrainer, make_mapping
+from .trainer import LossLogger, RecoveryTrainer, heldout_loss, make_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def _training_arguments(config: RecoveryConfig, checkpoint_dir: str, show_progre
         "eval_strategy": "steps" if (config.eval_steps and has_eval) else "no",
         "eval_steps": config.eval_steps, "dataloader_num_workers": 0, "optim": "adamw_torch",
         "label_names": ["labels"], "use_cpu": not torch.cuda.is_available(),
+        "ddp_find_unused_parameters": False,
     }
     options.update(config.trainer_args)
     return TrainingArguments(**options)
@@ -173,15 +174,15 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
         resume_from = _last_checkpoint(checkpoint_dir) if config.resume else None
         before = None
         if heldout is not None and resume_from is None:
-            before = trainer.evaluate()["eval_loss"]
+            # Not trainer.evaluate(): called before train() it keeps the Trainer from wrapping the model for DDP.
+            before = heldout_loss(student, packed.heldout, config.batch_size, config.chunk_size)
         if resume_from is not None:
             logger.info("recovery: resuming from %s", resume_from)
         trainer.train(resume_from_checkpoint=resume_from)
         seconds = time.perf_counter() - start
-        after = trainer.evaluate()["eval_loss"] if heldout is not None else None
+        after = heldout_loss(student, packed.heldout, config.batch_size, config.chunk_size) \
+            if heldout is not None else None
         log_history = list(trainer.state.log_history)
-        if before is None and resume_from is not None:
-            before = next((entry["eval_loss"] for entry in log_history if "eval_loss" in entry), None)
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache

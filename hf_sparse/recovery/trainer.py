@@ -139,6 +139,30 @@ class LossLogger(TrainerCallback):
                         ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()))
 
 
+@torch.no_grad()
+def heldout_loss(model: nn.Module, ids: torch.Tensor, batch_size: int, chunk_size: int = 1024) -> float:
+    """Mean next-token cross-entropy of ``model`` on the token rows ``ids`` (chunked like training; no Trainer, so
+    it can run before ``Trainer.train`` without keeping the Trainer from wrapping the model for DDP)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    weight, bias = _head_weight_bias(_output_layer(model))
+    total, count = 0.0, 0
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start:start + batch_size].to(device)  # (b, seq)
+            states = model(input_ids=batch, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states
+            hidden = states[-1][:, :-1].reshape(-1, states[-1].shape[-1])
+            _, _, lm = chunked_recovery_loss(hidden.to(weight.dtype), weight, bias, None, batch[:, 1:].reshape(-1),
+                                             kd_weight=0.0, lm_weight=1.0, chunk_size=chunk_size)
+            tokens = batch[:, 1:].numel()
+            total += float(lm) * tokens
+            count += tokens
+    finally:
+        model.train(was_training)
+    return total / max(1, count)
+
+
 def make_mapping(student: nn.Module, teacher: nn.Module, structure: dict | None) -> list[tuple[int, int]]:
     """Student-to-teacher block pairs for the hidden-state loss, from the record's structure."""
     from ..architectures import get_architecture
@@ -150,4 +174,4 @@ def make_mapping(student: nn.Module, teacher: nn.Module, structure: dict | None)
     return block_mapping(structure, student_blocks, teacher_blocks)
 
 
-__all__ = ["LossLogger", "NonFiniteLossError", "RecoveryTrainer", "make_mapping"]
+__all__ = ["LossLogger", "NonFiniteLossError", "RecoveryTrainer", "heldout_loss", "make_mapping"]
