@@ -7,7 +7,8 @@ For every student (a method at a sparsity) it prints one row:
 "dense + same training" is the dense model given exactly the training the students get (LM loss, same tokens and
 steps, LoRA or full): it separates recovery from adaptation to the training text. "gap closed" is the share of the
 pruned-to-dense perplexity gap that distillation wins back; "step ratio" the time per training step of distillation
-over LM recovery (the teacher only runs forward). Peak memory is the largest resident memory of the process during
+over LM recovery (the teacher only runs forward), from the process's CPU time (run with one thread, so that other
+jobs on a shared machine do not distort it). Peak memory is the largest resident memory of the process during
 each training run.
 
     python examples/benchmark_distill.py                                  # 7M model, every row, LoRA
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({args.steps * args.batch_size * args.sequence_length} tokens), perplexity on the first "
           f"{args.eval_windows} 256-token windows of wikitext2-test.txt; dense {dense:.2f}", flush=True)
     header = ("| student | train | pruned | + LM recovery | + distillation | dense + same training | dense | "
-              "gap closed | s/step LM | s/step distill | ratio | peak RSS LM | peak RSS distill |")
+              "gap closed | CPU s/step LM | CPU s/step distill | ratio | peak RSS LM | peak RSS distill |")
     print(header, flush=True)
     print("|" + "---|" * (header.count("|") - 1), flush=True)
     for row in args.rows.split(","):
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                 student = copy.deepcopy(pruned_model)
                 result, peak = train(student, objective, training, dense_model)
                 results[objective] = ppl(result.model)
-                seconds[objective] = result.seconds / args.steps
+                # CPU time of this process (one thread): other jobs on the machine do not inflate it
+                seconds[objective] = result.cpu_seconds / args.steps
                 peaks[objective] = peak
                 del student, result
             if not args.no_control and training not in controls:

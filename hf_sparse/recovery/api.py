@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RecoveryResult:
     """What :func:`recover` returns: the trained model (merged, for LoRA), the per-step training losses, the
-    held-out perplexity before and after (``None`` without held-out data), the time spent training and, with
+    held-out perplexity before and after (``None`` without held-out data), the time spent training (wall clock and
+    this process's CPU time, which other processes on the machine do not inflate) and, with
     ``output``, where the checkpoint was saved."""
 
     model: nn.Module
@@ -46,6 +47,7 @@ class RecoveryResult:
     perplexity_after: float | None = None
     tokens: int = 0
     output: Path | None = None
+    cpu_seconds: float = 0.0
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -169,7 +171,6 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints every log line; LossLogger logs them instead
-    start = time.perf_counter()
     try:
         resume_from = _last_checkpoint(checkpoint_dir) if config.resume else None
         before = None
@@ -178,8 +179,9 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
             before = heldout_loss(student, packed.heldout, config.batch_size, config.chunk_size)
         if resume_from is not None:
             logger.info("recovery: resuming from %s", resume_from)
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer.train(resume_from_checkpoint=resume_from)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         after = heldout_loss(student, packed.heldout, config.batch_size, config.chunk_size) \
             if heldout is not None else None
         log_history = list(trainer.state.log_history)
@@ -234,6 +236,7 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
         saved = save_checkpoint(recovered, tokenizer, output, overwrite=overwrite)
     return RecoveryResult(model=recovered, losses=losses, config=config, seconds=seconds,
                           perplexity_before=ppl_before, perplexity_after=ppl_after, tokens=tokens, output=saved,
+                          cpu_seconds=cpu_seconds,
                           log_history=log_history)
 
 
