@@ -27,7 +27,7 @@ from .config import RecoveryConfig
 from .data import SequenceDataset, collate, describe_data, pack_training_data
 from .mask_keeper import KeepSparsityCallback
 from .teacher import Teacher, load_teacher, teacher_info
-from .trainer import LossLogger, RecoveryTrainer, heldout_loss, make_mapping
+from .trainer import LossLogger, RecoveryProgress, RecoveryTrainer, heldout_loss, make_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +167,13 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
         train_dataset=SequenceDataset(train_ids), eval_dataset=heldout, data_collator=collate,
         callbacks=trainer_callbacks, recovery_config=config, teacher=teacher.model if teacher else None,
         mapping=mapping)
-    if not show_progress:
-        from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)  # it prints every log line; LossLogger logs them instead
+    # Both print every log dict to stdout; LossLogger logs them, RecoveryProgress shows them on the bar.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if show_progress:
+        trainer.add_callback(RecoveryProgress())
     try:
         resume_from = _last_checkpoint(checkpoint_dir) if config.resume else None
         before = None

@@ -54,7 +54,7 @@ def _local_folder(path: str | Path) -> Path | None:
         return None
 
 
-def _find_base(record: SparsityRecord, student_source: str | None) -> str:
+def find_base(record: SparsityRecord, student_source: str | None) -> str:
     """The folder (or Hub id) of the record's base model."""
     name = record.base_model
     if not name:
@@ -135,7 +135,7 @@ def load_teacher(teacher: Any, student: nn.Module, record: SparsityRecord | None
             model = model.to(torch_dtype)
     elif isinstance(teacher, str) and teacher:
         if teacher == "base":
-            source = _find_base(record, getattr(student_base, "name_or_path", None))
+            source = find_base(record, getattr(student_base, "name_or_path", None))
             claims_base = True
         else:
             source = teacher
@@ -172,4 +172,4 @@ def load_teacher(teacher: Any, student: nn.Module, record: SparsityRecord | None
     return Teacher(model=model, name=name, sha256=sha)
 
 
-__all__ = ["Teacher", "check_teacher", "load_teacher", "teacher_info"]
+__all__ = ["Teacher", "check_teacher", "find_base", "load_teacher", "teacher_info"]

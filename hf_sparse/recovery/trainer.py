@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from .config import RecoveryConfig
 from .losses import IGNORE_INDEX, block_mapping, chunked_recovery_loss, hidden_state_loss
@@ -163,6 +164,17 @@ def heldout_loss(model: nn.Module, ids: torch.Tensor, batch_size: int, chunk_siz
     return total / max(1, count)
 
 
+class RecoveryProgress(ProgressCallback):
+    """The Trainer's tqdm bar (on stderr) with loss and held-out perplexity in its postfix, instead of printing every
+    log dict to stdout (a command's stdout is its result)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {key: f"{logs[key]:.4g}" for key in ("loss", "eval_perplexity") if isinstance(logs.get(key), float)}
+            if shown:
+                self.training_bar.set_postfix(shown)
+
+
 def make_mapping(student: nn.Module, teacher: nn.Module, structure: dict | None) -> list[tuple[int, int]]:
     """Student-to-teacher block pairs for the hidden-state loss, from the record's structure."""
     from ..architectures import get_architecture
@@ -174,4 +186,4 @@ def make_mapping(student: nn.Module, teacher: nn.Module, structure: dict | None)
     return block_mapping(structure, student_blocks, teacher_blocks)
 
 
-__all__ = ["LossLogger", "NonFiniteLossError", "RecoveryTrainer", "heldout_loss", "make_mapping"]
+__all__ = ["LossLogger", "NonFiniteLossError", "RecoveryProgress", "RecoveryTrainer", "heldout_loss", "make_mapping"]
