@@ -376,3 +376,55 @@ def test_distillation_beats_lm_recovery_at_equal_tokens_on_the_7m_model(tokenize
     assert after_kd < after_lm < before, (before, after_lm, after_kd)
     assert_zeros_kept(kd.model, masks)
     assert MODEL_DIR.name in hf_sparse.read_record(kd.model).recovery["teacher"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def test_recover_help_shows_the_defaults(capsys):
+    from hf_sparse.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["recover", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: distill)", "(default: base)", "(default: 1.0)", "(default: lora)", "(default: 200)",
+                    "(default: 8)", "(default: 256)", "(default: masked)"):
+        assert default in text, default
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--temperature", "0"], "temperature must be a positive number, got 0"),
+    (["--kd-weight", "-1"], "kd_weight must be a number >= 0, got -1"),
+    (["--control"], "--control compares test perplexities: give --eval-data too"),
+])
+def test_recover_command_refuses_bad_options_before_loading(tmp_path, capsys, arguments, message):
+    from hf_sparse.cli import main
+
+    code = main(["recover", str(tmp_path / "not-loaded"), "--data", str(DEMO_CALIBRATION), "--output",
+                 str(tmp_path / "out"), *arguments])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_recover_command_distils_from_the_recorded_base_model(tmp_path, capsys):
+    """Prune the demo model, then ``hf-sparse recover --teacher <the demo folder>`` (hash-checked: same name as the
+    record's base model): a summary table, a checkpoint with the same zeros, a record naming teacher and objective."""
+    from hf_sparse.cli import main
+
+    assert main(["prune", str(DEMO_MODEL), "--method", "magnitude", "--pattern", "2:4", "--output",
+                 str(tmp_path / "pruned"), "--no-eval", "-q"]) == 0
+    capsys.readouterr()
+    masks = hf_sparse.get_masks(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"))
+    assert main(["recover", str(tmp_path / "pruned"), "--data", str(DEMO_CALIBRATION), "--teacher", str(DEMO_MODEL),
+                 "--steps", "2", "--batch-size", "2", "--sequence-length", "32", "--output", str(tmp_path / "out"),
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"objective            distill (teacher {DEMO_MODEL.name})" in out
+    assert out.strip().splitlines()[-1].split() == ["saved", "to", str(tmp_path / "out")]
+    recovered = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert_zeros_kept(recovered, masks)
+    recovery = hf_sparse.read_record(recovered).recovery
+    assert recovery["teacher"] == DEMO_MODEL.name and recovery["teacher_sha256"] == \
+        hf_sparse.read_record(recovered).base_model_sha256
