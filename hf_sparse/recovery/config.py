@@ -17,7 +17,7 @@ Two ways to train: ``method="lora"`` (sparsity-keeping LoRA, merged at the end; 
 >>> RecoveryConfig(temperature=0)
 Traceback (most recent call last):
 ...
-ValueError: temperature must be > 0, got 0.0
+ValueError: temperature must be a positive number, got 0
 """
 
 from __future__ import annotations
