@@ -2,7 +2,7 @@
 
 For every student (a method at a sparsity) it prints one row:
 
-    | student | train | pruned | + LM recovery | + distillation | dense + same training | dense | gap closed | step ratio |
+    | student | train | pruned | + LM recovery | + distillation | dense + same training | dense | gap closed | ...
 
 "dense + same training" is the dense model given exactly the training the students get (LM loss, same tokens and
 steps, LoRA or full): it separates recovery from adaptation to the training text. "gap closed" is the share of the
@@ -83,7 +83,8 @@ def parse_row(text: str) -> tuple[str, hf_sparse.SparsityConfig | dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-7m-books",
-                        help="'llama-7m-books' (../shared), 'smollm2' (the test-bed) or a folder (default: %(default)s)")
+                        help="'llama-7m-books' (../shared), 'smollm2' (the test-bed) or a folder "
+                             "(default: %(default)s)")
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated students (default: %(default)s)")
     parser.add_argument("--train", default="lora", help="comma-separated: lora, full (default: %(default)s)")
     parser.add_argument("--full-rows", default=None,
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden-weight", type=float, default=RecoveryConfig.hidden_weight,
                         help="(default: %(default)s)")
     parser.add_argument("--disp-steps", type=int, default=None, help="DISP-LLM hypernetwork steps (default: its own)")
-    parser.add_argument("--eval-windows", type=int, default=200, help="test windows of 256 tokens (default: %(default)s)")
+    parser.add_argument("--eval-windows", type=int, default=200,
+                        help="test windows of 256 tokens (default: %(default)s)")
     parser.add_argument("--json", default=None, help="append one JSON line per finished row to this file")
     add_threads_argument(parser)
     args = parser.parse_args(argv)

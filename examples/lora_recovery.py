@@ -1,5 +1,5 @@
 """Prune -> distil -> evaluate in one script: the shared 7M LLaMA (or the SmolLM2 test-bed) pruned, then recovered by
-distillation from its own dense model with sparsity-keeping LoRA, with the dense model given the same training beside it.
+distillation from its own dense model with sparsity-keeping LoRA, beside the dense model given the same training.
 
     python examples/lora_recovery.py                                      # Wanda 2:4, 60 steps x 4 x 256 tokens
     python examples/lora_recovery.py --method flap --pattern 30% --objective distill --steps 100

@@ -257,7 +257,8 @@ def test_missing_teacher_folder_is_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("options, step", [({"learning_rate": 1e30}, 2), ({"learning_rate": 1e30, "method": "full"}, 2)])
+@pytest.mark.parametrize("options, step", [({"learning_rate": 1e30}, 2),
+                                           ({"learning_rate": 1e30, "method": "full"}, 2)])
 def test_non_finite_loss_stops_naming_the_step(options, step):
     with pytest.raises(ValueError, match=rf"recovery loss is nan at step {step} of 3; training stopped"):
         recover(pruned_tiny(), None, IDS, teacher_model=tiny_llama(0), **{**QUICK, **options})

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: %(default)s)")
     group.add_argument("--teacher", default=defaults.teacher,
                        help="'base' = the dense model the record names (a folder of that name here or beside "
-                            "MODEL_DIR, checked against the record's hash), a folder or a Hub id (default: %(default)s)")
+                            "MODEL_DIR, checked against the record's hash), a folder or a Hub id "
+                            "(default: %(default)s)")
     group.add_argument("--force-teacher", action="store_true",
                        help="use the teacher even if its hash differs from the record's base model")
     group.add_argument("--teacher-dtype", choices=TEACHER_DTYPES, default=None,

@@ -93,8 +93,8 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
     already loaded teacher (instead of ``config.teacher``). ``model`` itself is trained (LoRA layers are merged
     back into it); the result's ``model`` is the recovered model, exactly as sparse and the same shapes as before.
     ``dense_control=True`` accepts a dense model (no record; nothing to keep) and trains it the same way: the
-    control that separates recovery from adaptation to the training text. With ``output`` the recovered model (and ``tokenizer``) is saved there atomically: a kill leaves no
-    half-written folder, and with ``checkpoint_dir`` + ``resume=True`` a rerun continues from the last checkpoint.
+    control that separates recovery from adaptation to the training text. With ``output`` the recovered model (and
+    ``tokenizer``) is saved there atomically: a kill leaves no half-written folder, and with ``checkpoint_dir`` + ``resume=True`` a rerun continues from the last checkpoint.
 
     >>> result = recover(pruned_model, tokenizer, "calibration.txt", objective="distill", teacher="base",
     ...                  steps=200)  # doctest: +SKIP
@@ -116,7 +116,8 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
         from ..saving import check_destination
 
         check_destination(output, overwrite)
-    masks_before = get_masks(model) if record is not None else {}  # strict: the zeros must match the record before we start
+    # strict: the zeros must match the record before we start
+    masks_before = get_masks(model) if record is not None else {}
     shapes_before = _shapes(model)
     packed = pack_training_data(data, tokenizer, config.sequence_length, config.heldout_fraction,
                                 config.max_heldout, config.seed, weights=data_weights,

@@ -123,7 +123,8 @@ def check_teacher(teacher: nn.Module, student: nn.Module) -> None:
 
 def load_teacher(teacher: Any, student: nn.Module, record: SparsityRecord | None, *, student_tokenizer=None,
                  dtype: str | None = None, device_map: str | None = None, force: bool = False) -> Teacher:
-    """Resolve ``teacher`` (``"base"``, a folder, a Hub id or a loaded model) into a frozen, checked :class:`Teacher`."""
+    """Resolve ``teacher`` (``"base"``, a folder, a Hub id or a loaded model) into a frozen, checked
+    :class:`Teacher`."""
     student_base = unwrap_model(student)
     torch_dtype = getattr(torch, dtype) if dtype else next(student_base.parameters()).dtype
     name = sha = None
