@@ -429,3 +429,20 @@ def test_recover_command_distils_from_the_recorded_base_model(tmp_path, capsys):
     recovery = hf_sparse.read_record(recovered).recovery
     assert recovery["teacher"] == DEMO_MODEL.name and recovery["teacher_sha256"] == \
         hf_sparse.read_record(recovered).base_model_sha256
+
+
+def test_a_mix_of_sources_is_packed_by_share(demo_tokenizer):
+    from hf_sparse.recovery.data import pack_training_data
+
+    text = DEMO_CALIBRATION.read_text(encoding="utf-8")
+    data = pack_training_data([[text[:20000]], [text[20000:40000]]], demo_tokenizer, 32, heldout_fraction=0.0,
+                              weights=[1, 3], num_sequences=40)
+    assert data.train.shape == (40, 32) and data.heldout.shape[0] == 0
+
+
+def test_teacher_in_lower_precision_and_the_card_says_distillation(tmp_path):
+    dense_dir, student = _pruned_from_folder(tmp_path)
+    result = recover(student, None, IDS, teacher="base", teacher_dtype="bfloat16", **QUICK)
+    card = hf_sparse.hub.save_with_model_card(result.model, None, tmp_path / "out")
+    text = card.read_text(encoding="utf-8")
+    assert "distillation" in text and "teacher `dense-tiny`" in text and "tokens seen 192" in text
