@@ -446,3 +446,24 @@ def test_teacher_in_lower_precision_and_the_card_says_distillation(tmp_path):
     card = hf_sparse.hub.save_with_model_card(result.model, None, tmp_path / "out")
     text = card.read_text(encoding="utf-8")
     assert "distillation" in text and "teacher `dense-tiny`" in text and "tokens seen 192" in text
+
+
+@pytest.mark.slow
+def test_flap_student_of_the_7m_model_keeps_its_shapes_and_reloads_bit_identically(tmp_path, tokenizer):
+    """FLAP 30% of the real model, distilled from the dense folder (teacher='base', hash-checked) with LoRA and the
+    hidden-state loss for 3 steps: same shapes, saved and reloaded bit for bit, the record names the teacher."""
+    student = load_pretrained()
+    hf_sparse.prune(student, hf_sparse.SparsityConfig(method="flap", pattern="structured", sparsity=0.3,
+                                                      calibration=str(CALIBRATION_TXT), num_samples=8,
+                                                      sequence_length=128, seed=0),
+                    tokenizer=tokenizer, show_progress=False)
+    shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    result = recover(student, tokenizer, str(CALIBRATION_TXT), teacher=str(MODEL_DIR), hidden_weight=1.0, steps=3,
+                     batch_size=2, sequence_length=128, max_heldout=2, show_progress=False, output=str(tmp_path / "out"))
+    state = result.model.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == shapes
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    assert reloaded.keys() == state.keys() and all(torch.equal(reloaded[k], v) for k, v in state.items())
+    recovery = hf_sparse.read_record(result.model).recovery
+    assert recovery["teacher"] == MODEL_DIR.name and recovery["teacher_sha256"] == \
+        hf_sparse.read_record(result.model).base_model_sha256

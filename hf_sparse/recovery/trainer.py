@@ -67,8 +67,7 @@ class RecoveryTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_history: list[float] = []
 
-    def _teacher_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         hidden: bool) -> Any:
+    def _teacher_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
         device = self.teacher.get_input_embeddings().weight.device
         with torch.no_grad():
             return self.teacher(input_ids=input_ids.to(device),
@@ -95,7 +94,7 @@ class RecoveryTrainer(Trainer):
         if kd_weight or hidden_weight:
             if self.teacher is None:
                 raise ValueError(f"objective {config.objective!r} needs a teacher")
-            teacher_out = self._teacher_forward(input_ids, attention_mask, hidden=bool(hidden_weight))
+            teacher_out = self._teacher_forward(input_ids, attention_mask)
             teacher_states = teacher_out.hidden_states
             teacher_hidden = teacher_states[-1][:, :-1].reshape(-1, teacher_states[-1].shape[-1])
             t_head = _output_layer(self.teacher)
