@@ -94,7 +94,8 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
     back into it); the result's ``model`` is the recovered model, exactly as sparse and the same shapes as before.
     ``dense_control=True`` accepts a dense model (no record; nothing to keep) and trains it the same way: the
     control that separates recovery from adaptation to the training text. With ``output`` the recovered model (and
-    ``tokenizer``) is saved there atomically: a kill leaves no half-written folder, and with ``checkpoint_dir`` + ``resume=True`` a rerun continues from the last checkpoint.
+    ``tokenizer``) is saved there atomically: a kill leaves no half-written folder, and with ``checkpoint_dir`` +
+    ``resume=True`` a rerun continues from the last checkpoint.
 
     >>> result = recover(pruned_model, tokenizer, "calibration.txt", objective="distill", teacher="base",
     ...                  steps=200)  # doctest: +SKIP
@@ -137,7 +138,8 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
     if int(packed.train.max()) >= vocab:
         raise ValueError(f"recovery data holds token id {int(packed.train.max())}, outside the model's vocabulary of "
                          f"{vocab}: the data was tokenized with another tokenizer")
-    mapping = make_mapping(model, teacher.model, record.structure) if teacher and config.hidden_weight else None
+    mapping = make_mapping(model, teacher.model, record.structure if record else None) \
+        if teacher and config.hidden_weight else None
 
     torch.manual_seed(config.seed)
     student = model
@@ -161,10 +163,12 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
 
     temporary = config.checkpoint_dir is None
     checkpoint_dir = tempfile.mkdtemp(prefix="hf_sparse-recovery-") if temporary else config.checkpoint_dir
-    train_ids = packed.batches_for(config.steps, config.batch_size)
     heldout = SequenceDataset(packed.heldout) if packed.heldout.shape[0] else None
+    args = _training_arguments(config, checkpoint_dir, show_progress, heldout is not None)
+    # Every process reads its own share of the sequences: enough rows for all of them, every step.
+    train_ids = packed.batches_for(config.steps, config.batch_size * args.world_size * args.gradient_accumulation_steps)
     trainer = RecoveryTrainer(
-        model=student, args=_training_arguments(config, checkpoint_dir, show_progress, heldout is not None),
+        model=student, args=args,
         train_dataset=SequenceDataset(train_ids), eval_dataset=heldout, data_collator=collate,
         callbacks=trainer_callbacks, recovery_config=config, teacher=teacher.model if teacher else None,
         mapping=mapping)
