@@ -172,21 +172,24 @@ def main(argv: list[str] | None = None) -> None:
             if not args.no_control and training not in controls:
                 control, _ = train(copy.deepcopy(dense_model), "lm", training, None, dense_control=True)
                 controls[training] = ppl(control.model)
-            lm, kd = results.get("lm"), results.get("distill")
+            kd_objective = "distill" if "distill" in results else "distill+lm"
+            lm, kd = results.get("lm"), results.get(kd_objective)
             closed = (pruned - kd) / (pruned - dense) if kd is not None and pruned > dense else None
-            ratio = seconds["distill"] / seconds["lm"] if "distill" in seconds and "lm" in seconds else None
+            ratio = seconds[kd_objective] / seconds["lm"] if kd_objective in seconds and "lm" in seconds else None
 
             def fmt(value, spec=".2f"):
                 return "-" if value is None else format(value, spec)
 
-            label = f"{method} {options.get('sparsity', options['pattern'])}"
+            label = f"{method} {options.get('sparsity', options['pattern'])}" + \
+                ("" if kd_objective == "distill" else f" ({kd_objective})")
             print(f"| {label} | {training} | {pruned:.2f} | {fmt(lm)} | {fmt(kd)} | {fmt(controls.get(training))} | "
                   f"{dense:.2f} | {fmt(closed, '.0%')} | {fmt(seconds.get('lm'), '.3f')} | "
-                  f"{fmt(seconds.get('distill'), '.3f')} | {fmt(ratio)} | "
+                  f"{fmt(seconds.get(kd_objective), '.3f')} | {fmt(ratio)} | "
                   f"{fmt(peaks.get('lm') and peaks['lm'] / 2**20, '.0f')} MiB | "
-                  f"{fmt(peaks.get('distill') and peaks['distill'] / 2**20, '.0f')} MiB |", flush=True)
+                  f"{fmt(peaks.get(kd_objective) and peaks[kd_objective] / 2**20, '.0f')} MiB |", flush=True)
             if args.json:
-                line = {"model": model_name, "row": row, "train": training, "pruned": pruned, "lm": lm,
+                line = {"model": model_name, "row": row, "train": training, "objective": kd_objective,
+                        "pruned": pruned, "lm": lm,
                         "distill": kd, "control": controls.get(training), "dense": dense, "gap_closed": closed,
                         "seconds_per_step": seconds, "peak_rss": peaks, "prune_seconds": prune_seconds,
                         "steps": args.steps, "batch_size": args.batch_size, "sequence_length": args.sequence_length,
