@@ -54,12 +54,13 @@ def structured_tiny(method: str, sparsity: float, seed: int = 0):
 def reference_loss(h, weight, bias, t_logits, labels, kd_weight, lm_weight, T, top_k):
     s = F.linear(h, weight, bias)
     counted = labels != -100
-    if top_k:
-        values, index = t_logits.topk(top_k, -1)
-        log_q = torch.log_softmax(values / T, -1)
-        log_p = torch.log_softmax(s / T, -1).gather(-1, index)
-    else:
-        log_q, log_p = torch.log_softmax(t_logits / T, -1), torch.log_softmax(s / T, -1)
+    log_q, log_p = torch.log_softmax(t_logits / T, -1), torch.log_softmax(s / T, -1)
+    if top_k:  # k outcomes and one bucket for the rest, for teacher and student alike
+        index = t_logits.topk(top_k, -1).indices
+        rest_q = 1 - log_q.exp().gather(-1, index).sum(-1, keepdim=True)
+        rest_p = 1 - log_p.exp().gather(-1, index).sum(-1, keepdim=True)
+        log_q = torch.cat([log_q.gather(-1, index), rest_q.log()], -1)
+        log_p = torch.cat([log_p.gather(-1, index), rest_p.log()], -1)
     kd = (T * T * (log_q.exp() * (log_q - log_p)).sum(-1))[counted].mean()
     lm = F.cross_entropy(s[counted], labels[counted])
     return kd_weight * kd + lm_weight * lm, kd, lm

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=defaults.temperature,
                        help="softmax temperature of the KL term (default: %(default)s)")
     group.add_argument("--top-k", type=positive_int, default=defaults.top_k,
-                       help="distil only the teacher's top-k logits (default: the whole vocabulary)")
+                       help="distil the teacher's k most likely tokens, the rest as one bucket (default: the whole "
+                            "vocabulary)")
     group.add_argument("--kd-weight", type=float, default=defaults.kd_weight,
                        help="weight of the KL term (default: %(default)s)")
     group.add_argument("--lm-weight", type=float, default=defaults.lm_weight,

@@ -55,7 +55,8 @@ class RecoveryConfig:
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term.",
                                                       "range": "> 0"})
     top_k: int | None = field(default=None, metadata={
-        "help": "Distil only the teacher's top-k logits (renormalised); None = the whole vocabulary.",
+        "help": "Distil the teacher's k most likely tokens one by one and the rest of the vocabulary as one bucket; "
+                "None = the whole vocabulary.",
         "range": "> 0"})
     kd_weight: float = field(default=1.0, metadata={"help": "Weight of the KL term.", "range": ">= 0"})
     lm_weight: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term (objective 'lm' "

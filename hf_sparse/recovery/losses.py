@@ -11,8 +11,9 @@ moving on. At most one chunk of logits (and its softmaxes) is alive at any time,
 Terms (means over the tokens that count):
 
 * KL: ``T² · KL(softmax(t / T) ‖ softmax(s / T))`` (Hinton's scaling keeps gradient sizes comparable across ``T``);
-  with ``top_k`` the teacher's distribution is cut to its ``k`` largest logits and renormalised, and the term is the
-  cross-entropy of the student on it minus the teacher's entropy (so it is still 0 when the student matches);
+  with ``top_k`` the KL is taken over ``k + 1`` outcomes: the teacher's ``k`` most likely tokens one by one and all
+  the others as one bucket (the student's and the teacher's remaining mass), so the student is not taught that the
+  tail is impossible (renormalising the top ``k`` alone does that, and raises test perplexity);
 * cross-entropy: the usual next-token loss against ``labels`` (``-100`` ignored).
 
 >>> import torch
@@ -66,12 +67,22 @@ class _ChunkedLoss(torch.autograd.Function):
                     t_logits = teacher_logits(rows).float()  # (c, V)
                 log_p = torch.log_softmax(logits / T, dim=-1)  # (c, V)
                 if top_k is not None and top_k < t_logits.shape[-1]:
-                    values, index = t_logits.topk(top_k, dim=-1)  # (c, k)
-                    log_q = torch.log_softmax(values / T, dim=-1)
+                    # The teacher's k largest probabilities, and the rest of its mass as one bucket.
+                    log_q_all = torch.log_softmax(t_logits / T, dim=-1)
+                    log_q, index = log_q_all.topk(top_k, dim=-1)  # (c, k)
+                    del log_q_all
                     q = log_q.exp()
+                    q_rest = (1.0 - q.sum(-1)).clamp_min(0.0)  # (c,)
+                    p = log_p.exp()
+                    p_top = p.gather(-1, index)
+                    p_rest = (1.0 - p_top.sum(-1)).clamp_min(1e-12)
                     kd_total += (q * (log_q - log_p.gather(-1, index))).sum().double()
-                    # d/d(s/T) of -sum_k q_k log p_k is p - scatter(q) (sum q = 1)
-                    target = torch.zeros_like(logits).scatter_(-1, index, q)
+                    kd_total += torch.xlogy(q_rest, q_rest / p_rest).sum().double()
+                    # d/d(s/T) is p - target: q on the top k; outside it the rest mass q_rest, spread like the
+                    # student's own tail (p_i / p_rest)
+                    target = p * (q_rest / p_rest)[:, None]
+                    target.scatter_(-1, index, q)
+                    del p, p_top
                 else:
                     log_q = torch.log_softmax(t_logits / T, dim=-1)
                     q = log_q.exp()
