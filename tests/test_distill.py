@@ -447,6 +447,7 @@ def test_teacher_in_lower_precision_and_the_card_says_distillation(tmp_path):
     card = hf_sparse.hub.save_with_model_card(result.model, None, tmp_path / "out")
     text = card.read_text(encoding="utf-8")
     assert "distillation" in text and "teacher `dense-tiny`" in text and "tokens seen 192" in text
+    assert f"held-out perplexity {result.perplexity_before:.2f} → {result.perplexity_after:.2f}" in text
 
 
 @pytest.mark.slow

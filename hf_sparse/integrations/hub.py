@@ -184,6 +184,11 @@ def _recovery_text(recovery: dict[str, Any] | None) -> str:
             parts.append(f"{label} {_text(recovery[key])}")
     if recovery.get("data"):
         parts.append(f"on {_literal(_short_name(str(recovery['data'])))}")
+    before, after = recovery.get("heldout_perplexity_before"), recovery.get("heldout_perplexity_after")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        parts.append(f"held-out perplexity {before:.2f} → {after:.2f}")
+    if isinstance(recovery.get("control_perplexity"), (int, float)):
+        parts.append(f"dense model given the same training: perplexity {recovery['control_perplexity']:.2f}")
     return ", ".join(parts)
 
 
