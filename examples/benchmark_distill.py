@@ -30,6 +30,7 @@ import copy
 import json
 import logging
 import os
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -80,6 +81,30 @@ def parse_row(text: str) -> tuple[str, hf_sparse.SparsityConfig | dict]:
     return method, {"method": method, "pattern": "structured", "sparsity": float(rest)}
 
 
+def time_steps(args, load, train, dense_model, tokenizer, calibration: str) -> None:
+    """CPU time per step of LM recovery and distillation, measured in alternation in this process (so that load
+    from other jobs on the machine falls on both alike); the median of each and their ratio."""
+    print(f"| student | train | CPU s/step LM | CPU s/step distillation | ratio | ({args.timing} alternating runs of "
+          f"{args.steps} steps x {args.batch_size} x {args.sequence_length} tokens each) |")
+    print("|---|---|---|---|---|---|")
+    for row in args.rows.split(","):
+        method, options = parse_row(row)
+        pruned_model = load()
+        hf_sparse.prune(pruned_model, hf_sparse.SparsityConfig(**options, calibration=calibration, num_samples=32,
+                                                               sequence_length=256, seed=0),
+                        tokenizer=tokenizer, show_progress=False)
+        for training in args.train.split(","):
+            per_step: dict[str, list[float]] = {"lm": [], "distill": []}
+            for _ in range(args.timing):
+                for objective in per_step:
+                    result, _ = train(copy.deepcopy(pruned_model), objective, training, dense_model,
+                                      heldout_fraction=0.0)
+                    per_step[objective].append(result.cpu_seconds / args.steps)
+            lm, kd = statistics.median(per_step["lm"]), statistics.median(per_step["distill"])
+            print(f"| {method} {options.get('sparsity', options['pattern'])} | {training} | {lm:.3f} | {kd:.3f} | "
+                  f"{kd / lm:.2f} | |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-7m-books",
@@ -106,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-windows", type=int, default=200,
                         help="test windows of 256 tokens (default: %(default)s)")
     parser.add_argument("--json", default=None, help="append one JSON line per finished row to this file")
+    parser.add_argument("--timing", type=int, default=0, metavar="REPEATS",
+                        help="only time the steps: per row and training, REPEATS alternating short runs (LM, "
+                             "distillation, LM, ...) of --steps steps each; prints CPU s/step and the ratio")
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     apply_threads(args)
@@ -135,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         return result, memory.peak
 
     dense_model = load()
+    if args.timing:
+        time_steps(args, load, train, dense_model, tokenizer, calibration)
+        return
     dense = ppl(dense_model)
     trainings = args.train.split(",")
     controls: dict[str, float] = {}
