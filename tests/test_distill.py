@@ -370,7 +370,7 @@ def test_distillation_beats_lm_recovery_at_equal_tokens_on_the_7m_model(tokenize
         return perplexity(model, tokenizer, test_text, sequence_length=256, max_windows=24, show_progress=False)
 
     options = dict(steps=24, batch_size=4, sequence_length=128, learning_rate=2e-3, rank=8, seed=0,
-                   show_progress=False, max_heldout=4)
+                   show_progress=False, max_heldout=4, temperature=1.0)
     before = ppl(pruned)
     lm = recover(copy.deepcopy(pruned), tokenizer, str(CALIBRATION_TXT), objective="lm", **options)
     kd = recover(copy.deepcopy(pruned), tokenizer, str(CALIBRATION_TXT), teacher_model=teacher, **options)
@@ -390,7 +390,7 @@ def test_recover_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["recover", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: distill)", "(default: base)", "(default: 1.0)", "(default: lora)", "(default: 200)",
+    for default in ("(default: distill)", "(default: base)", "(default: 2.0)", "(default: lora)", "(default: 200)",
                     "(default: 8)", "(default: 256)", "(default: masked)"):
         assert default in text, default
 
