@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from hf_sparse.recovery import RecoveryConfig, chunked_recovery_loss, recover
 from hf_sparse.recovery import losses as losses_module
 from hf_sparse.recovery.losses import block_mapping, hidden_state_loss
 
-from conftest import CALIBRATION_TXT, DEMO_CALIBRATION, DEMO_MODEL, MODEL_DIR, TEST_TXT, load_pretrained, tiny_llama
+from conftest import (CALIBRATION_TXT, DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL, MODEL_DIR, TEST_TXT,
+                      load_pretrained, tiny_llama)
 
 IDS = torch.randint(0, 128, (48, 16), generator=torch.Generator().manual_seed(0))
 QUICK = dict(steps=3, batch_size=4, sequence_length=16, show_progress=False, logging_steps=1)
@@ -421,15 +423,20 @@ def test_recover_command_distils_from_the_recorded_base_model(tmp_path, capsys):
     masks = hf_sparse.get_masks(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"))
     assert main(["recover", str(tmp_path / "pruned"), "--data", str(DEMO_CALIBRATION), "--teacher", str(DEMO_MODEL),
                  "--steps", "2", "--batch-size", "2", "--sequence-length", "32", "--output", str(tmp_path / "out"),
+                 "--eval-data", str(DEMO_HELDOUT), "--eval-sequence-length", "64", "--max-windows", "2", "--control",
                  "-q"]) == 0
     out = capsys.readouterr().out
     assert f"objective            distill (teacher {DEMO_MODEL.name})" in out
+    assert re.search(r"^dense control\s+dense \d+\.\d\d, dense \+ same training \d+\.\d\d$", out, re.M), out
+    assert re.search(r"^test perplexity\s+pruned \d+\.\d\d -> recovered \d+\.\d\d$", out, re.M), out
     assert out.strip().splitlines()[-1].split() == ["saved", "to", str(tmp_path / "out")]
     recovered = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert_zeros_kept(recovered, masks)
     recovery = hf_sparse.read_record(recovered).recovery
     assert recovery["teacher"] == DEMO_MODEL.name and recovery["teacher_sha256"] == \
         hf_sparse.read_record(recovered).base_model_sha256
+    assert recovery["control_perplexity"] > 0
+    assert hf_sparse.read_record(recovered).evaluation["dense_perplexity"] > 0
 
 
 def test_a_mix_of_sources_is_packed_by_share(demo_tokenizer):
