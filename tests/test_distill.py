@@ -468,7 +468,8 @@ def test_flap_student_of_the_7m_model_keeps_its_shapes_and_reloads_bit_identical
                     tokenizer=tokenizer, show_progress=False)
     shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
     result = recover(student, tokenizer, str(CALIBRATION_TXT), teacher=str(MODEL_DIR), hidden_weight=1.0, steps=3,
-                     batch_size=2, sequence_length=128, max_heldout=2, show_progress=False, output=str(tmp_path / "out"))
+                     batch_size=2, sequence_length=128, max_heldout=2, show_progress=False,
+                     output=str(tmp_path / "out"))
     state = result.model.state_dict()
     assert {k: tuple(v.shape) for k, v in state.items()} == shapes
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
