@@ -202,6 +202,19 @@ class RecoveryEntry:
     batch_size: int | None = field(default=None, metadata={"help": "Sequences per step.", "range": "> 0"})
     sequence_length: int | None = field(default=None, metadata={"help": "Tokens per sequence.", "range": "> 0"})
     learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate."})
+    objective: str | None = field(default=None, metadata={"help": "'distill', 'lm' or 'distill+lm'."})
+    teacher: str | None = field(default=None, metadata={"help": "The teacher: a Hub id or a folder's base name."})
+    teacher_sha256: str | None = field(default=None, metadata={"help": "Hash of a local teacher folder's files.",
+                                                               "check": sha256_hex})
+    temperature: float | None = field(default=None, metadata={"help": "Distillation temperature.", "range": "> 0"})
+    tokens: int | None = field(default=None, metadata={"help": "Training tokens seen.", "range": ">= 0"})
+    heldout_perplexity_before: float | None = field(default=None, metadata={
+        "help": "Perplexity on the held-out part of the training data before recovery.", "range": "> 0"})
+    heldout_perplexity_after: float | None = field(default=None, metadata={
+        "help": "The same after recovery.", "range": "> 0"})
+    control_perplexity: float | None = field(default=None, metadata={
+        "help": "The dense model given the same training, on the same evaluation data (the adaptation control).",
+        "range": "> 0"})
 
 
 def _recovery(name: str, value: Any) -> Any:

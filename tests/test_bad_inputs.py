@@ -132,14 +132,14 @@ CASES = [
          r"unknown option\(s\) \['per_row'\] for method 'wanda'; allowed: none"),
     # RecoveryConfig
     Case("recovery learning_rate inf", recovery(learning_rate=float("inf")),
-         r"learning_rate must be a positive number, got inf \(float\)"),
+         r"learning_rate must be a positive number or None, got inf \(float\)"),
     Case("recovery rank 0", recovery(rank=0), r"rank must be a positive integer, got 0"),
     Case("recovery mode", recovery(mode="full"), r"mode must be one of \('masked', 'merge'\), got 'full'"),
     Case("recovery warmup_ratio 1.0", recovery(warmup_ratio=1.0), r"warmup_ratio must be in \[0, 1\), got 1.0"),
     Case("recovery dropout -0.1", recovery(dropout=-0.1), r"dropout must be in \[0, 1\), got -0.1"),
     Case("recovery target_modules 3", recovery(target_modules=3),
          r"target_modules must be a string or a list of strings, got 3 \(int\)"),
-    Case("recovery alpha '2'", recovery(alpha="2"), r"alpha must be a number or None, got '2' \(str\)"),
+    Case("recovery alpha '2'", recovery(alpha="2"), r"alpha must be a positive number or None, got '2' \(str\)"),
     Case("recovery steps '10'", recovery(steps="10"), r"steps must be a positive integer, got '10' \(str\)"),
     # Token ids
     Case("token id outside the vocabulary", ids_calibration(torch.full((4, 16), 128)),

@@ -287,8 +287,9 @@ def test_warns_about_kbit_preparation_of_an_unquantized_model(caplog):
 
 
 @pytest.mark.slow  # the real tokenizer and texts in ../shared
-def test_recover_command_end_to_end(tmp_path, tokenizer):
-    """``hf-sparse recover`` on a tiny model with the real tokenizer: saves a sparse checkpoint with its card."""
+def test_recover_command_end_to_end(tmp_path, tokenizer, capsys):
+    """``hf-sparse recover`` on a tiny model with the real tokenizer (LM objective: an in-memory model has no base
+    model to distil from): saves a sparse checkpoint with its card and prints a rounded summary naming the output."""
     import json
 
     from huggingface_hub import ModelCard
@@ -307,15 +308,22 @@ def test_recover_command_end_to_end(tmp_path, tokenizer):
 
     args = build_parser().parse_args([
         "recover", str(tmp_path / "pruned"), "--data", str(tmp_path / "train.txt"), "--output", str(tmp_path / "out"),
-        "--steps", "4", "--batch-size", "2", "--sequence-length", "32", "--rank", "2", "--lr", "1e-2",
-        "--eval-data", str(tmp_path / "test.txt"), "--eval-sequence-length", "32", "--max-windows", "4",
-        "--license", "apache-2.0",
+        "--objective", "lm", "--steps", "4", "--batch-size", "2", "--sequence-length", "32", "--rank", "2",
+        "--lr", "1e-2", "--eval-data", str(tmp_path / "test.txt"), "--eval-sequence-length", "32",
+        "--max-windows", "4", "--license", "apache-2.0",
     ])
     summary = args.func(args)
     assert args.func is run_recover and summary["overall_sparsity"] == 0.5
 
+    printed = capsys.readouterr().out
+    import re
+
+    assert re.search(rf"^saved to\s+{re.escape(str(tmp_path / 'out'))}$", printed, re.M), printed
+    assert re.search(rf"^final training loss\s+{summary['final_loss']:.4f}$", printed, re.M), printed
+    assert "=" not in printed and "{" not in printed  # a table, not key=value pairs or log dicts
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["sparsity_config"]
     assert saved["recovery"]["mode"] == "masked" and saved["recovery"]["steps"] == 4
+    assert saved["recovery"]["objective"] == "lm" and saved["recovery"]["tokens"] == 4 * 2 * 32
     assert saved["evaluation"]["recovered_perplexity"] == summary["recovered_perplexity"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert_same_sparsity(reloaded, masks, "2:4")
@@ -326,7 +334,7 @@ def test_recover_command_end_to_end(tmp_path, tokenizer):
 
 @pytest.mark.slow
 def test_lora_recovery_lowers_perplexity_and_keeps_2_4(tokenizer, heldout_text):
-    """Wanda 2:4 on the real model, 30 steps of masked LoRA: lower perplexity, identical 2:4 masks."""
+    """Wanda 2:4 on the real model, 30 steps of masked LoRA on the LM loss: lower perplexity, identical 2:4 masks."""
     from hf_sparse.evaluation import perplexity
     from hf_sparse.recovery import recover
 
@@ -340,22 +348,26 @@ def test_lora_recovery_lowers_perplexity_and_keeps_2_4(tokenizer, heldout_text):
         return perplexity(m, tokenizer, heldout_text, sequence_length=256, max_windows=40, show_progress=False)
 
     pruned = ppl(model)
-    result = recover(model, tokenizer, str(CALIBRATION_TXT), steps=30, batch_size=4, sequence_length=128,
-                     learning_rate=2e-3, rank=8, show_progress=False)
+    result = recover(model, tokenizer, str(CALIBRATION_TXT), objective="lm", steps=30, batch_size=4,
+                     sequence_length=128, learning_rate=2e-3, rank=8, show_progress=False)
     recovered = ppl(result.model)
     assert_same_sparsity(result.model, masks, "2:4")
     assert recovered < pruned - 0.5, (pruned, recovered)
     assert hf_sparse.read_record(result.model).recovery["steps"] == 30
 
 
-@pytest.mark.parametrize("overrides, step", [({"learning_rate": 1e30}, 2), ({"sequence_length": 1}, 1)])
+@pytest.mark.parametrize("overrides, step", [({"learning_rate": 1e30}, 2)])
 def test_recover_fails_on_a_non_finite_loss_naming_the_step(overrides, step):
-    """A huge learning rate (NaN after the first update; an infinite one is refused up front) or 1-token windows
-    (no next token: NaN loss) stop the run with the step, instead of merging a NaN model and reporting it as recovered."""
+    """A huge learning rate (NaN after the first update; an infinite one is refused up front) stops the run with the
+    step, instead of merging a NaN model and reporting it as recovered. (1-token windows, which have no next token,
+    are refused up front: sequence_length must be >= 2.)"""
     from hf_sparse.recovery import recover
 
     model = pruned_tiny("2:4")
     ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    options = {"steps": 3, "batch_size": 2, "sequence_length": 8, "rank": 2, **overrides}
-    with pytest.raises(ValueError, match=rf"LoRA recovery loss is nan at step {step} of 3; the model is not recovered"):
+    options = {"steps": 3, "batch_size": 2, "sequence_length": 8, "rank": 2, "objective": "lm", **overrides}
+    with pytest.raises(ValueError, match=rf"recovery loss is nan at step {step} of 3; training stopped, the model is "
+                                         "not recovered"):
         recover(model, None, ids, show_progress=False, **options)
+    with pytest.raises(ValueError, match="sequence_length must be an integer >= 2, got 1"):
+        recover(pruned_tiny("2:4"), None, ids, show_progress=False, **{**options, "sequence_length": 1})

@@ -483,7 +483,7 @@ def test_lora_and_recover_on_a_structured_model():
     peft_model = hf_sparse.peft.get_sparse_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
     loss = peft_model(input_ids=IDS, labels=IDS).loss
     loss.backward()
-    result = recover(peft_model.merge_and_unload(), None, _calibration(8, 16), steps=2, batch_size=2,
+    result = recover(peft_model.merge_and_unload(), None, _calibration(8, 16), objective="lm", steps=2, batch_size=2,
                      sequence_length=16, rank=2, show_progress=False)
     assert {n: p.shape for n, p in result.model.named_parameters()} == shapes
     assert hf_sparse.read_record(result.model).recovery["steps"] == 2

@@ -191,14 +191,25 @@ def _recovery_text(recovery: dict[str, Any] | None) -> str:
         return ""
     method = str(recovery.get("method", "lora"))
     parts = [{"lora": "LoRA", "hira": "HiRA", "full": "full fine-tuning"}.get(method, _text(method))]
+    if recovery.get("objective"):
+        objective = {"distill": "distillation", "lm": "language-modelling loss",
+                     "distill+lm": "distillation + language-modelling loss"}.get(str(recovery["objective"]))
+        parts.append(objective or _text(recovery["objective"]))
+    if recovery.get("teacher"):
+        parts.append(f"teacher {_literal(_short_name(str(recovery['teacher'])))}")
     if recovery.get("mode"):
         parts.append(f"mode {_literal(recovery['mode'])} (sparsity kept)")
     for key, label in (("rank", "rank"), ("alpha", "alpha"), ("steps", "steps"), ("batch_size", "batch"),
-                       ("sequence_length", "tokens/seq"), ("learning_rate", "lr")):
+                       ("sequence_length", "tokens/seq"), ("tokens", "tokens seen"), ("learning_rate", "lr")):
         if recovery.get(key) is not None:
             parts.append(f"{label} {_text(recovery[key])}")
     if recovery.get("data"):
         parts.append(f"on {_literal(_short_name(str(recovery['data'])))}")
+    before, after = recovery.get("heldout_perplexity_before"), recovery.get("heldout_perplexity_after")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        parts.append(f"held-out perplexity {before:.2f} → {after:.2f}")
+    if isinstance(recovery.get("control_perplexity"), (int, float)):
+        parts.append(f"dense model given the same training: perplexity {recovery['control_perplexity']:.2f}")
     return ", ".join(parts)
 
 
@@ -273,7 +284,9 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
         "structured-pruning" if pattern.is_structured else "unstructured-sparsity")
     card_tags = ["hf_sparse", "sparse", "pruned", record.method, pattern_tag]
     if record.recovery:
-        card_tags.append("lora-recovery")
+        card_tags.append("lora-recovery" if record.recovery.get("method", "lora") == "lora" else "recovery")
+        if str(record.recovery.get("objective", "")).startswith("distill"):
+            card_tags.append("distillation")
     card_tags += [t for t in (tags or []) if t not in card_tags]
     data = ModelCardData(
         base_model=hub_model_id(base), license=license, library_name="transformers", pipeline_tag="text-generation",
@@ -301,7 +314,8 @@ def render_model_card(model: nn.Module, *, evaluation: dict[str, Any] | None = N
     name = _text(model_name or (repo_id.split("/")[-1] if repo_id else "")) or (
         f"{base_text} pruned to {pattern if pattern.is_n_m else f'{record.target_sparsity:.0%}'} with {method}"
         if base else f"{method} {pattern} pruned model")
-    recovered = " and recovered with sparsity-keeping LoRA" if record.recovery else ""
+    recovered = (f" and recovered ({_recovery_text(record.recovery).split(', teacher')[0].split(', rank')[0]}, "
+                 "sparsity kept)") if record.recovery else ""
     summary = (f"{base_text or 'A causal language model'} pruned with {method} to "
                f"{'the ' + str(pattern) + ' pattern' if pattern.is_n_m else amount}"
                f"{recovered}, using hf_sparse.")

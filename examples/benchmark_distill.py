@@ -1,0 +1,235 @@
+"""Prune -> recover with each objective -> evaluate, side by side at equal tokens and steps.
+
+For every student (a method at a sparsity) it prints one row:
+
+    | student | train | pruned | + LM recovery | + distillation | dense + same training | dense | gap closed | ...
+
+"dense + same training" is the dense model given exactly the training the students get (LM loss, same tokens and
+steps, LoRA or full): it separates recovery from adaptation to the training text. "gap closed" is the share of the
+pruned-to-dense perplexity gap that distillation wins back; "step ratio" the time per training step of distillation
+over LM recovery (the teacher only runs forward), from the process's CPU time (run with one thread, so that other
+jobs on a shared machine do not distort it). Peak memory is the largest resident memory of the process during
+each training run.
+
+    python examples/benchmark_distill.py                                  # 7M model, every row, LoRA
+    python examples/benchmark_distill.py --rows flap:0.3 --train lora,full --steps 100
+    python examples/benchmark_distill.py --model smollm2 --rows flap:0.3 --eval-windows 64 --steps 60 \\
+        --batch-size 4 --threads 1                                        # the SmolLM2 test-bed (needs its package)
+
+Rows are ``method:sparsity`` (structured, e.g. ``flap:0.3``, ``disp_llm:0.3``, ``sleb:0.2``, ``shortgpt:0.2``) or
+``method:N:M`` (``sparsegpt:2:4``, ``fista:2:4``). Pruning calibration: 32 windows x 256 tokens, seed 0, from
+``calibration.txt`` (the WikiText-2 validation split); training text: the same file (not the test split); evaluation:
+the first ``--eval-windows`` 256-token windows of ``wikitext2-test.txt``. Assets come from ``$HF_SPARSE_SHARED``
+(default ``<repo>/../shared``). ``--json`` appends one line per finished row, so a long run loses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_sparse
+from hf_sparse.cli.common import add_threads_argument, apply_threads
+from hf_sparse.evaluation import perplexity
+from hf_sparse.recovery import RecoveryConfig, recover
+
+from benchmark_pruning import resolve_model  # examples/ is on sys.path when a script in it runs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
+DEFAULT_ROWS = "flap:0.3,disp_llm:0.3,sleb:0.2,sparsegpt:2:4,fista:2:4"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Largest resident set size while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def parse_row(text: str) -> tuple[str, hf_sparse.SparsityConfig | dict]:
+    method, _, rest = text.partition(":")
+    if ":" in rest:
+        return method, {"method": method, "pattern": rest}
+    return method, {"method": method, "pattern": "structured", "sparsity": float(rest)}
+
+
+def time_steps(args, load, train, dense_model, tokenizer, calibration: str) -> None:
+    """CPU time per step of LM recovery and distillation, measured in alternation in this process (so that load
+    from other jobs on the machine falls on both alike); the median of each and their ratio."""
+    print(f"| student | train | CPU s/step LM | CPU s/step distillation | ratio | ({args.timing} alternating runs of "
+          f"{args.steps} steps x {args.batch_size} x {args.sequence_length} tokens each) |")
+    print("|---|---|---|---|---|---|")
+    for row in args.rows.split(","):
+        method, options = parse_row(row)
+        pruned_model = load()
+        hf_sparse.prune(pruned_model, hf_sparse.SparsityConfig(**options, calibration=calibration, num_samples=32,
+                                                               sequence_length=256, seed=0),
+                        tokenizer=tokenizer, show_progress=False)
+        for training in args.train.split(","):
+            per_step: dict[str, list[float]] = {"lm": [], "distill": []}
+            for _ in range(args.timing):
+                for objective in per_step:
+                    result, _ = train(copy.deepcopy(pruned_model), objective, training, dense_model,
+                                      heldout_fraction=0.0)
+                    per_step[objective].append(result.cpu_seconds / args.steps)
+            lm, kd = statistics.median(per_step["lm"]), statistics.median(per_step["distill"])
+            print(f"| {method} {options.get('sparsity', options['pattern'])} | {training} | {lm:.3f} | {kd:.3f} | "
+                  f"{kd / lm:.2f} | |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-7m-books",
+                        help="'llama-7m-books' (../shared), 'smollm2' (the test-bed) or a folder "
+                             "(default: %(default)s)")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated students (default: %(default)s)")
+    parser.add_argument("--train", default="lora", help="comma-separated: lora, full (default: %(default)s)")
+    parser.add_argument("--full-rows", default=None,
+                        help="with --train lora,full: only these rows (comma-separated methods) also get full FT")
+    parser.add_argument("--objectives", default="lm,distill", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--no-control", action="store_true", help="skip 'dense + same training'")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--sequence-length", type=int, default=256, help="(default: %(default)s)")
+    parser.add_argument("--lr-lora", type=float, default=1e-3, help="(default: %(default)s)")
+    parser.add_argument("--lr-full", type=float, default=1e-4, help="(default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=RecoveryConfig.temperature,
+                        help="(default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=None, help="(default: the whole vocabulary)")
+    parser.add_argument("--hidden-weight", type=float, default=RecoveryConfig.hidden_weight,
+                        help="(default: %(default)s)")
+    parser.add_argument("--disp-steps", type=int, default=None, help="DISP-LLM hypernetwork steps (default: its own)")
+    parser.add_argument("--eval-windows", type=int, default=200,
+                        help="test windows of 256 tokens (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="append one JSON line per finished row to this file")
+    parser.add_argument("--timing", type=int, default=0, metavar="REPEATS",
+                        help="only time the steps: per row and training, REPEATS alternating short runs (LM, "
+                             "distillation, LM, ...) of --steps steps each; prints CPU s/step and the ratio")
+    add_threads_argument(parser)
+    args = parser.parse_args(argv)
+    apply_threads(args)
+    logging.basicConfig(level=logging.WARNING)
+
+    model_dir, model_name = resolve_model(args.model, parser)
+    calibration = str(SHARED / "data" / "calibration.txt")
+    test_text = (SHARED / "data" / "wikitext2-test.txt").read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    def ppl(model) -> float:
+        return perplexity(model, tokenizer, test_text, sequence_length=256, max_windows=args.eval_windows,
+                          show_progress=False)
+
+    def train(model, objective: str, method: str, teacher, **extra):
+        options = dict(objective=objective, method=method, steps=args.steps, batch_size=args.batch_size,
+                       sequence_length=args.sequence_length, rank=args.rank, seed=0,
+                       learning_rate=args.lr_lora if method == "lora" else args.lr_full,
+                       temperature=args.temperature, top_k=args.top_k, hidden_weight=args.hidden_weight,
+                       logging_steps=max(1, args.steps // 5))
+        with PeakMemory() as memory:
+            result = recover(model, tokenizer, calibration, teacher_model=teacher if objective != "lm" else None,
+                             show_progress=False, **options, **extra)
+        return result, memory.peak
+
+    dense_model = load()
+    if args.timing:
+        time_steps(args, load, train, dense_model, tokenizer, calibration)
+        return
+    dense = ppl(dense_model)
+    trainings = args.train.split(",")
+    controls: dict[str, float] = {}
+    print(f"{model_name}: {args.steps} steps x {args.batch_size} x {args.sequence_length} tokens per run "
+          f"({args.steps * args.batch_size * args.sequence_length} tokens), perplexity on the first "
+          f"{args.eval_windows} 256-token windows of wikitext2-test.txt; dense {dense:.2f}", flush=True)
+    header = ("| student | train | pruned | + LM recovery | + distillation | dense + same training | dense | "
+              "gap closed | CPU s/step LM | CPU s/step distill | ratio | peak RSS LM | peak RSS distill |")
+    print(header, flush=True)
+    print("|" + "---|" * (header.count("|") - 1), flush=True)
+    for row in args.rows.split(","):
+        method, options = parse_row(row)
+        method_options = {}
+        if method == "disp_llm" and args.disp_steps:
+            method_options["steps"] = args.disp_steps
+        start = time.perf_counter()
+        pruned_model = load()
+        config = hf_sparse.SparsityConfig(**options, calibration=calibration, num_samples=32, sequence_length=256,
+                                          seed=0, method_options=method_options)
+        hf_sparse.prune(pruned_model, config, tokenizer=tokenizer, show_progress=False)
+        prune_seconds = time.perf_counter() - start
+        pruned = ppl(pruned_model)
+        for training in trainings:
+            if args.full_rows and training == "full" and method not in args.full_rows.split(","):
+                continue
+            results, seconds, peaks = {}, {}, {}
+            for objective in args.objectives.split(","):
+                student = copy.deepcopy(pruned_model)
+                result, peak = train(student, objective, training, dense_model)
+                results[objective] = ppl(result.model)
+                # CPU time of this process (one thread): other jobs on the machine do not inflate it
+                seconds[objective] = result.cpu_seconds / args.steps
+                peaks[objective] = peak
+                del student, result
+            if not args.no_control and training not in controls:
+                control, _ = train(copy.deepcopy(dense_model), "lm", training, None, dense_control=True)
+                controls[training] = ppl(control.model)
+            kd_objective = "distill" if "distill" in results else "distill+lm"
+            lm, kd = results.get("lm"), results.get(kd_objective)
+            closed = (pruned - kd) / (pruned - dense) if kd is not None and pruned > dense else None
+            ratio = seconds[kd_objective] / seconds["lm"] if kd_objective in seconds and "lm" in seconds else None
+
+            def fmt(value, spec=".2f"):
+                return "-" if value is None else format(value, spec)
+
+            label = f"{method} {options.get('sparsity', options['pattern'])}" + \
+                ("" if kd_objective == "distill" else f" ({kd_objective})")
+            print(f"| {label} | {training} | {pruned:.2f} | {fmt(lm)} | {fmt(kd)} | {fmt(controls.get(training))} | "
+                  f"{dense:.2f} | {fmt(closed, '.0%')} | {fmt(seconds.get('lm'), '.3f')} | "
+                  f"{fmt(seconds.get(kd_objective), '.3f')} | {fmt(ratio)} | "
+                  f"{fmt(peaks.get('lm') and peaks['lm'] / 2**20, '.0f')} MiB | "
+                  f"{fmt(peaks.get(kd_objective) and peaks[kd_objective] / 2**20, '.0f')} MiB |", flush=True)
+            if args.json:
+                line = {"model": model_name, "row": row, "train": training, "objective": kd_objective,
+                        "pruned": pruned, "lm": lm,
+                        "distill": kd, "control": controls.get(training), "dense": dense, "gap_closed": closed,
+                        "seconds_per_step": seconds, "peak_rss": peaks, "prune_seconds": prune_seconds,
+                        "steps": args.steps, "batch_size": args.batch_size, "sequence_length": args.sequence_length,
+                        "temperature": args.temperature, "top_k": args.top_k, "hidden_weight": args.hidden_weight,
+                        "disp_steps": args.disp_steps}
+                with open(args.json, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(line) + "\n")
+        del pruned_model
+
+
+if __name__ == "__main__":
+    main()
