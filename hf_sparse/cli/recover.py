@@ -93,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --eval-data: also train the dense teacher the same way on the LM loss and record "
                             "its perplexity (separates recovery from adaptation to the training text)")
     add_model_arguments(parser, dtypes=("float32", "bfloat16", "float16"))
+    parser.add_argument("--save-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="dtype of the saved checkpoint: auto keeps the input checkpoint's own (a float16 model "
+                             "stays float16; training runs in --dtype)")
     add_output_arguments(parser)
 
 
@@ -108,6 +111,22 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
                 alpha=args.alpha, target_modules=_target_modules(args.target_modules), steps=args.steps,
                 learning_rate=args.lr, batch_size=args.batch_size, sequence_length=args.sequence_length,
                 seed=args.seed, checkpoint_dir=args.checkpoint_dir, save_steps=args.save_steps, resume=args.resume)
+
+
+def _save_dtype(args: argparse.Namespace):
+    """The dtype to save in: ``--save-dtype``, or with ``auto`` the input checkpoint's own (float32 for a GGUF file,
+    whose weights were dequantized, or when the config names none)."""
+    import torch
+    from transformers import AutoConfig
+
+    if args.save_dtype != "auto":
+        return getattr(torch, args.save_dtype)
+    if args.gguf_file:
+        return torch.float32
+    own = getattr(AutoConfig.from_pretrained(args.model), "dtype", None)
+    if isinstance(own, str):
+        own = getattr(torch, own, None)
+    return own if isinstance(own, torch.dtype) and own.is_floating_point else torch.float32
 
 
 def _ppl(value: float | None) -> str:
@@ -153,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             write_record(result.model, updated)
     evaluation = evaluation_entry(perplexities, args.eval_data, args.eval_sequence_length, args.max_windows) \
         if texts is not None else None
+    result.model.to(_save_dtype(args))  # casting keeps zeros zero: the masks survive it
     output = save_output(result.model, tokenizer, args, evaluation)
     final = read_record(result.model)
     recovery = final.recovery

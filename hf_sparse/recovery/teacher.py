@@ -59,7 +59,7 @@ def find_base(record: SparsityRecord, student_source: str | None) -> str:
     name = record.base_model
     if not name:
         raise ValueError("teacher='base' needs the record's base_model, but this model's record names none (it was "
-                         "pruned from an in-memory model); pass teacher=DIR or a loaded model")
+                         "pruned from an in-memory model); pass teacher=DIR (--teacher DIR) or a loaded model")
     candidates = [Path(name)]
     if student_source and _local_folder(student_source):
         candidates.append(Path(student_source).expanduser().resolve().parent / name)
@@ -69,7 +69,8 @@ def find_base(record: SparsityRecord, student_source: str | None) -> str:
     if record.base_model_sha256 is None:
         return name  # a Hub id
     raise ValueError(f"the record's base model {shown(name)} (sha256 {record.base_model_sha256[:12]}...) is not a "
-                     "folder in the current directory or beside the student; pass teacher=DIR")
+                     "folder in the current directory or beside the student; pass its folder (teacher=DIR, on the command line "
+                     "--teacher DIR)")
 
 
 def _check_hash(folder: str, record: SparsityRecord, force: bool) -> str:
