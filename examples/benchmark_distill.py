@@ -2,14 +2,17 @@
 
 For every student (a method at a sparsity) it prints one row:
 
-    | student | train | pruned | + LM recovery | + distillation | dense + same training | dense | gap closed | ...
+    | student | train | pruned | + LM recovery | + distillation | + distillation, corrected teacher |
+      dense + same training | dense | gap closed ... | CPU s/step ... | step ratio ... | peak RSS ... |
 
 "dense + same training" is the dense model given exactly the training the students get (LM loss, same tokens and
-steps, LoRA or full): it separates recovery from adaptation to the training text. "gap closed" is the share of the
-pruned-to-dense perplexity gap that distillation wins back; "step ratio" the time per training step of distillation
-over LM recovery (the teacher only runs forward), from the process's CPU time (run with one thread, so that other
-jobs on a shared machine do not distort it). Peak memory is the largest resident memory of the process during
-each training run.
+steps, LoRA or full): it separates recovery from adaptation to the training text. It is also the *corrected teacher*
+of Minitron's recipe (``recover(..., teacher_correction_steps=steps)`` trains exactly this model), so the
+``distill-corrected`` objective distils from it; its training is a one-time cost per teacher and data, shared by
+every student, printed once. "gap closed" is the share of the pruned-to-dense (untouched) perplexity gap that an
+objective wins back; "step ratio" the time per training step of distillation over LM recovery (the teacher only runs
+forward), from the process's CPU time (run with one thread, so that other jobs on a shared machine do not distort
+it). Peak memory is the largest resident memory of the process during each training run.
 
     python examples/benchmark_distill.py                                  # 7M model, every row, LoRA
     python examples/benchmark_distill.py --rows flap:0.3 --train lora,full --steps 100
@@ -48,6 +51,11 @@ from benchmark_pruning import resolve_model  # examples/ is on sys.path when a s
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_SPARSE_SHARED", REPO.parent / "shared"))
 DEFAULT_ROWS = "flap:0.3,disp_llm:0.3,sleb:0.2,sparsegpt:2:4,fista:2:4"
+CORRECTED = "-corrected"
+#: --objectives: recover()'s objectives, and distillation from the corrected teacher (the control)
+OBJECTIVE_LABELS = {"lm": "+ LM recovery", "distill": "+ distillation", "distill+lm": "+ distillation + LM",
+                    "distill" + CORRECTED: "+ distillation, corrected teacher",
+                    "distill+lm" + CORRECTED: "+ distillation + LM, corrected teacher"}
 
 
 def _rss() -> int:
@@ -114,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", default="lora", help="comma-separated: lora, full (default: %(default)s)")
     parser.add_argument("--full-rows", default=None,
                         help="with --train lora,full: only these rows (comma-separated methods) also get full FT")
-    parser.add_argument("--objectives", default="lm,distill", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--objectives", default="lm,distill,distill-corrected",
+                        help="comma-separated: lm, distill, distill+lm, and distill-corrected / distill+lm-corrected "
+                             "(distillation from the corrected teacher = the dense model given the same training) "
+                             "(default: %(default)s)")
     parser.add_argument("--no-control", action="store_true", help="skip 'dense + same training'")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
@@ -168,14 +179,31 @@ def main(argv: list[str] | None = None) -> None:
         return
     dense = ppl(dense_model)
     trainings = args.train.split(",")
-    controls: dict[str, float] = {}
+    objectives = args.objectives.split(",")
+    unknown = sorted(set(objectives) - set(OBJECTIVE_LABELS))
+    if unknown:
+        parser.error(f"--objectives {','.join(unknown)}: allowed {', '.join(OBJECTIVE_LABELS)}")
+    if args.no_control and any(o.endswith(CORRECTED) for o in objectives):
+        parser.error("a '-corrected' objective distils from the control (the dense model given the same training): "
+                     "drop --no-control")
+    distilled = [o for o in objectives if o != "lm"]
+    controls: dict[str, tuple[float, torch.nn.Module, float]] = {}
     print(f"{model_name}: {args.steps} steps x {args.batch_size} x {args.sequence_length} tokens per run "
           f"({args.steps * args.batch_size * args.sequence_length} tokens), perplexity on the first "
           f"{args.eval_windows} 256-token windows of wikitext2-test.txt; dense {dense:.2f}", flush=True)
-    header = ("| student | train | pruned | + LM recovery | + distillation | dense + same training | dense | "
-              "gap closed | CPU s/step LM | CPU s/step distill | ratio | peak RSS LM | peak RSS distill |")
+    header = ("| student | train | pruned | " + " | ".join(OBJECTIVE_LABELS[o] for o in objectives) +
+              " | dense + same training | dense | " +
+              " | ".join(f"gap closed ({OBJECTIVE_LABELS[o]})" for o in distilled) +
+              " | " + " | ".join(f"CPU s/step {OBJECTIVE_LABELS[o]}" for o in objectives) +
+              ("".join(f" | step ratio ({OBJECTIVE_LABELS[o]} / LM)" for o in distilled) if "lm" in objectives
+               else "") +
+              " | " + " | ".join(f"peak RSS {OBJECTIVE_LABELS[o]}" for o in objectives) + " |")
     print(header, flush=True)
     print("|" + "---|" * (header.count("|") - 1), flush=True)
+
+    def fmt(value, spec=".2f"):
+        return "-" if value is None else format(value, spec)
+
     for row in args.rows.split(","):
         method, options = parse_row(row)
         method_options = {}
@@ -191,37 +219,38 @@ def main(argv: list[str] | None = None) -> None:
         for training in trainings:
             if args.full_rows and training == "full" and method not in args.full_rows.split(","):
                 continue
+            if not args.no_control and training not in controls:
+                # The dense model given the students' training (LM loss, same tokens and steps): the adaptation
+                # control, and also the corrected teacher (recover(teacher_correction_steps=steps) trains exactly
+                # this model), so it is computed once and shared by every student.
+                control, _ = train(copy.deepcopy(dense_model), "lm", training, None, dense_control=True)
+                control.model.requires_grad_(False)
+                controls[training] = (ppl(control.model), control.model, control.cpu_seconds)
+                print(f"dense + same training ({training}): {controls[training][0]:.2f}, "
+                      f"{control.cpu_seconds:.0f} s of CPU (the teacher correction's one-time cost)", flush=True)
             results, seconds, peaks = {}, {}, {}
-            for objective in args.objectives.split(","):
+            for objective in objectives:
                 student = copy.deepcopy(pruned_model)
-                result, peak = train(student, objective, training, dense_model)
+                corrected = objective.endswith(CORRECTED)
+                teacher = controls[training][1] if corrected else dense_model
+                result, peak = train(student, objective.removesuffix(CORRECTED), training, teacher)
                 results[objective] = ppl(result.model)
                 # CPU time of this process (one thread): other jobs on the machine do not inflate it
                 seconds[objective] = result.cpu_seconds / args.steps
                 peaks[objective] = peak
                 del student, result
-            if not args.no_control and training not in controls:
-                control, _ = train(copy.deepcopy(dense_model), "lm", training, None, dense_control=True)
-                controls[training] = ppl(control.model)
-            kd_objective = "distill" if "distill" in results else "distill+lm"
-            lm, kd = results.get("lm"), results.get(kd_objective)
-            closed = (pruned - kd) / (pruned - dense) if kd is not None and pruned > dense else None
-            ratio = seconds[kd_objective] / seconds["lm"] if kd_objective in seconds and "lm" in seconds else None
-
-            def fmt(value, spec=".2f"):
-                return "-" if value is None else format(value, spec)
-
-            label = f"{method} {options.get('sparsity', options['pattern'])}" + \
-                ("" if kd_objective == "distill" else f" ({kd_objective})")
-            print(f"| {label} | {training} | {pruned:.2f} | {fmt(lm)} | {fmt(kd)} | {fmt(controls.get(training))} | "
-                  f"{dense:.2f} | {fmt(closed, '.0%')} | {fmt(seconds.get('lm'), '.3f')} | "
-                  f"{fmt(seconds.get(kd_objective), '.3f')} | {fmt(ratio)} | "
-                  f"{fmt(peaks.get('lm') and peaks['lm'] / 2**20, '.0f')} MiB | "
-                  f"{fmt(peaks.get(kd_objective) and peaks[kd_objective] / 2**20, '.0f')} MiB |", flush=True)
+            control_ppl = controls[training][0] if training in controls else None
+            closed = {o: (pruned - results[o]) / (pruned - dense) if pruned > dense else None for o in distilled}
+            ratios = {o: seconds[o] / seconds["lm"] for o in distilled} if "lm" in seconds else {}
+            label = f"{method} {options.get('sparsity', options['pattern'])}"
+            print(f"| {label} | {training} | {pruned:.2f} | " + " | ".join(fmt(results[o]) for o in objectives) +
+                  f" | {fmt(control_ppl)} | {dense:.2f} | " + " | ".join(fmt(closed[o], ".0%") for o in distilled) +
+                  " | " + " | ".join(fmt(seconds[o], ".3f") for o in objectives) +
+                  "".join(f" | {fmt(ratios[o])}" for o in ratios) +
+                  " | " + " | ".join(f"{peaks[o] / 2**20:.0f} MiB" for o in objectives) + " |", flush=True)
             if args.json:
-                line = {"model": model_name, "row": row, "train": training, "objective": kd_objective,
-                        "pruned": pruned, "lm": lm,
-                        "distill": kd, "control": controls.get(training), "dense": dense, "gap_closed": closed,
+                line = {"model": model_name, "row": row, "train": training, "pruned": pruned, "results": results,
+                        "control": control_ppl, "dense": dense, "gap_closed": closed,
                         "seconds_per_step": seconds, "peak_rss": peaks, "prune_seconds": prune_seconds,
                         "steps": args.steps, "batch_size": args.batch_size, "sequence_length": args.sequence_length,
                         "temperature": args.temperature, "top_k": args.top_k, "hidden_weight": args.hidden_weight,
@@ -229,7 +258,6 @@ def main(argv: list[str] | None = None) -> None:
                 with open(args.json, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(line) + "\n")
         del pruned_model
-
 
 if __name__ == "__main__":
     main()

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--teacher-device-map", default=None,
                        help="transformers device_map for the teacher, e.g. auto or cuda:1 (default: the student's "
                             "device)")
+    group.add_argument("--teacher-correction", type=int, default=defaults.teacher_correction_steps, metavar="STEPS",
+                       help="first train the teacher STEPS steps on --data with the LM loss, then distil from it "
+                            "(Minitron's teacher correction); use it when --data is not what the teacher was trained "
+                            "on (default: %(default)s = off)")
     group.add_argument("--temperature", type=float, default=defaults.temperature,
                        help="softmax temperature of the KL term (default: %(default)s)")
     group.add_argument("--top-k", type=positive_int, default=defaults.top_k,
@@ -106,6 +110,7 @@ def _target_modules(text: str) -> str | list[str]:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(objective=args.objective, teacher=args.teacher, force_teacher=args.force_teacher,
                 teacher_dtype=args.teacher_dtype, teacher_device_map=args.teacher_device_map,
+                teacher_correction_steps=args.teacher_correction,
                 temperature=args.temperature, top_k=args.top_k, kd_weight=args.kd_weight, lm_weight=args.lm_weight,
                 hidden_weight=args.hidden_weight, method=args.train, mode=args.mode, rank=args.rank,
                 alpha=args.alpha, target_modules=_target_modules(args.target_modules), steps=args.steps,
@@ -186,7 +191,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **{f"{stage}_perplexity": round(value, 4) for stage, value in perplexities.items()},
         **({"control_perplexity": round(control, 4)} if control is not None else {}),
     }
-    rows = [("objective", config.objective + (f" (teacher {summary['teacher']})" if summary["teacher"] else "")),
+    correction = recovery.get("teacher_correction")
+    if correction:
+        summary["teacher_correction_steps"] = correction["steps"]
+    rows = [("objective", config.objective + (f" (teacher {summary['teacher']}" if summary["teacher"] else "") +
+             (f", corrected for {correction['steps']} steps" if correction else "") +
+             (")" if summary["teacher"] else "")),
             ("training", f"{config.method}, {config.steps} steps, {result.tokens:,} tokens, {result.seconds:.0f} s"),
             ("final training loss", f"{last_loss:.4f}"),
             ("held-out perplexity", f"{_ppl(result.perplexity_before)} -> {_ppl(result.perplexity_after)} "

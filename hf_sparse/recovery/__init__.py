@@ -10,14 +10,14 @@
 * :mod:`.trainer` - ``RecoveryTrainer``, a ``transformers.Trainer`` whose ``compute_loss`` distils;
 * :mod:`.mask_keeper` - the zeros of a masked student kept through full fine-tuning (public as
   :mod:`hf_sparse.training`);
-* :mod:`.api` - ``recover()``.
+* :mod:`.api` - ``recover()`` and ``correct_teacher()`` (Minitron's teacher correction).
 
 >>> from hf_sparse.recovery import RecoveryConfig, recover
 >>> RecoveryConfig().objective
 'distill'
 """
 
-from .api import RecoveryResult, recover
+from .api import RecoveryResult, correct_teacher, recover
 from .config import METHODS, OBJECTIVES, RecoveryConfig
 from .data import TrainingData, pack_training_data
 from .losses import chunked_recovery_loss, hidden_state_loss
@@ -25,5 +25,5 @@ from .teacher import Teacher, load_teacher
 from .trainer import NonFiniteLossError, RecoveryTrainer
 
 __all__ = ["METHODS", "NonFiniteLossError", "OBJECTIVES", "RecoveryConfig", "RecoveryResult", "RecoveryTrainer",
-           "Teacher", "TrainingData", "chunked_recovery_loss", "hidden_state_loss", "load_teacher",
+           "Teacher", "TrainingData", "chunked_recovery_loss", "correct_teacher", "hidden_state_loss", "load_teacher",
            "pack_training_data", "recover"]

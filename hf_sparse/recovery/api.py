@@ -81,6 +81,37 @@ def _last_checkpoint(folder: str) -> str | None:
     return get_last_checkpoint(folder) if Path(folder).is_dir() else None
 
 
+def correct_teacher(teacher: Teacher, tokenizer, data: Any, config: RecoveryConfig, *, data_weights: Any = None,
+                    copy_first: bool = False, show_progress: bool = True) -> Teacher:
+    """Minitron's teacher correction: train ``teacher`` for ``config.teacher_correction_steps`` steps on ``data``
+    with the LM loss - the student's training method, learning rate, batch, sequence length and seed, so the
+    corrected teacher is exactly the dense model given the same training (the adaptation control) when the step
+    counts match - and return it frozen. ``copy_first`` trains a copy (a model the caller passed in stays as it was).
+
+    Why: a teacher distils what it knows. When the training text is not what the teacher was trained on, the student
+    learns the teacher's view of that text while LM-loss recovery adapts to it; correcting the teacher first gives
+    distillation both (docs/results/distillation.md).
+    """
+    import copy
+
+    model = copy.deepcopy(teacher.model) if copy_first else teacher.model
+    logger.info("teacher correction: %d LM steps on the training data", config.teacher_correction_steps)
+    result = recover(model, tokenizer, data, config, data_weights=data_weights, dense_control=True,
+                     show_progress=show_progress, objective="lm", lm_weight=1.0, teacher=None, teacher_correction_steps=0,
+                     steps=config.teacher_correction_steps, checkpoint_dir=None, save_steps=None, resume=False,
+                     hidden_weight=0.0)
+    corrected = result.model
+    corrected.eval()
+    corrected.requires_grad_(False)
+    correction = {"steps": config.teacher_correction_steps, "tokens": result.tokens, "objective": "lm",
+                  "method": config.method,
+                  **({"heldout_perplexity_before": round(result.perplexity_before, 4)}
+                     if result.perplexity_before is not None else {}),
+                  **({"heldout_perplexity_after": round(result.perplexity_after, 4)}
+                     if result.perplexity_after is not None else {})}
+    return Teacher(model=corrected, name=teacher.name, sha256=teacher.sha256, correction=correction)
+
+
 def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | None = None, *,
             teacher_model: nn.Module | None = None, data_weights: Any = None, output: str | None = None,
             overwrite: bool = False, callbacks: list | None = None, show_progress: bool = True,
@@ -134,6 +165,9 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
                                device_map=config.teacher_device_map, force=config.force_teacher)
     elif teacher_model is not None:
         raise ValueError("teacher_model was given but objective='lm' does not use a teacher; use objective='distill'")
+    if teacher is not None and config.teacher_correction_steps:
+        teacher = correct_teacher(teacher, tokenizer, data, config, data_weights=data_weights,
+                                  copy_first=teacher_model is not None, show_progress=show_progress)
     vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
     if int(packed.train.max()) >= vocab:
         raise ValueError(f"recovery data holds token id {int(packed.train.max())}, outside the model's vocabulary of "
@@ -248,4 +282,4 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
                           log_history=log_history)
 
 
-__all__ = ["RecoveryResult", "recover"]
+__all__ = ["RecoveryResult", "correct_teacher", "recover"]

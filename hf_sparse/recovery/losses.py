@@ -61,45 +61,56 @@ class _ChunkedLoss(torch.autograd.Function):
             rows = rows[keep]
             h = hidden[rows]  # (c, d)
             logits = F.linear(h, weight, bias).float()  # (c, V): the only student logits alive
-            grad_logits = torch.zeros_like(logits)
+            grad_logits = None
+            # The (c, V) arithmetic below is memory-bound: written with few passes and in-place steps, it costs
+            # about as much as one of the two output-layer matmuls instead of three.
             if kd_weight:
                 with torch.no_grad():
                     t_logits = teacher_logits(rows).float()  # (c, V)
-                log_p = torch.log_softmax(logits / T, dim=-1)  # (c, V)
+                # the student's tempered logits (a copy when the LM term still needs the logits)
+                z = logits / T if T != 1.0 else (logits.clone() if lm_weight else logits)
                 if top_k is not None and top_k < t_logits.shape[-1]:
+                    log_p = torch.log_softmax(z, dim=-1)
                     # The teacher's k largest probabilities, and the rest of its mass as one bucket.
-                    log_q_all = torch.log_softmax(t_logits / T, dim=-1)
-                    log_q, index = log_q_all.topk(top_k, dim=-1)  # (c, k)
-                    del log_q_all
+                    log_q, index = torch.log_softmax(t_logits.div_(T), dim=-1).topk(top_k, dim=-1)  # (c, k)
                     q = log_q.exp()
                     q_rest = (1.0 - q.sum(-1)).clamp_min(0.0)  # (c,)
-                    p = log_p.exp()
-                    p_top = p.gather(-1, index)
-                    p_rest = (1.0 - p_top.sum(-1)).clamp_min(1e-12)
-                    kd_total += (q * (log_q - log_p.gather(-1, index))).sum().double()
+                    log_p_top = log_p.gather(-1, index)
+                    p = log_p.exp_()
+                    p_rest = (1.0 - log_p_top.exp().sum(-1)).clamp_min(1e-12)
+                    kd_total += (q * (log_q - log_p_top)).sum().double()
                     kd_total += torch.xlogy(q_rest, q_rest / p_rest).sum().double()
                     # d/d(s/T) is p - target: q on the top k; outside it the rest mass q_rest, spread like the
                     # student's own tail (p_i / p_rest)
                     target = p * (q_rest / p_rest)[:, None]
                     target.scatter_(-1, index, q)
-                    del p, p_top
+                    grad_kd = p.sub_(target)
+                    del target, q, log_q
                 else:
-                    log_q = torch.log_softmax(t_logits / T, dim=-1)
-                    q = log_q.exp()
-                    kd_total += (q * (log_q - log_p)).sum().double()
-                    target = q
-                del t_logits, log_q
+                    # KL(q || p) per row = sum q (t - z) - lse(t) + lse(z), with t, z the tempered logits.
+                    t = t_logits.div_(T)
+                    lse_t = torch.logsumexp(t, dim=-1, keepdim=True)
+                    lse_z = torch.logsumexp(z, dim=-1, keepdim=True)
+                    q = torch.softmax(t, dim=-1)
+                    cross = torch.dot(q.view(-1), t.sub_(z).view(-1))  # sum q (t - z), one pass
+                    kd_total += (cross - lse_t.sum() + lse_z.sum()).double()
+                    grad_kd = z.sub_(lse_z).exp_().sub_(q)  # p - q
+                    del t, q
+                del t_logits
                 # T² · KL, differentiated by s: T² · (1/T) · (p - q)
-                grad_logits += (kd_weight * T / kd_tokens) * (log_p.exp() - target)
-                del log_p, target, q
+                grad_logits = grad_kd.mul_(kd_weight * T / kd_tokens)
             if lm_weight:
-                log_p1 = torch.log_softmax(logits, dim=-1)
                 targets = labels[rows]
-                lm_total -= log_p1.gather(-1, targets[:, None]).sum().double()
-                probabilities = log_p1.exp_()
-                probabilities[torch.arange(rows.numel(), device=logits.device), targets] -= 1.0
-                grad_logits += (lm_weight / lm_tokens) * probabilities
-                del log_p1, probabilities
+                index = torch.arange(rows.numel(), device=logits.device)
+                lse = torch.logsumexp(logits, dim=-1)
+                lm_total -= (logits[index, targets] - lse).sum().double()
+                probabilities = logits.sub_(lse[:, None]).exp_()  # logits are not needed any more
+                probabilities[index, targets] -= 1.0
+                probabilities.mul_(lm_weight / lm_tokens)
+                grad_logits = probabilities if grad_logits is None else grad_logits.add_(probabilities)
+                del probabilities
+            if grad_logits is None:
+                continue
             del logits
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)

@@ -37,13 +37,17 @@ class Teacher:
     model: nn.Module
     name: str | None
     sha256: str | None
+    #: how the teacher was corrected before distilling (steps, tokens, held-out perplexity), None when it was not
+    correction: dict[str, Any] | None = None
 
 
 def teacher_info(teacher: Teacher | None) -> dict[str, Any]:
-    """The record's ``teacher`` / ``teacher_sha256`` keys for ``teacher`` (empty without one)."""
+    """The record's ``teacher`` / ``teacher_sha256`` / ``teacher_correction`` keys for ``teacher`` (empty without
+    one). The hash is the teacher's as loaded, before any correction."""
     if teacher is None:
         return {}
-    return {"teacher": teacher.name or "model", **({"teacher_sha256": teacher.sha256} if teacher.sha256 else {})}
+    return {"teacher": teacher.name or "model", **({"teacher_sha256": teacher.sha256} if teacher.sha256 else {}),
+            **({"teacher_correction": teacher.correction} if teacher.correction else {})}
 
 
 def _local_folder(path: str | Path) -> Path | None:
