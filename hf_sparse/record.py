@@ -206,6 +206,9 @@ class RecoveryEntry:
     teacher: str | None = field(default=None, metadata={"help": "The teacher: a Hub id or a folder's base name."})
     teacher_sha256: str | None = field(default=None, metadata={"help": "Hash of a local teacher folder's files.",
                                                                "check": sha256_hex})
+    teacher_correction: dict[str, Any] | None = field(default=None, metadata={
+        "help": "How the teacher was trained before distilling (Minitron's teacher correction): steps, tokens, "
+                "held-out perplexity.", "check": _json_object})
     temperature: float | None = field(default=None, metadata={"help": "Distillation temperature.", "range": "> 0"})
     tokens: int | None = field(default=None, metadata={"help": "Training tokens seen.", "range": ">= 0"})
     heldout_perplexity_before: float | None = field(default=None, metadata={

@@ -389,25 +389,42 @@ def _remove(folder: Path | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write one file into; once the block ends without error it is fsynced,
+    given the permissions of a file the user creates and renamed over ``path``, so readers see the old content or the
+    new, never a part. On any error, SIGTERM/SIGHUP or Ctrl-C the temporary file is removed and ``path`` is untouched.
+
+    >>> with atomic_file("model.gguf") as tmp:  # doctest: +SKIP
+    ...     write_gguf(tmp)
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{_TMP}-{os.getpid()}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with _signals_interrupt():
+            yield tmp
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; a result is as readable as any other
+            os.replace(tmp, path)
+    except _SaveInterrupted as interrupted:
+        tmp.unlink(missing_ok=True)
+        signal.raise_signal(interrupted.signum)  # the previous handler is back: the default one ends the process
+        raise SystemExit(128 + interrupted.signum) from None  # the caller's own handler returned: still stop
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after the rename
+
+
 def atomic_write_file(path: str | os.PathLike, content: str | bytes) -> Path:
-    """Write one file so that readers see the old content or the new, never a part: into a temporary sibling,
-    fsynced, then renamed over ``path`` (sweep results, pictures).
+    """Write one file atomically (:func:`atomic_file`): sweep results, pictures.
 
     >>> atomic_write_file("results.csv", "method,perplexity\\n")  # doctest: +SKIP
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP}-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content.encode("utf-8") if isinstance(content, str) else content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; a result file is as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return Path(path)
 
 
 @contextlib.contextmanager
@@ -464,5 +481,5 @@ def save_checkpoint(model: Any, tokenizer: Any, output: str | os.PathLike, *, ov
     return output
 
 
-__all__ = ["CHECKPOINT_MARKER", "WRITER_MARKER", "atomic_directory", "atomic_write_file", "check_destination",
+__all__ = ["CHECKPOINT_MARKER", "WRITER_MARKER", "atomic_directory", "atomic_file", "atomic_write_file", "check_destination",
            "check_not_the_input", "disk_errors", "finish_interrupted_save", "is_checkpoint", "save_checkpoint"]

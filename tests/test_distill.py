@@ -152,6 +152,9 @@ def test_hidden_state_loss_is_zero_for_equal_states_and_positive_otherwise():
     ({"kd_weight": 0, "hidden_weight": 0}, "objective='distill' with kd_weight=0 and hidden_weight=0 trains on"),
     ({"save_steps": 5}, "save_steps=5 needs checkpoint_dir"),
     ({"trainer_args": {"max_steps": 3}}, r"trainer_args\['max_steps'\] is set by RecoveryConfig"),
+    ({"teacher_correction_steps": -1}, "teacher_correction_steps must be an integer >= 0, got -1"),
+    ({"objective": "lm", "teacher_correction_steps": 5},
+     "teacher_correction_steps=5 corrects a teacher, but objective='lm' has none"),
 ])
 def test_bad_options_are_refused_in_one_line(options, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -336,6 +339,42 @@ def test_dense_control_trains_a_dense_model_and_refuses_a_pruned_one():
         recover(tiny_llama(0), None, IDS, objective="lm", **QUICK)
 
 
+def test_teacher_correction_trains_exactly_the_dense_control_and_leaves_the_given_teacher_alone():
+    """Minitron's teacher correction is the dense model given the students' training for the given steps (the
+    adaptation control, bit for bit); a teacher the caller passed in is corrected on a copy."""
+    from hf_sparse.recovery import Teacher, correct_teacher
+
+    given = tiny_llama(0)
+    untouched = {k: v.clone() for k, v in given.state_dict().items()}
+    config = RecoveryConfig(teacher_correction_steps=3, steps=5, batch_size=4, sequence_length=16, logging_steps=1,
+                            seed=2)
+    corrected = correct_teacher(Teacher(model=given, name="dense", sha256=None), None, IDS, config, copy_first=True,
+                                show_progress=False)
+    control = recover(tiny_llama(0), None, IDS, config, objective="lm", dense_control=True, steps=3,
+                      teacher_correction_steps=0, show_progress=False).model
+    corrected_state, control_state = corrected.model.state_dict(), control.state_dict()
+    assert all(torch.equal(corrected_state[k], control_state[k]) for k in control_state)
+    assert any(not torch.equal(corrected_state[k], untouched[k]) for k in untouched)  # it did train
+    assert all(torch.equal(given.state_dict()[k], untouched[k]) for k in untouched)
+    assert not any(p.requires_grad for p in corrected.model.parameters()) and not corrected.model.training
+    assert corrected.correction["steps"] == 3 and corrected.correction["tokens"] == 3 * 4 * 16
+    assert corrected.correction["heldout_perplexity_after"] < corrected.correction["heldout_perplexity_before"]
+
+
+def test_recovery_with_teacher_correction_records_it_and_distils_from_the_corrected_teacher(tmp_path):
+    student = pruned_tiny()
+    masks = hf_sparse.get_masks(student)
+    plain = recover(copy.deepcopy(student), None, IDS, teacher_model=tiny_llama(0), **QUICK)
+    corrected = recover(student, None, IDS, teacher_model=tiny_llama(0), teacher_correction_steps=2, **QUICK)
+    assert_zeros_kept(corrected.model, masks)
+    recovery = hf_sparse.read_record(corrected.model).recovery
+    assert recovery["teacher_correction"]["steps"] == 2 and recovery["teacher_correction"]["objective"] == "lm"
+    assert "teacher_correction" not in hf_sparse.read_record(plain.model).recovery
+    assert plain.losses != corrected.losses  # another teacher, another loss
+    card = hf_sparse.hub.save_with_model_card(corrected.model, None, tmp_path / "out").read_text(encoding="utf-8")
+    assert "corrected first: 2 language-modelling steps on the same data" in card
+
+
 def test_packed_text_data_is_deterministic_and_holds_out_distinct_sequences(demo_tokenizer):
     from hf_sparse.recovery.data import pack_training_data
 
@@ -401,6 +440,8 @@ def test_recover_help_shows_the_defaults(capsys):
     (["--temperature", "0"], "temperature must be a positive number, got 0"),
     (["--kd-weight", "-1"], "kd_weight must be a number >= 0, got -1"),
     (["--control"], "--control compares test perplexities: give --eval-data too"),
+    (["--teacher-correction", "-2"], "teacher_correction_steps must be an integer >= 0, got -2"),
+    (["--objective", "lm", "--teacher-correction", "3"], "teacher_correction_steps=3 corrects a teacher"),
 ])
 def test_recover_command_refuses_bad_options_before_loading(tmp_path, capsys, arguments, message):
     from hf_sparse.cli import main
@@ -424,9 +465,9 @@ def test_recover_command_distils_from_the_recorded_base_model(tmp_path, capsys):
     assert main(["recover", str(tmp_path / "pruned"), "--data", str(DEMO_CALIBRATION), "--teacher", str(DEMO_MODEL),
                  "--steps", "2", "--batch-size", "2", "--sequence-length", "32", "--output", str(tmp_path / "out"),
                  "--eval-data", str(DEMO_HELDOUT), "--eval-sequence-length", "64", "--max-windows", "2", "--control",
-                 "-q"]) == 0
+                 "--teacher-correction", "1", "-q"]) == 0
     out = capsys.readouterr().out
-    assert f"objective            distill (teacher {DEMO_MODEL.name})" in out
+    assert f"objective            distill (teacher {DEMO_MODEL.name}, corrected for 1 step)" in out
     assert re.search(r"^dense control\s+dense \d+\.\d\d, dense \+ same training \d+\.\d\d$", out, re.M), out
     assert re.search(r"^test perplexity\s+pruned \d+\.\d\d -> recovered \d+\.\d\d$", out, re.M), out
     assert out.strip().splitlines()[-1].split() == ["saved", "to", str(tmp_path / "out")]

@@ -339,3 +339,22 @@ def test_a_compact_checkpoint_exports_with_its_zeros(tmp_path, tokenizer):
     assert json.loads(fields[RECORD_KEY])["pattern"] == "2:4"
     assert np.array_equal(_tensor(reader, "blk.2.ffn_gate.weight"), model.model.layers[2].mlp.gate_proj.weight
                           .detach().numpy())
+
+
+def test_sigterm_mid_export_leaves_no_partial_file(tmp_path, tokenizer, monkeypatch):
+    """A SIGTERM while the tensors are written: the temporary file is removed, the destination never appears, and the
+    process still stops (here the test's own handler receives the signal again, then SystemExit 128 + 15)."""
+    import os
+    import signal
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file",
+                            lambda self, *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+        with pytest.raises(SystemExit) as stopped:
+            _export(_tiny(), tokenizer, tmp_path / "out.gguf")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM and received == [signal.SIGTERM]
+    assert not (tmp_path / "out.gguf").exists() and not list(tmp_path.glob(".out.gguf.tmp-*"))

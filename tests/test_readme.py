@@ -1,5 +1,6 @@
 """The README as a new user reads it: every command and snippet runs, in order, on a fresh copy of the repository with
-the vendored demo assets (no ../shared, no network), its links resolve and its numbers link to the results pages.
+the vendored demo assets (no ../shared, no network), and its numbers link to the results pages (its links are checked
+with every docs page, in test_docs).
 
 The quick start runs with fewer windows and samples than it prints by default (the command is the README's; the test
 appends ``--max-windows``/``--num-samples``/``--sequence-length``), so the whole README stays well under two minutes.
@@ -15,7 +16,6 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from docs_snippets import fresh_copy, read_blocks, run_page
-from test_docs import anchors_of, relative_links
 
 README = REPO / "README.md"
 QUICK = {"python examples/quickstart.py": "python examples/quickstart.py --max-windows 8 --num-samples 8 "
@@ -71,14 +71,6 @@ def test_readme_is_short_and_needs_no_shared_folder():
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 250
     assert "../shared" not in text
-
-
-def test_every_readme_link_resolves():
-    for target, anchor in relative_links(README):
-        path = (README.parent / target).resolve() if target else README
-        assert path.exists(), f"README links to {target}, which does not exist"
-        if anchor and path.suffix == ".md":
-            assert anchor in anchors_of(path), f"README links to {target}#{anchor}: no such heading"
 
 
 def test_every_measured_number_in_the_readme_prose_is_a_link():

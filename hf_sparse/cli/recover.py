@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dense, _ = load_model_and_tokenizer(source, args.dtype)
             perplexities["dense"] = measure(dense)
             trained = recover(dense, tokenizer, args.data, config, objective="lm", dense_control=True,
-                              checkpoint_dir=None, save_steps=None, resume=False)
+                              checkpoint_dir=None, save_steps=None, resume=False, teacher_correction_steps=0)
             control = measure(trained.model)
             updated = read_record(result.model)
             updated.recovery = {**updated.recovery, "control_perplexity": round(control, 4)}
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if correction:
         summary["teacher_correction_steps"] = correction["steps"]
     rows = [("objective", config.objective + (f" (teacher {summary['teacher']}" if summary["teacher"] else "") +
-             (f", corrected for {correction['steps']} steps" if correction else "") +
+             (f", corrected for {correction['steps']} step{'s' * (correction['steps'] != 1)}" if correction else "") +
              (")" if summary["teacher"] else "")),
             ("training", f"{config.method}, {config.steps} steps, {result.tokens:,} tokens, {result.seconds:.0f} s"),
             ("final training loss", f"{last_loss:.4f}"),

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from ..architectures import get_architecture
 from ..errors import shown
 from ..record import read_record
+from ..saving import atomic_file
 from ..surgery.apply import block_shape
 from .gguf_vocab import read_vocab
 
@@ -301,9 +301,7 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
     vocab.pad_to(plan.vocab_rows)
     record = read_record(model)
 
-    fd, temporary = tempfile.mkstemp(prefix=f".{destination.name}.tmp-{os.getpid()}-", dir=destination.parent)
-    os.close(fd)
-    try:
+    with atomic_file(destination) as temporary:  # a kill or an error leaves no partial file
         writer = gguf.GGUFWriter(temporary, plan.arch)
         _write_metadata(writer, plan, vocab, record, outtype, getattr(model, "name_or_path", "") or "")
         for name, (source, tensor) in tqdm(plan.tensors.items(), desc=f"gguf {outtype}", unit="tensor",
@@ -314,18 +312,9 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, path: str | os.P
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
         if destination.exists() and not overwrite:  # another writer was faster
             raise ValueError(f"output {shown(str(destination))} already exists; choose a new file or pass "
                              "overwrite=True")
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     logger.info("wrote %s (%s, %d layers, %s)", destination, plan.arch, len(plan.layers), outtype)
     return destination
 

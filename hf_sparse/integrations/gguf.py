@@ -29,7 +29,6 @@ from torch import nn
 
 from ..config import QUANT_METHOD, SparsityConfig
 from ..errors import shown
-from ..surgery import STRUCTURED_QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +132,7 @@ def detach_gguf(model: nn.Module) -> None:
     # Imported here: hf_sparse.integrations.transformers imports hf_sparse.api, which imports this module.
     from .transformers import remove_quantization_state
 
-    # Structured pruning may have put hf_sparse's own loading marker where the GGUF config was: it is what lets the
-    # saved checkpoint load (blocks of different shapes), so it survives the detach.
-    marker = getattr(model.config, "quantization_config", None)
-    keep = marker if _quant_method(marker) == STRUCTURED_QUANT_METHOD else None
-    remove_quantization_state(model)
-    if keep is not None:
-        model.config.quantization_config = keep
+    remove_quantization_state(model)  # a structured prune puts its loading marker back afterwards (api.prune)
     if _SOURCE_ATTRIBUTE in vars(model):
         delattr(model, _SOURCE_ATTRIBUTE)
 

@@ -196,7 +196,11 @@ def _recovery_text(recovery: dict[str, Any] | None) -> str:
                      "distill+lm": "distillation + language-modelling loss"}.get(str(recovery["objective"]))
         parts.append(objective or _text(recovery["objective"]))
     if recovery.get("teacher"):
-        parts.append(f"teacher {_literal(_short_name(str(recovery['teacher'])))}")
+        teacher = f"teacher {_literal(_short_name(str(recovery['teacher'])))}"
+        correction = recovery.get("teacher_correction")
+        if isinstance(correction, dict) and correction.get("steps") is not None:
+            teacher += f" (corrected first: {_text(correction['steps'])} language-modelling steps on the same data)"
+        parts.append(teacher)
     if recovery.get("mode"):
         parts.append(f"mode {_literal(recovery['mode'])} (sparsity kept)")
     for key, label in (("rank", "rank"), ("alpha", "alpha"), ("steps", "steps"), ("batch_size", "batch"),
