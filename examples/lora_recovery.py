@@ -4,6 +4,7 @@ distillation from its own dense model with sparsity-keeping LoRA, beside the den
     python examples/lora_recovery.py                                      # Wanda 2:4, 60 steps x 4 x 256 tokens
     python examples/lora_recovery.py --method flap --pattern 30% --objective distill --steps 100
     python examples/lora_recovery.py --model smollm2 --method sparsegpt --max-windows 64 --threads 1
+    python examples/lora_recovery.py --model smollm2 --method flap --pattern 30% --teacher-correction 60
     python examples/lora_recovery.py --objective lm --no-control --output recovered-2of4
 
 Prints dense / dense + same training / pruned / recovered perplexity on the WikiText-2 test split (256-token windows;
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 for LoRA, 1e-4 for full")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--teacher-correction", type=int, default=0, metavar="STEPS",
+                        help="train the teacher STEPS steps on the training text before distilling (Minitron's "
+                             "teacher correction; default 0 = off)")
     parser.add_argument("--no-control", action="store_true", help="skip training the dense model the same way")
     parser.add_argument("--output", default=None, help="save the recovered checkpoint (+ model card) here")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it is a checkpoint")
@@ -93,7 +97,8 @@ def main() -> None:
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     result = recover(model, tokenizer, calibration, objective=args.objective,
-                     teacher_model=dense_model if args.objective != "lm" else None, **training)
+                     teacher_model=dense_model if args.objective != "lm" else None,
+                     teacher_correction_steps=args.teacher_correction if args.objective != "lm" else 0, **training)
     recovered = ppl(result.model)
     after = hf_sparse.get_masks(result.model)
     same_masks = all(torch.equal(after[name], mask) for name, mask in masks.items())
@@ -109,7 +114,8 @@ def main() -> None:
     if control is not None:
         print(f"| dense + same training (LM loss) | {control:.2f} |")
     print(f"| pruned | {pruned:.2f} |")
-    print(f"| pruned + {args.objective} | {recovered:.2f} |")
+    corrected = f", teacher corrected for {args.teacher_correction} steps" if args.teacher_correction else ""
+    print(f"| pruned + {args.objective}{corrected} | {recovered:.2f} |")
     if pruned > dense:
         print(f"gap to the dense model closed: {(pruned - recovered) / (pruned - dense):.0%}")
     print(f"masks unchanged: {same_masks}; shapes unchanged: {same_shapes}")
