@@ -45,6 +45,7 @@ import hf_sparse
 from hf_sparse.cli.common import add_threads_argument, apply_threads
 from hf_sparse.evaluation import perplexity
 from hf_sparse.recovery import RecoveryConfig, recover
+from hf_sparse.saving import save_checkpoint
 
 from benchmark_pruning import resolve_model  # examples/ is on sys.path when a script in it runs
 
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-windows", type=int, default=200,
                         help="test windows of 256 tokens (default: %(default)s)")
     parser.add_argument("--json", default=None, help="append one JSON line per finished row to this file")
+    parser.add_argument("--pruned-cache", default=None, metavar="DIR",
+                        help="save each pruned student here and reuse it on the next run (pruning DISP-LLM or FISTA "
+                             "SmolLM2 takes many minutes)")
     parser.add_argument("--timing", type=int, default=0, metavar="REPEATS",
                         help="only time the steps: per row and training, REPEATS alternating short runs (LM, "
                              "distillation, LM, ...) of --steps steps each; prints CPU s/step and the ratio")
@@ -210,10 +214,17 @@ def main(argv: list[str] | None = None) -> None:
         if method == "disp_llm" and args.disp_steps:
             method_options["steps"] = args.disp_steps
         start = time.perf_counter()
-        pruned_model = load()
         config = hf_sparse.SparsityConfig(**options, calibration=calibration, num_samples=32, sequence_length=256,
                                           seed=0, method_options=method_options)
-        hf_sparse.prune(pruned_model, config, tokenizer=tokenizer, show_progress=False)
+        name = f"{model_name}-{row.replace(':', '-')}" + (f"-steps{args.disp_steps}" if method_options else "")
+        cached = Path(args.pruned_cache) / name if args.pruned_cache else None
+        if cached is not None and (cached / "config.json").is_file():
+            pruned_model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)  # reloads bit for bit
+        else:
+            pruned_model = load()
+            hf_sparse.prune(pruned_model, config, tokenizer=tokenizer, show_progress=False)
+            if cached is not None:
+                save_checkpoint(pruned_model, tokenizer, cached)
         prune_seconds = time.perf_counter() - start
         pruned = ppl(pruned_model)
         for training in trainings:
