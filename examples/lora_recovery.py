@@ -27,7 +27,7 @@ import hf_sparse
 from hf_sparse.cli.common import add_threads_argument, apply_threads
 from hf_sparse.evaluation import perplexity
 from hf_sparse.methods import get_method_class
-from hf_sparse.recovery import OBJECTIVES, recover
+from hf_sparse.recovery import OBJECTIVES, RecoveryConfig, recover
 
 from benchmark_pruning import resolve_model  # examples/ is on sys.path when a script in it runs
 
@@ -53,7 +53,7 @@ def main() -> None:
                         help="'llama-7m-books' (../shared), 'smollm2' (the test-bed) or a local folder")
     parser.add_argument("--method", default="wanda")
     parser.add_argument("--pattern", default="2:4", help="N:M, or a percentage (structured for structured methods)")
-    parser.add_argument("--objective", default="distill", choices=OBJECTIVES)
+    parser.add_argument("--objective", default=RecoveryConfig.objective, choices=OBJECTIVES)
     parser.add_argument("--train", default="lora", choices=("lora", "full"))
     parser.add_argument("--max-windows", type=int, default=100, help="test windows of 256 tokens (all: 0)")
     parser.add_argument("--steps", type=int, default=60)

@@ -149,7 +149,9 @@ def test_hidden_state_loss_is_zero_for_equal_states_and_positive_otherwise():
     ({"objective": "kl"}, "objective must be one of"),
     ({"top_k": 0}, "top_k must be a positive integer or None, got 0"),
     ({"sequence_length": 1}, "sequence_length must be an integer >= 2, got 1"),
-    ({"kd_weight": 0, "hidden_weight": 0}, "objective='distill' with kd_weight=0 and hidden_weight=0 trains on"),
+    ({"objective": "distill", "kd_weight": 0, "hidden_weight": 0},
+     "objective='distill' with kd_weight=0 and hidden_weight=0 trains on"),
+    ({"kd_weight": 0, "lm_weight": 0}, "objective='distill\\+lm' with kd_weight=0 and lm_weight=0 trains on nothing"),
     ({"save_steps": 5}, "save_steps=5 needs checkpoint_dir"),
     ({"trainer_args": {"max_steps": 3}}, r"trainer_args\['max_steps'\] is set by RecoveryConfig"),
     ({"teacher_correction_steps": -1}, "teacher_correction_steps must be an integer >= 0, got -1"),
@@ -236,7 +238,7 @@ def test_teacher_base_is_the_recorded_folder_checked_by_hash(tmp_path, monkeypat
     result = recover(student, None, IDS, teacher="base", **QUICK)  # found beside the student's own folder
     recovery = hf_sparse.read_record(result.model).recovery
     assert recovery["teacher"] == "dense-tiny" and recovery["teacher_sha256"] == record.base_model_sha256
-    assert recovery["objective"] == "distill" and recovery["tokens"] == 3 * 4 * 16
+    assert recovery["objective"] == "distill+lm" and recovery["tokens"] == 3 * 4 * 16
 
 
 def test_teacher_whose_hash_differs_is_refused_naming_both_hashes(tmp_path):
@@ -431,7 +433,7 @@ def test_recover_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["recover", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: distill)", "(default: base)", "(default: 2.0)", "(default: lora)", "(default: 200)",
+    for default in ("(default: distill+lm)", "(default: base)", "(default: 1.0)", "(default: lora)", "(default: 200)",
                     "(default: 8)", "(default: 256)", "(default: masked)"):
         assert default in text, default
 
@@ -467,7 +469,7 @@ def test_recover_command_distils_from_the_recorded_base_model(tmp_path, capsys):
                  "--eval-data", str(DEMO_HELDOUT), "--eval-sequence-length", "64", "--max-windows", "2", "--control",
                  "--teacher-correction", "1", "-q"]) == 0
     out = capsys.readouterr().out
-    assert f"objective            distill (teacher {DEMO_MODEL.name}, corrected for 1 step)" in out
+    assert f"objective            distill+lm (teacher {DEMO_MODEL.name}, corrected for 1 step)" in out
     assert re.search(r"^dense control\s+dense \d+\.\d\d, dense \+ same training \d+\.\d\d$", out, re.M), out
     assert re.search(r"^test perplexity\s+pruned \d+\.\d\d -> recovered \d+\.\d\d$", out, re.M), out
     assert out.strip().splitlines()[-1].split() == ["saved", "to", str(tmp_path / "out")]

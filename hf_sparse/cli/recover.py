@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a held-out part is never trained on)")
     group = parser.add_argument_group("objective and teacher")
     group.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
-                       help="distill: KL to the teacher; lm: next-token loss, no teacher; distill+lm: both "
+                       help="distill+lm: KL to the teacher + next-token loss; distill: KL only; lm: next-token "
+                            "loss only, no teacher "
                             "(default: %(default)s)")
     group.add_argument("--teacher", default=defaults.teacher,
                        help="'base' = the dense model the record names (a folder of that name here or beside "

@@ -1,6 +1,6 @@
 """Recovery after pruning: distillation from the dense model (or the LM loss) on transformers' ``Trainer``.
 
-``recover(model, tokenizer, data, objective="distill", teacher="base")`` is the verb (the example and
+``recover(model, tokenizer, data, objective="distill+lm", teacher="base")`` is the verb (the example and
 ``hf-sparse recover`` call it). The parts, one per file:
 
 * :mod:`.config` - ``RecoveryConfig`` (objective, teacher, temperature, top-k, loss weights, LoRA or full, steps);
@@ -14,7 +14,7 @@
 
 >>> from hf_sparse.recovery import RecoveryConfig, recover
 >>> RecoveryConfig().objective
-'distill'
+'distill+lm'
 """
 
 from .api import RecoveryResult, correct_teacher, recover

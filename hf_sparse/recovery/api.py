@@ -128,7 +128,7 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
     ``tokenizer``) is saved there atomically: a kill leaves no half-written folder, and with ``checkpoint_dir`` +
     ``resume=True`` a rerun continues from the last checkpoint.
 
-    >>> result = recover(pruned_model, tokenizer, "calibration.txt", objective="distill", teacher="base",
+    >>> result = recover(pruned_model, tokenizer, "calibration.txt", objective="distill+lm", teacher="base",
     ...                  steps=200)  # doctest: +SKIP
     >>> result.perplexity_before, result.perplexity_after  # doctest: +SKIP
     (89.3, 41.2)
@@ -164,7 +164,7 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
                                student_tokenizer=tokenizer, dtype=config.teacher_dtype,
                                device_map=config.teacher_device_map, force=config.force_teacher)
     elif teacher_model is not None:
-        raise ValueError("teacher_model was given but objective='lm' does not use a teacher; use objective='distill'")
+        raise ValueError("teacher_model was given but objective='lm' does not use a teacher; use objective='distill+lm' or 'distill'")
     if teacher is not None and config.teacher_correction_steps:
         teacher = correct_teacher(teacher, tokenizer, data, config, data_weights=data_weights,
                                   copy_first=teacher_model is not None, show_progress=show_progress)
