@@ -90,26 +90,28 @@ def parse_row(text: str) -> tuple[str, hf_sparse.SparsityConfig | dict]:
     return method, {"method": method, "pattern": "structured", "sparsity": float(rest)}
 
 
-def time_steps(args, load, train, dense_model, tokenizer, calibration: str) -> None:
+def time_steps(args, student, train, dense_model) -> None:
     """CPU time per step of LM recovery and distillation, measured in alternation in this process (so that load
-    from other jobs on the machine falls on both alike); the median of each and their ratio."""
-    print(f"| student | train | CPU s/step LM | CPU s/step distillation | ratio | ({args.timing} alternating runs of "
+    from other jobs on the machine falls on both alike); the median of each and their ratio. The distillation
+    objective is the first of --objectives that is not 'lm' (its teacher: the dense model; a corrected teacher has
+    the same shapes and costs the same)."""
+    objective = next((o.removesuffix(CORRECTED) for o in args.objectives.split(",") if o != "lm"), "distill+lm")
+    print(f"| student | train | CPU s/step LM | CPU s/step {objective} | ratio | ({args.timing} alternating runs of "
           f"{args.steps} steps x {args.batch_size} x {args.sequence_length} tokens each) |")
     print("|---|---|---|---|---|---|")
     for row in args.rows.split(","):
         method, options = parse_row(row)
-        pruned_model = load()
-        hf_sparse.prune(pruned_model, hf_sparse.SparsityConfig(**options, calibration=calibration, num_samples=32,
-                                                               sequence_length=256, seed=0),
-                        tokenizer=tokenizer, show_progress=False)
+        pruned_model, _ = student(row)
         for training in args.train.split(","):
-            per_step: dict[str, list[float]] = {"lm": [], "distill": []}
+            if args.full_rows and training == "full" and method not in args.full_rows.split(","):
+                continue
+            per_step: dict[str, list[float]] = {"lm": [], objective: []}
             for _ in range(args.timing):
-                for objective in per_step:
-                    result, _ = train(copy.deepcopy(pruned_model), objective, training, dense_model,
+                for name in per_step:
+                    result, _ = train(copy.deepcopy(pruned_model), name, training, dense_model,
                                       heldout_fraction=0.0)
-                    per_step[objective].append(result.cpu_seconds / args.steps)
-            lm, kd = statistics.median(per_step["lm"]), statistics.median(per_step["distill"])
+                    per_step[name].append(result.cpu_seconds / args.steps)
+            lm, kd = statistics.median(per_step["lm"]), statistics.median(per_step[objective])
             print(f"| {method} {options.get('sparsity', options['pattern'])} | {training} | {lm:.3f} | {kd:.3f} | "
                   f"{kd / lm:.2f} | |", flush=True)
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", default="lora", help="comma-separated: lora, full (default: %(default)s)")
     parser.add_argument("--full-rows", default=None,
                         help="with --train lora,full: only these rows (comma-separated methods) also get full FT")
-    parser.add_argument("--objectives", default="lm,distill,distill-corrected",
+    parser.add_argument("--objectives", default="lm,distill+lm,distill+lm-corrected",
                         help="comma-separated: lm, distill, distill+lm, and distill-corrected / distill+lm-corrected "
                              "(distillation from the corrected teacher = the dense model given the same training) "
                              "(default: %(default)s)")
@@ -177,9 +179,27 @@ def main(argv: list[str] | None = None) -> None:
                              show_progress=False, **options, **extra)
         return result, memory.peak
 
+    def student(row: str):
+        """The pruned student of ``row`` and the seconds it took (from --pruned-cache when it is there)."""
+        method, options = parse_row(row)
+        method_options = {"steps": args.disp_steps} if method == "disp_llm" and args.disp_steps else {}
+        start = time.perf_counter()
+        config = hf_sparse.SparsityConfig(**options, calibration=calibration, num_samples=32, sequence_length=256,
+                                          seed=0, method_options=method_options)
+        name = f"{model_name}-{row.replace(':', '-')}" + (f"-steps{args.disp_steps}" if method_options else "")
+        cached = Path(args.pruned_cache) / name if args.pruned_cache else None
+        if cached is not None and (cached / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)  # reloads bit for bit
+        else:
+            model = load()
+            hf_sparse.prune(model, config, tokenizer=tokenizer, show_progress=False)
+            if cached is not None:
+                save_checkpoint(model, tokenizer, cached)
+        return model, time.perf_counter() - start
+
     dense_model = load()
     if args.timing:
-        time_steps(args, load, train, dense_model, tokenizer, calibration)
+        time_steps(args, student, train, dense_model)
         return
     dense = ppl(dense_model)
     trainings = args.train.split(",")
@@ -210,22 +230,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for row in args.rows.split(","):
         method, options = parse_row(row)
-        method_options = {}
-        if method == "disp_llm" and args.disp_steps:
-            method_options["steps"] = args.disp_steps
-        start = time.perf_counter()
-        config = hf_sparse.SparsityConfig(**options, calibration=calibration, num_samples=32, sequence_length=256,
-                                          seed=0, method_options=method_options)
-        name = f"{model_name}-{row.replace(':', '-')}" + (f"-steps{args.disp_steps}" if method_options else "")
-        cached = Path(args.pruned_cache) / name if args.pruned_cache else None
-        if cached is not None and (cached / "config.json").is_file():
-            pruned_model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)  # reloads bit for bit
-        else:
-            pruned_model = load()
-            hf_sparse.prune(pruned_model, config, tokenizer=tokenizer, show_progress=False)
-            if cached is not None:
-                save_checkpoint(pruned_model, tokenizer, cached)
-        prune_seconds = time.perf_counter() - start
+        pruned_model, prune_seconds = student(row)
         pruned = ppl(pruned_model)
         for training in trainings:
             if args.full_rows and training == "full" and method not in args.full_rows.split(","):

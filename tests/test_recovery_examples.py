@@ -27,7 +27,7 @@ def _run(script: str, *arguments: str) -> str:
 def test_lora_recovery_script_prunes_distils_from_a_corrected_teacher_and_keeps_the_masks():
     out = _run("lora_recovery.py", "--steps", "3", "--batch-size", "2", "--max-windows", "2", "--teacher-correction",
                "3", "--threads", "1")
-    assert re.search(r"^\| pruned \+ distill, teacher corrected for 3 steps \| \d+\.\d\d \|$", out, re.M), out
+    assert re.search(r"^\| pruned \+ distill\+lm, teacher corrected for 3 steps \| \d+\.\d\d \|$", out, re.M), out
     assert re.search(r"^\| dense \+ same training \(LM loss\) \| \d+\.\d\d \|$", out, re.M), out
     assert "masks unchanged: True; shapes unchanged: True" in out
 
@@ -36,7 +36,7 @@ def test_distillation_benchmark_prints_one_row_per_student_with_the_corrected_te
     out = _run("benchmark_distill.py", "--rows", "sleb:0.2", "--steps", "2", "--batch-size", "2", "--eval-windows",
                "2", "--threads", "1")
     header = next(line for line in out.splitlines() if line.startswith("| student |"))
-    assert "+ distillation, corrected teacher" in header
+    assert "+ distillation + LM, corrected teacher" in header
     row = next(line for line in out.splitlines() if line.startswith("| sleb 0.2 | lora |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert len(cells) == header.strip("|").count("|") + 1

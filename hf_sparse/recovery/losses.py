@@ -64,12 +64,14 @@ class _ChunkedLoss(torch.autograd.Function):
             grad_logits = None
             # The (c, V) arithmetic below is memory-bound: written with few passes and in-place steps, it costs
             # about as much as one of the two output-layer matmuls instead of three.
+            shared = False  # True when one softmax serves both terms (full vocabulary, T = 1, LM term on)
             if kd_weight:
                 with torch.no_grad():
                     t_logits = teacher_logits(rows).float()  # (c, V)
-                # the student's tempered logits (a copy when the LM term still needs the logits)
-                z = logits / T if T != 1.0 else (logits.clone() if lm_weight else logits)
+                c_kd = kd_weight * T / kd_tokens  # T² · KL, differentiated by s: T² · (1/T) · (p - q)
                 if top_k is not None and top_k < t_logits.shape[-1]:
+                    # the student's tempered logits (a copy when the LM term still needs the logits)
+                    z = logits / T if T != 1.0 else (logits.clone() if lm_weight else logits)
                     log_p = torch.log_softmax(z, dim=-1)
                     # The teacher's k largest probabilities, and the rest of its mass as one bucket.
                     log_q, index = torch.log_softmax(t_logits.div_(T), dim=-1).topk(top_k, dim=-1)  # (c, k)
@@ -84,22 +86,32 @@ class _ChunkedLoss(torch.autograd.Function):
                     # student's own tail (p_i / p_rest)
                     target = p * (q_rest / p_rest)[:, None]
                     target.scatter_(-1, index, q)
-                    grad_kd = p.sub_(target)
+                    grad_logits = p.sub_(target).mul_(c_kd)
                     del target, q, log_q
                 else:
                     # KL(q || p) per row = sum q (t - z) - lse(t) + lse(z), with t, z the tempered logits.
-                    t = t_logits.div_(T)
+                    t = t_logits.div_(T) if T != 1.0 else t_logits
+                    z = logits / T if T != 1.0 else logits  # a copy when tempered, else the logits themselves
                     lse_t = torch.logsumexp(t, dim=-1, keepdim=True)
                     lse_z = torch.logsumexp(z, dim=-1, keepdim=True)
                     q = torch.softmax(t, dim=-1)
                     cross = torch.dot(q.view(-1), t.sub_(z).view(-1))  # sum q (t - z), one pass
                     kd_total += (cross - lse_t.sum() + lse_z.sum()).double()
-                    grad_kd = z.sub_(lse_z).exp_().sub_(q)  # p - q
+                    shared = bool(lm_weight) and T == 1.0
+                    if shared:  # read the LM term's picks before the logits become probabilities in place
+                        targets = labels[rows]
+                        index = torch.arange(rows.numel(), device=logits.device)
+                        lm_total -= (logits[index, targets] - lse_z[:, 0]).sum().double()
+                    p = z.sub_(lse_z).exp_()  # softmax(z), in place
+                    if shared:  # c_kd (p - q) + c_lm (p - onehot), from the one softmax
+                        c_lm = lm_weight / lm_tokens
+                        grad_logits = p.mul_(c_kd + c_lm).sub_(q, alpha=c_kd)
+                        grad_logits[index, targets] -= c_lm
+                    else:
+                        grad_logits = p.sub_(q).mul_(c_kd)
                     del t, q
                 del t_logits
-                # T² · KL, differentiated by s: T² · (1/T) · (p - q)
-                grad_logits = grad_kd.mul_(kd_weight * T / kd_tokens)
-            if lm_weight:
+            if lm_weight and not shared:
                 targets = labels[rows]
                 index = torch.arange(rows.numel(), device=logits.device)
                 lse = torch.logsumexp(logits, dim=-1)
