@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--disp-steps", type=int, default=None, help="DISP-LLM hypernetwork steps (default: its own)")
     parser.add_argument("--eval-windows", type=int, default=200,
                         help="test windows of 256 tokens (default: %(default)s)")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="seed of the training runs: data order and adapter init (default: %(default)s; pruning "
+                             "always uses seed 0)")
     parser.add_argument("--json", default=None, help="append one JSON line per finished row to this file")
     parser.add_argument("--pruned-cache", default=None, metavar="DIR",
                         help="save each pruned student here and reuse it on the next run (pruning DISP-LLM or FISTA "
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def train(model, objective: str, method: str, teacher, **extra):
         options = dict(objective=objective, method=method, steps=args.steps, batch_size=args.batch_size,
-                       sequence_length=args.sequence_length, rank=args.rank, seed=0,
+                       sequence_length=args.sequence_length, rank=args.rank, seed=args.train_seed,
                        learning_rate=args.lr_lora if method == "lora" else args.lr_full,
                        temperature=args.temperature, top_k=args.top_k, hidden_weight=args.hidden_weight,
                        logging_steps=max(1, args.steps // 5))
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                         "seconds_per_step": seconds, "peak_rss": peaks, "prune_seconds": prune_seconds,
                         "steps": args.steps, "batch_size": args.batch_size, "sequence_length": args.sequence_length,
                         "temperature": args.temperature, "top_k": args.top_k, "hidden_weight": args.hidden_weight,
-                        "disp_steps": args.disp_steps}
+                        "disp_steps": args.disp_steps, "train_seed": args.train_seed}
                 with open(args.json, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(line) + "\n")
         del pruned_model
