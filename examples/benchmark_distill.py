@@ -90,7 +90,7 @@ def parse_row(text: str) -> tuple[str, hf_sparse.SparsityConfig | dict]:
     return method, {"method": method, "pattern": "structured", "sparsity": float(rest)}
 
 
-def time_steps(args, student, train, dense_model) -> None:
+def time_steps(args, pruned_student, train, dense_model) -> None:
     """CPU time per step of LM recovery and distillation, measured in alternation in this process (so that load
     from other jobs on the machine falls on both alike); the median of each and their ratio. The distillation
     objective is the first of --objectives that is not 'lm' (its teacher: the dense model; a corrected teacher has
@@ -101,7 +101,7 @@ def time_steps(args, student, train, dense_model) -> None:
     print("|---|---|---|---|---|---|")
     for row in args.rows.split(","):
         method, options = parse_row(row)
-        pruned_model, _ = student(row)
+        pruned_model, _ = pruned_student(row)
         for training in args.train.split(","):
             if args.full_rows and training == "full" and method not in args.full_rows.split(","):
                 continue
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                              show_progress=False, **options, **extra)
         return result, memory.peak
 
-    def student(row: str):
+    def pruned_student(row: str):
         """The pruned student of ``row`` and the seconds it took (from --pruned-cache when it is there)."""
         method, options = parse_row(row)
         method_options = {"steps": args.disp_steps} if method == "disp_llm" and args.disp_steps else {}
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dense_model = load()
     if args.timing:
-        time_steps(args, student, train, dense_model)
+        time_steps(args, pruned_student, train, dense_model)
         return
     dense = ppl(dense_model)
     trainings = args.train.split(",")
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for row in args.rows.split(","):
         method, options = parse_row(row)
-        pruned_model, prune_seconds = student(row)
+        pruned_model, prune_seconds = pruned_student(row)
         pruned = ppl(pruned_model)
         for training in trainings:
             if args.full_rows and training == "full" and method not in args.full_rows.split(","):

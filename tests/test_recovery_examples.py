@@ -33,7 +33,8 @@ def test_lora_recovery_script_prunes_distils_from_a_corrected_teacher_and_keeps_
 
 
 def test_distillation_benchmark_prints_one_row_per_student_with_the_corrected_teacher():
-    out = _run("benchmark_distill.py", "--rows", "sleb:0.2", "--steps", "2", "--batch-size", "2", "--eval-windows",
+    """Two students: the second row once crashed on a name the first row's loop had rebound."""
+    out = _run("benchmark_distill.py", "--rows", "sleb:0.2,shortgpt:0.2", "--steps", "2", "--batch-size", "2", "--eval-windows",
                "2", "--threads", "1")
     header = next(line for line in out.splitlines() if line.startswith("| student |"))
     assert "+ distillation + LM, corrected teacher" in header
@@ -42,3 +43,4 @@ def test_distillation_benchmark_prints_one_row_per_student_with_the_corrected_te
     assert len(cells) == header.strip("|").count("|") + 1
     assert all(re.fullmatch(r"\d+\.\d\d", value) for value in cells[2:8]), row  # pruned, 3 objectives, control, dense
     assert re.search(r"^dense \+ same training \(lora\): \d+\.\d\d, \d+ s of CPU", out, re.M), out
+    assert any(line.startswith("| shortgpt 0.2 | lora |") for line in out.splitlines()), out
