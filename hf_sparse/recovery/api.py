@@ -165,13 +165,14 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
                                device_map=config.teacher_device_map, force=config.force_teacher)
     elif teacher_model is not None:
         raise ValueError("teacher_model was given but objective='lm' does not use a teacher; use objective='distill+lm' or 'distill'")
-    if teacher is not None and config.teacher_correction_steps:
-        teacher = correct_teacher(teacher, tokenizer, data, config, data_weights=data_weights,
-                                  copy_first=teacher_model is not None, show_progress=show_progress)
     vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
     if int(packed.train.max()) >= vocab:
         raise ValueError(f"recovery data holds token id {int(packed.train.max())}, outside the model's vocabulary of "
                          f"{vocab}: the data was tokenized with another tokenizer")
+    # The correction trains the whole teacher: only after every check on the data has passed.
+    if teacher is not None and config.teacher_correction_steps:
+        teacher = correct_teacher(teacher, tokenizer, data, config, data_weights=data_weights,
+                                  copy_first=teacher_model is not None, show_progress=show_progress)
     mapping = make_mapping(model, teacher.model, record.structure if record else None) \
         if teacher and config.hidden_weight else None
 
