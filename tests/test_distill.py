@@ -482,6 +482,32 @@ def test_recover_command_distils_from_the_recorded_base_model(tmp_path, capsys):
     assert hf_sparse.read_record(recovered).evaluation["dense_perplexity"] > 0
 
 
+def test_recover_command_reuses_a_teacher_corrected_for_all_steps_as_the_control(tmp_path, capsys, monkeypatch):
+    """With ``--teacher-correction`` equal to ``--steps`` the corrected teacher is the dense control: the command
+    measures it instead of training the dense model a second time, and the number is the same as the separate run
+    (``--teacher-dtype float32`` is the student's dtype but turns the reuse off)."""
+    import hf_sparse.recovery
+    from hf_sparse.cli import main
+
+    assert main(["prune", str(DEMO_MODEL), "--method", "magnitude", "--pattern", "2:4", "--output",
+                 str(tmp_path / "pruned"), "--no-eval", "-q"]) == 0
+    calls = []
+    real = hf_sparse.recovery.recover
+    monkeypatch.setattr(hf_sparse.recovery, "recover", lambda *a, **k: calls.append(k) or real(*a, **k))
+    controls = {}
+    for extra in ([], ["--teacher-dtype", "float32"]):
+        calls.clear()
+        assert main(["recover", str(tmp_path / "pruned"), "--data", str(DEMO_CALIBRATION), "--teacher",
+                     str(DEMO_MODEL), "--steps", "2", "--batch-size", "2", "--sequence-length", "32", "--output",
+                     str(tmp_path / f"out{len(extra)}"), "--eval-data", str(DEMO_HELDOUT), "--eval-sequence-length",
+                     "64", "--max-windows", "2", "--control", "--teacher-correction", "2", "-q", *extra]) == 0
+        controls[len(extra)] = hf_sparse.read_record(
+            AutoModelForCausalLM.from_pretrained(tmp_path / f"out{len(extra)}")).recovery["control_perplexity"]
+        assert [k.get("dense_control", False) for k in calls] == ([False] if not extra else [False, True])
+    capsys.readouterr()
+    assert controls[0] == controls[2]
+
+
 def test_a_mix_of_sources_is_packed_by_share(demo_tokenizer):
     from hf_sparse.recovery.data import pack_training_data
 

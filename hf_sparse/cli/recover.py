@@ -96,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="evaluate on at most this many windows (default: all)")
     group.add_argument("--control", action="store_true",
                        help="with --eval-data: also train the dense teacher the same way on the LM loss and record "
-                            "its perplexity (separates recovery from adaptation to the training text)")
+                            "its perplexity (separates recovery from adaptation to the training text); a teacher "
+                            "corrected for all --steps is that model already and is reused")
     add_model_arguments(parser, dtypes=("float32", "bfloat16", "float16"))
     parser.add_argument("--save-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="dtype of the saved checkpoint: auto keeps the input checkpoint's own (a float16 model "
@@ -161,7 +162,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return perplexity(m, tokenizer, texts, sequence_length=args.eval_sequence_length, max_windows=args.max_windows)
 
     pruned_ppl = measure(model) if texts is not None else None
-    result = recover(model, tokenizer, args.data, config)
+    # A teacher corrected for as many steps as the student trains, in the student's dtype on one device, is the
+    # dense model given the same training: kept, it is the control, and the dense model is trained once, not twice.
+    reuse_teacher = bool(args.control and config.uses_teacher and config.teacher_correction_steps == config.steps
+                         and config.teacher_dtype is None and config.teacher_device_map is None)
+    result = recover(model, tokenizer, args.data, config, keep_teacher=reuse_teacher)
     perplexities: dict[str, float] = {}
     control = None
     if texts is not None:
@@ -170,9 +175,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             source = find_base(record, args.model) if args.teacher == "base" else args.teacher
             dense, _ = load_model_and_tokenizer(source, args.dtype)
             perplexities["dense"] = measure(dense)
-            trained = recover(dense, tokenizer, args.data, config, objective="lm", dense_control=True,
-                              checkpoint_dir=None, save_steps=None, resume=False, teacher_correction_steps=0)
-            control = measure(trained.model)
+            if reuse_teacher:
+                control = measure(result.teacher)
+                result.teacher = None
+            else:
+                trained = recover(dense, tokenizer, args.data, config, objective="lm", dense_control=True,
+                                  checkpoint_dir=None, save_steps=None, resume=False, teacher_correction_steps=0)
+                control = measure(trained.model)
+            del dense
             updated = read_record(result.model)
             updated.recovery = {**updated.recovery, "control_perplexity": round(control, 4)}
             write_record(result.model, updated)

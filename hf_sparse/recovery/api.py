@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 class RecoveryResult:
     """What :func:`recover` returns: the trained model (merged, for LoRA), the per-step training losses, the
     held-out perplexity before and after (``None`` without held-out data), the time spent training (wall clock and
-    this process's CPU time, which other processes on the machine do not inflate) and, with
-    ``output``, where the checkpoint was saved."""
+    this process's CPU time, which other processes on the machine do not inflate), with
+    ``output``, where the checkpoint was saved and, with ``keep_teacher=True``, the frozen teacher the student
+    learned from (after its correction, if any)."""
 
     model: nn.Module
     losses: list[float]
@@ -49,6 +50,7 @@ class RecoveryResult:
     output: Path | None = None
     cpu_seconds: float = 0.0
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    teacher: nn.Module | None = None
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -115,7 +117,7 @@ def correct_teacher(teacher: Teacher, tokenizer, data: Any, config: RecoveryConf
 def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | None = None, *,
             teacher_model: nn.Module | None = None, data_weights: Any = None, output: str | None = None,
             overwrite: bool = False, callbacks: list | None = None, show_progress: bool = True,
-            dense_control: bool = False, **overrides: Any) -> RecoveryResult:
+            dense_control: bool = False, keep_teacher: bool = False, **overrides: Any) -> RecoveryResult:
     """Recover ``model`` (pruned by hf_sparse) by distillation from its dense teacher or on the LM loss.
 
     ``data`` is any calibration source (text file or folder, dataset name, list of strings, token ids; a mix with
@@ -126,7 +128,9 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
     ``dense_control=True`` accepts a dense model (no record; nothing to keep) and trains it the same way: the
     control that separates recovery from adaptation to the training text. With ``output`` the recovered model (and
     ``tokenizer``) is saved there atomically: a kill leaves no half-written folder, and with ``checkpoint_dir`` +
-    ``resume=True`` a rerun continues from the last checkpoint.
+    ``resume=True`` a rerun continues from the last checkpoint. ``keep_teacher=True`` returns the teacher in the
+    result (by default it is let go, so its memory is freed): with ``teacher_correction_steps == steps`` the
+    corrected teacher *is* the dense control, so a caller that wants both trains the dense model once.
 
     >>> result = recover(pruned_model, tokenizer, "calibration.txt", objective="distill+lm", teacher="base",
     ...                  steps=200)  # doctest: +SKIP
@@ -279,8 +283,8 @@ def recover(model: nn.Module, tokenizer, data: Any, config: RecoveryConfig | Non
         saved = save_checkpoint(recovered, tokenizer, output, overwrite=overwrite)
     return RecoveryResult(model=recovered, losses=losses, config=config, seconds=seconds,
                           perplexity_before=ppl_before, perplexity_after=ppl_after, tokens=tokens, output=saved,
-                          cpu_seconds=cpu_seconds,
-                          log_history=log_history)
+                          cpu_seconds=cpu_seconds, log_history=log_history,
+                          teacher=teacher.model if keep_teacher and teacher is not None else None)
 
 
 __all__ = ["RecoveryResult", "correct_teacher", "recover"]
