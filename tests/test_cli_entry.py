@@ -186,6 +186,21 @@ def test_the_command_in_a_subprocess_prunes_and_keeps_float16(tmp_path):
     assert "license" not in done.stderr  # a local save: no warning about the card's license
 
 
+def test_recover_in_a_subprocess_distils_from_a_corrected_teacher_and_reports_the_control(tmp_path):
+    """``python -m hf_sparse recover --control --teacher-correction N`` with N = --steps: the corrected teacher is the
+    dense control, measured and recorded (the command does not train the dense model twice)."""
+    pruned, recovered = tmp_path / "2of4", tmp_path / "recovered"
+    assert run(["prune", DEMO_MODEL, "--method", "magnitude", "--pattern", "2:4", "--output", pruned, "--no-eval"]) == 0
+    done = subprocess.run([sys.executable, "-m", "hf_sparse", "recover", str(pruned), "--teacher", str(DEMO_MODEL),
+                           "--data", str(CALIBRATION), "--steps", "2", "--batch-size", "2", "--sequence-length", "32",
+                           "--teacher-correction", "2", "--control", *map(str, EVAL), "--output", str(recovered),
+                           "--quiet"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "corrected for 2 steps" in done.stdout and "dense + same training" in done.stdout, done.stdout
+    recovery = json.loads((recovered / "config.json").read_text())["sparsity_config"]["recovery"]
+    assert recovery["teacher_correction"]["steps"] == 2 and recovery["control_perplexity"] > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Wording and options a new user meets
 
